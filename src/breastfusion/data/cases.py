@@ -1,0 +1,185 @@
+"""The cases table: one row per case, flowing through every stage.
+
+Columns
+-------
+``case_id``     unique string id.
+``patient_id``  patient identifier (splits keep a patient on one side); defaults to ``case_id``.
+``center``      acquiring centre (leave-one-centre-out validation); defaults to ``"center_0"``.
+``label``       class name (string); may be missing only for prediction-time tables.
+``image_path``  image file (absolute in memory; relative to the table when saved).
+``mask_path``   lesion mask file(s), several joined with ``;``; empty string = "no mask file"
+                (an empty mask means "no lesion"), missing (NaN) = "no mask available".
+Any other column is a clinical / biomarker feature (numeric, boolean or categorical; missing allowed).
+Columns starting with ``_`` are bookkeeping (e.g. ``_synthetic``) and never used as features.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from breastfusion.errors import DataError
+
+CASE_ID, PATIENT_ID, CENTER, LABEL, IMAGE_PATH, MASK_PATH = (
+    "case_id", "patient_id", "center", "label", "image_path", "mask_path",
+)
+RESERVED = (CASE_ID, PATIENT_ID, CENTER, LABEL, IMAGE_PATH, MASK_PATH, "dup_group", "fold")
+MASK_SEP = ";"
+
+
+def feature_columns(cases: pd.DataFrame) -> list[str]:
+    """The clinical / biomarker columns: everything that is not reserved or bookkeeping."""
+    return [c for c in cases.columns if c not in RESERVED and not str(c).startswith("_")]
+
+
+def mask_list(value) -> list[str]:
+    """Split a ``mask_path`` cell into a list of paths ([] for empty or missing)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return []
+    return [p for p in str(value).split(MASK_SEP) if p.strip()]
+
+
+def _resolve(value, root: Path):
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return value
+    parts = [str(p).strip() for p in str(value).split(MASK_SEP) if str(p).strip()]
+    return MASK_SEP.join(str((root / p).resolve()) if not Path(p).is_absolute() else p for p in parts)
+
+
+def _relativize(value, root: Path):
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return value
+    out = []
+    for p in mask_list(value):
+        try:
+            out.append(str(Path(p).resolve().relative_to(root.resolve())))
+        except ValueError:
+            out.append(str(Path(p).resolve()))
+    return MASK_SEP.join(out)
+
+
+def validate_cases(
+    cases: pd.DataFrame,
+    *,
+    require_labels: bool = True,
+    labels: list[str] | None = None,
+    check_files: bool = True,
+    source: str = "cases table",
+) -> pd.DataFrame:
+    """Check a cases table and return a normalised copy. Errors name the row and column.
+
+    ``labels`` restricts the allowed class names (an unknown label is an error naming the row).
+    """
+    if not isinstance(cases, pd.DataFrame):
+        raise TypeError(f"The cases table must be a pandas DataFrame. Got {type(cases).__name__} instead.")
+    if len(cases) == 0:
+        raise DataError(f"The {source} is empty: no cases to work on.")
+    for col in (CASE_ID, IMAGE_PATH):
+        if col not in cases.columns:
+            raise DataError(f"The {source} has no '{col}' column (columns: {', '.join(map(str, cases.columns))}).")
+    df = cases.copy().reset_index(drop=True)
+    if df[CASE_ID].isna().any():
+        row = int(np.flatnonzero(df[CASE_ID].isna().to_numpy())[0])
+        raise DataError(f"{source}, row {row + 2}: 'case_id' is empty.")
+    df[CASE_ID] = df[CASE_ID].astype(str)
+    dup = df[CASE_ID].duplicated(keep=False)
+    if dup.any():
+        ids = df.loc[dup, CASE_ID]
+        first = ids.iloc[0]
+        rows = [int(i) + 2 for i in ids.index[ids == first]]
+        raise DataError(f"{source}: case_id '{first}' appears more than once (rows {rows}); case ids must be unique.")
+    if PATIENT_ID not in df.columns:
+        df[PATIENT_ID] = df[CASE_ID]
+    df[PATIENT_ID] = df[PATIENT_ID].where(df[PATIENT_ID].notna(), df[CASE_ID]).astype(str)
+    if CENTER not in df.columns:
+        df[CENTER] = "center_0"
+    df[CENTER] = df[CENTER].fillna("center_0").astype(str)
+    if MASK_PATH not in df.columns:
+        df[MASK_PATH] = np.nan
+    if LABEL in df.columns:
+        lab = df[LABEL]
+        missing = lab.isna() | (lab.astype(str).str.strip() == "")
+        if require_labels and missing.any():
+            row = int(np.flatnonzero(missing.to_numpy())[0])
+            raise DataError(f"{source}, row {row + 2} (case '{df.at[row, CASE_ID]}'): 'label' is empty.")
+        df[LABEL] = lab.where(~missing, None)
+        df.loc[~missing, LABEL] = lab[~missing].astype(str).str.strip()
+        if labels is not None:
+            bad = ~missing & ~df[LABEL].isin(labels)
+            if bad.any():
+                row = int(np.flatnonzero(bad.to_numpy())[0])
+                raise DataError(
+                    f"{source}, row {row + 2} (case '{df.at[row, CASE_ID]}'): unknown label "
+                    f"'{df.at[row, LABEL]}'; expected one of {labels}."
+                )
+    elif require_labels:
+        raise DataError(f"The {source} has no 'label' column, which training and evaluation need.")
+    for col in feature_columns(df):
+        s = df[col]
+        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+            vals = s.to_numpy(dtype=float, na_value=np.nan)
+            inf = np.isinf(vals)
+            if inf.any():
+                row = int(np.flatnonzero(inf)[0])
+                raise DataError(
+                    f"{source}, row {row + 2} (case '{df.at[row, CASE_ID]}'), column '{col}': infinite value; "
+                    "use an empty cell for a missing value."
+                )
+    if check_files:
+        for i, p in enumerate(df[IMAGE_PATH]):
+            if p is None or (isinstance(p, float) and np.isnan(p)) or not Path(str(p)).is_file():
+                raise DataError(
+                    f"{source}, row {i + 2} (case '{df.at[i, CASE_ID]}'): image file not found: '{p}'."
+                )
+            for m in mask_list(df.at[i, MASK_PATH]):
+                if not Path(m).is_file():
+                    raise DataError(f"{source}, row {i + 2} (case '{df.at[i, CASE_ID]}'): mask file not found: '{m}'.")
+    return df
+
+
+def read_cases(path: str | Path, **validate_kwargs) -> pd.DataFrame:
+    """Load a cases table (CSV or Parquet); image and mask paths are resolved relative to the table."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Cases table not found: '{path}'.")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+        elif path.suffix.lower() in (".csv", ".tsv", ".txt"):
+            df = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",",
+                             dtype={CASE_ID: str, PATIENT_ID: str, CENTER: str, LABEL: str,
+                                    IMAGE_PATH: str, MASK_PATH: str},
+                             keep_default_na=True)
+        else:
+            raise DataError(f"Cases table '{path}' must be .csv, .tsv or .parquet.")
+    except DataError:
+        raise
+    except Exception as exc:  # pandas raises many types for bad files
+        raise DataError(f"Cannot read cases table '{path}': {exc}") from exc
+    root = path.parent
+    if IMAGE_PATH in df.columns:
+        df[IMAGE_PATH] = [_resolve(v, root) for v in df[IMAGE_PATH]]
+    if MASK_PATH in df.columns:
+        df[MASK_PATH] = [_resolve(v, root) for v in df[MASK_PATH]]
+    validate_kwargs.setdefault("source", f"cases table '{path}'")
+    return validate_cases(df, **validate_kwargs)
+
+
+def write_cases(cases: pd.DataFrame, path: str | Path) -> Path:
+    """Write a cases table (CSV or Parquet, by suffix) with paths relative to it, atomically."""
+    from breastfusion.utils import atomic_path
+
+    path = Path(path)
+    df = cases.copy()
+    root = path.parent
+    for col in (IMAGE_PATH, MASK_PATH):
+        if col in df.columns:
+            df[col] = [_relativize(v, root) for v in df[col]]
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
+    return path

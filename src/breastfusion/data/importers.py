@@ -1,0 +1,81 @@
+"""Importers that turn a dataset on disk into a cases table."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from breastfusion.data.cases import MASK_SEP, read_cases, validate_cases
+from breastfusion.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+_MASK_RE = re.compile(r"^(?P<stem>.+?)_mask(?:_(?P<k>\d+))?$", re.IGNORECASE)
+
+
+def find_busi_root(path: str | Path) -> Path:
+    """Accept either the folder holding ``benign/ malignant/ normal/`` or one level above it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"BUSI folder not found: '{path}'.")
+    if any((path / c).is_dir() for c in ("benign", "malignant", "normal")):
+        return path
+    for sub in sorted(path.iterdir()):
+        if sub.is_dir() and any((sub / c).is_dir() for c in ("benign", "malignant", "normal")):
+            return sub
+    raise DataError(f"'{path}' does not look like BUSI: no 'benign/', 'malignant/' or 'normal/' folder inside.")
+
+
+def import_busi(path: str | Path) -> pd.DataFrame:
+    """Import the BUSI layout: ``<class>/<name>.png`` with ``<name>_mask.png``, ``<name>_mask_1.png``, ...
+
+    BUSI has no patient ids; each image is its own patient here. The audit's near-duplicate groups
+    are what keeps copies of one lesion on one side of a split.
+    """
+    root = find_busi_root(path)
+    rows = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        label = class_dir.name.strip().lower()
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        masks: dict[str, list[Path]] = {}
+        images = []
+        for f in files:
+            m = _MASK_RE.match(f.stem)
+            if m:
+                masks.setdefault(m.group("stem"), []).append(f)
+            else:
+                images.append(f)
+        for img in images:
+            ms = sorted(masks.pop(img.stem, []), key=lambda p: (len(p.stem), p.stem))
+            case_id = f"{label}/{img.stem}"
+            rows.append({
+                "case_id": case_id,
+                "patient_id": case_id,
+                "center": "BUSI",
+                "label": label,
+                "image_path": str(img.resolve()),
+                "mask_path": MASK_SEP.join(str(m.resolve()) for m in ms),
+            })
+        for stem, orphan in masks.items():
+            # A mask without its image is reported by the audit, not silently dropped.
+            rows_orphans = ", ".join(str(o) for o in orphan)
+            import logging
+
+            logging.getLogger(__name__).warning("BUSI: mask(s) without an image: %s", rows_orphans)
+    if not rows:
+        raise DataError(f"No images found under '{root}'.")
+    return validate_cases(pd.DataFrame(rows), source=f"BUSI folder '{root}'")
+
+
+def import_cases(path: str | Path, **kwargs) -> pd.DataFrame:
+    """Import a dataset from a cases table file (CSV/Parquet) or a BUSI-style folder."""
+    path = Path(path)
+    if path.is_dir():
+        return import_busi(path)
+    return read_cases(path, **kwargs)
+
+
+def nan_to_none(x):
+    return None if isinstance(x, float) and np.isnan(x) else x
