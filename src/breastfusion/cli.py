@@ -1,0 +1,151 @@
+"""Command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from breastfusion.errors import BreastfusionError
+
+
+def _common_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.stage2_epochs=5 (repeatable)")
+
+
+def cmd_demo(args) -> int:
+    from breastfusion.demo import run_demo
+
+    out = run_demo(args.out, n_cases=args.n_cases, overrides=args.overrides, progress=not args.quiet)
+    print(f"SYNTHETIC demo finished.\n  report:      {out['report']}\n  bundle:      {out['bundle']}\n"
+          f"  predictions: {out['predictions']}")
+    for name, m in out["metrics"].items():
+        pooled = m["pooled"]
+        print(f"  {name:14s} macro-F1 {pooled['macro_f1']:.3f}  macro-AUC {pooled['macro_auc']:.3f}  (synthetic data)")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from breastfusion.data.audit import audit_cases, write_audit
+    from breastfusion.data.importers import import_cases
+
+    cases = import_cases(args.source, require_labels=False) if Path(args.source).is_file() else import_cases(args.source)
+    result = audit_cases(cases)
+    md, js = write_audit(result, args.out)
+    print(f"audit report: {md}\nmachine-readable: {js}")
+    for k, v in result.summary.items():
+        if not isinstance(v, (dict, list)):
+            print(f"  {k}: {v}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from breastfusion.config import load_config
+    from breastfusion.pipeline import run_experiment
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.source={args.data}")
+    cfg = load_config(args.config, overrides)
+    result = run_experiment(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    print(f"run folder: {result.run_dir}\nreport: {result.report}\nbundle: {result.bundle}")
+    for name, m in result.metrics.items():
+        p = m["pooled"]
+        print(f"  {name:14s} macro-F1 {p['macro_f1']:.3f}  macro-AUC {p['macro_auc']:.3f}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from breastfusion.inference.predictor import Predictor, write_predictions
+
+    predictor = Predictor.load(args.bundle, batch_size=args.batch_size)
+    preds = predictor.predict(args.input, progress=not args.quiet)
+    out, skipped = write_predictions(preds, predictor.last_skipped, args.out)
+    print(f"scored {len(preds)} case(s) → {out}")
+    if skipped:
+        print(f"skipped {len(predictor.last_skipped)} case(s), reasons in {skipped}", file=sys.stderr)
+    if predictor.bundle.synthetic:
+        print("note: this bundle was trained on SYNTHETIC data", file=sys.stderr)
+    return 0
+
+
+def cmd_synthetic(args) -> int:
+    from breastfusion.data.synthetic import make_synthetic_cohort
+
+    cases = make_synthetic_cohort(args.out, n_cases=args.n_cases, image_size=args.image_size, signal=args.signal,
+                                  missing_rate=args.missing_rate, seed=args.seed)
+    print(f"SYNTHETIC cohort: {len(cases)} cases → {Path(args.out) / 'cases.csv'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from breastfusion import __version__
+
+    parser = argparse.ArgumentParser(prog="breastfusion", description="Multimodal breast-cancer classifiers.")
+    parser.add_argument("--version", action="version", version=f"breastfusion {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="synthetic cohort → audit → train → report → predict (a few minutes on CPU)")
+    p.add_argument("--out", default="demo_run", help="output folder (default: demo_run)")
+    p.add_argument("--n-cases", type=int, default=150)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("audit", help="audit a dataset: bad files, masks, duplicates and near-duplicates, balance")
+    p.add_argument("source", help="cases table (CSV/Parquet) or BUSI-style folder")
+    p.add_argument("--out", required=True, help="folder for audit.md and audit.json")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("train", help="cross-validated comparison of classical, image, tabular and fusion models + bundle")
+    _common_config_args(p)
+    p.add_argument("--data", help="cases table or BUSI-style folder (sets data.source)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in the same folder")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="score an image, a folder of images or a cases table with a bundle")
+    p.add_argument("bundle")
+    p.add_argument("input")
+    p.add_argument("--out", required=True, help="CSV or Parquet file")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("synthetic", help="write a SYNTHETIC ultrasound + clinical cohort (for demos and tests)")
+    p.add_argument("out")
+    p.add_argument("--n-cases", type=int, default=120)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--signal", type=float, default=1.0)
+    p.add_argument("--missing-rate", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synthetic)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("radiomics", "timm", "huggingface_hub", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except BreastfusionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; re-run with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

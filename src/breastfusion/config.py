@@ -1,0 +1,182 @@
+"""One central, validated configuration of an experiment.
+
+YAML in (``load_config``), dotted overrides from the command line (``--set train.stage2_epochs=5``),
+and the resolved config saved with every run (``save_config``). Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from breastfusion.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    source: str | None = Field(None, description="Cases table (CSV/Parquet) or a BUSI-style folder.")
+    labels: list[str] | None = Field(None, description="Class names in order; default: sorted labels found.")
+    no_lesion_labels: list[str] = Field(default_factory=lambda: ["normal"])
+    tabular_columns: list[str] | None = Field(None, description="Clinical columns to use; default: all.")
+    radiomics: bool = Field(True, description="Extract lesion radiomics from masks as a tabular modality.")
+    unknown_category: Literal["error", "missing"] = "error"
+
+
+class ImageConfig(_Strict):
+    size: int = Field(224, ge=32, le=1024)
+    cache_size: int | None = Field(None, description="Side of the in-memory resized cache; default size*1.15.")
+
+
+class ModelConfig(_Strict):
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    weights_path: str | None = Field(None, description="Local weights file (safetensors or state-dict .pth).")
+    image_dim: int = Field(256, ge=8)
+    tabular_dim: int = Field(64, ge=4)
+    tabular_hidden: int = Field(128, ge=4)
+    fusion_hidden: int = Field(128, ge=4)
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    tabular_dropout: float = Field(0.1, ge=0.0, lt=1.0,
+                                   description="Probability of blanking a case's tabular part in training, "
+                                               "so a case without it can still be scored.")
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(16, ge=1)
+    stage1_epochs: int = Field(3, ge=0)
+    stage1_lr: float = Field(1e-3, gt=0)
+    stage2_epochs: int = Field(12, ge=0)
+    stage2_lr: float = Field(3e-4, gt=0)
+    backbone_lr_scale: float = Field(0.3, gt=0, le=1.0)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int = Field(4, ge=1)
+    val_fraction: float = Field(0.15, gt=0, lt=0.5,
+                                description="Inner validation split of the training folds for early stopping.")
+    class_weights: Literal["inverse_frequency", "none"] = "inverse_frequency"
+    augment: bool = True
+    amp: Literal["auto", "on", "off"] = "auto"
+    channels_last: bool = True
+    threads: int | None = Field(None, ge=1)
+    tabular_epochs: int = Field(60, ge=1, description="Epochs for the tabular-only MLP (no backbone).")
+
+
+class CVConfig(_Strict):
+    strategy: Literal["stratified_group_kfold", "leave_one_center_out"] = "stratified_group_kfold"
+    n_splits: int = Field(5, ge=2)
+    group_duplicates: bool = True
+
+
+class ExperimentConfig(_Strict):
+    """Which models to compare and what to produce."""
+
+    deep_models: list[Literal["fusion", "image", "tabular"]] = Field(
+        default_factory=lambda: ["fusion", "image", "tabular"])
+    classical_models: list[str] = Field(default_factory=lambda: ["logreg", "svm", "rf", "lgbm"])
+    final_model: bool = Field(True, description="Train a final fusion model on all cases and save a bundle.")
+    n_boot: int = Field(1000, ge=0)
+
+
+class Config(_Strict):
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    image: ImageConfig = Field(default_factory=ImageConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cv: CVConfig = Field(default_factory=CVConfig)
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not v or "/" in v or "\\" in v:
+            raise ValueError("name must be a non-empty string without path separators")
+        return v
+
+    @model_validator(mode="after")
+    def _labels_unique(self):
+        if self.data.labels is not None and len(set(self.data.labels)) != len(self.data.labels):
+            raise ValueError("data.labels must not repeat a class")
+        return self
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"Invalid configuration in {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(err["loc"][:-1])
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            msg = "unknown key" + (f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}")
+        lines.append(f"  {loc}: {msg} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _known_keys(loc) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return sorted(model.model_fields)
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _parse_scalar(text: str):
+    return yaml.safe_load(text) if text.strip() != "" else None
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' must look like 'section.key=value'.")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override '{item}': '{p}' is not a section.")
+        node[parts[-1]] = _parse_scalar(value)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file not found: '{path}'.")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Config file '{path}' must hold a mapping at the top level.")
+        source = f"'{path}'"
+    raw = apply_overrides(raw, overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    from breastfusion.utils import write_text
+
+    return write_text(config_to_yaml(cfg), path)

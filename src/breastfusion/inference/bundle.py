@@ -1,0 +1,153 @@
+"""Model bundles: a self-describing folder that prediction needs nothing else to use.
+
+::
+
+    bundle/
+      model.safetensors   weights of the deep model (safetensors: no code runs on load)
+      bundle.json         format version, classes, variant, backbone, input contract (size, mean, std),
+                          fitted tabular preprocessing, feature names, radiomics settings, versions,
+                          training summary and metrics, synthetic-data flag
+      config.yaml         the resolved experiment config
+      classical/*.skops   classical models, when saved (skops with an allow-list; never pickle)
+
+Nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from breastfusion import __version__
+from breastfusion.errors import BundleError
+from breastfusion.features.tabular import TabularPreprocessor
+from breastfusion.models.fusion import FusionClassifier
+
+BUNDLE_FORMAT = 1
+WEIGHTS = "model.safetensors"
+META = "bundle.json"
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import sklearn
+    import timm
+
+    return {"breastfusion": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+
+
+def build_model(meta: dict, *, pretrained_backbone: bool = False) -> FusionClassifier:
+    """Rebuild the network described by bundle metadata (weights are loaded separately)."""
+    import timm
+
+    m = meta["model"]
+    backbone = None
+    if m["variant"] in ("fusion", "image"):
+        backbone = timm.create_model(m["backbone"], pretrained=False, num_classes=0)
+    return FusionClassifier(
+        len(meta["classes"]), variant=m["variant"], backbone=backbone, n_tabular=m["n_tabular"],
+        image_dim=m["image_dim"], tabular_dim=m["tabular_dim"], tabular_hidden=m["tabular_hidden"],
+        fusion_hidden=m["fusion_hidden"], dropout=m["dropout"],
+    )
+
+
+def save_bundle(path: str | Path, model: FusionClassifier, *, classes: list[str], model_meta: dict, image_meta: dict,
+                tabular: TabularPreprocessor | None, feature_meta: dict, config_yaml: str, synthetic: bool,
+                training: dict | None = None, metrics: dict | None = None, extra_files: dict[str, Path] | None = None) -> Path:
+    """Write a bundle folder atomically (built in a temporary folder, then renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
+        meta = {
+            "format": "breastfusion-bundle", "format_version": BUNDLE_FORMAT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "classes": list(classes), "model": model_meta, "image": image_meta,
+            "tabular": tabular.to_dict() if tabular is not None else None, "features": feature_meta,
+            "synthetic_data": bool(synthetic), "versions": library_versions(),
+            "training": training or {}, "metrics": metrics or {},
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        (tmp / "config.yaml").write_text(config_yaml)
+        for name, src in (extra_files or {}).items():
+            dst = tmp / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+@dataclass
+class Bundle:
+    path: Path
+    meta: dict
+    model: FusionClassifier
+    tabular: TabularPreprocessor | None
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.meta.get("synthetic_data"))
+
+
+def read_bundle_meta(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"Bundle folder not found: '{path}'.")
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise BundleError(f"'{path}' is not a breastfusion bundle: '{META}' is missing.")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"Bundle metadata '{meta_path}' is not valid JSON: {exc}") from exc
+    if meta.get("format") != "breastfusion-bundle":
+        raise BundleError(f"'{meta_path}' is not breastfusion bundle metadata.")
+    if int(meta.get("format_version", -1)) > BUNDLE_FORMAT:
+        raise BundleError(f"Bundle '{path}' has format version {meta['format_version']}; this breastfusion reads "
+                          f"up to {BUNDLE_FORMAT}. Upgrade breastfusion.")
+    for key in ("classes", "model", "image"):
+        if key not in meta:
+            raise BundleError(f"Bundle metadata '{meta_path}' lacks '{key}'.")
+    return meta
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    path = Path(path)
+    meta = read_bundle_meta(path)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise BundleError(f"Bundle '{path}' has no '{WEIGHTS}'.")
+    model = build_model(meta)
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except (RuntimeError, Exception) as exc:  # safetensors raises its own error type for corrupt files
+        raise BundleError(f"Weights '{weights}' do not match the model described in '{META}': {exc}") from exc
+    model.eval()
+    tab = TabularPreprocessor.from_dict(meta["tabular"]) if meta.get("tabular") else None
+    return Bundle(path=path, meta=meta, model=model, tabular=tab)

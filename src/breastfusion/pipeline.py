@@ -1,0 +1,268 @@
+"""The end-to-end experiment: cases → audit → splits → features → models → evaluation → report → bundle.
+
+Each stage writes files into the run folder; a stage whose output exists is reused on ``resume``, so a killed
+run picks up where it stopped (deep models also resume inside a fold from their last epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from breastfusion.config import Config, config_to_yaml, save_config
+from breastfusion.data.cases import CASE_ID, LABEL, MASK_PATH, PATIENT_ID, mask_list, write_cases
+from breastfusion.data.importers import import_cases
+from breastfusion.errors import DataError
+from breastfusion.utils import atomic_path, seed_everything, write_json
+
+log = logging.getLogger(__name__)
+
+DEEP_NAMES = {"fusion": "fusion", "image": "image_only", "tabular": "tabular_only"}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict
+    report: Path | None
+    bundle: Path | None
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return path
+
+
+def resolve_classes(cases: pd.DataFrame, cfg: Config) -> list[str]:
+    found = sorted(cases[LABEL].dropna().unique().tolist())
+    if cfg.data.labels is None:
+        if len(found) < 2:
+            raise DataError(f"The cases table holds only class(es) {found}; at least two are needed.")
+        return found
+    unknown = sorted(set(found) - set(cfg.data.labels))
+    if unknown:
+        row = int(np.flatnonzero(cases[LABEL].isin(unknown).to_numpy())[0])
+        raise DataError(f"cases table, row {row + 2} (case '{cases.at[row, CASE_ID]}'): unknown label "
+                        f"'{cases.at[row, LABEL]}'; config data.labels allows {cfg.data.labels}.")
+    return list(cfg.data.labels)
+
+
+def has_masks(cases: pd.DataFrame) -> bool:
+    return MASK_PATH in cases.columns and any(mask_list(v) for v in cases[MASK_PATH])
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def stage_audit(cases: pd.DataFrame, cfg: Config, run_dir: Path, resume: bool) -> tuple[pd.Series, dict]:
+    """Audit the data; return the duplicate group of every case and a short summary for the report."""
+    from breastfusion.data.audit import audit_cases, write_audit
+
+    out = run_dir / "audit"
+    groups_path = out / "groups.csv"
+    if resume and groups_path.exists() and (out / "audit.json").exists():
+        g = pd.read_csv(groups_path, dtype=str).set_index(CASE_ID)["dup_group"]
+        summary = json.loads((out / "audit.json").read_text()).get("summary", {})
+        return g.reindex(cases[CASE_ID]), summary
+    result = audit_cases(cases, no_lesion_labels=tuple(cfg.data.no_lesion_labels))
+    write_audit(result, out)
+    g = pd.Series(result.dup_group).reindex(cases[CASE_ID].tolist())
+    _write_csv(pd.DataFrame({CASE_ID: g.index, "dup_group": g.to_numpy()}), groups_path)
+    return g, result.summary
+
+
+def stage_splits(cases: pd.DataFrame, groups: pd.Series | None, cfg: Config, run_dir: Path, resume: bool) -> pd.DataFrame:
+    from breastfusion.data.splits import make_splits
+
+    path = run_dir / "splits.csv"
+    if resume and path.exists():
+        return pd.read_csv(path, dtype={CASE_ID: str})
+    splits = make_splits(cases, n_splits=cfg.cv.n_splits, seed=cfg.seed,
+                         groups=groups if cfg.cv.group_duplicates else None, strategy=cfg.cv.strategy)
+    _write_csv(splits, path)
+    return splits
+
+
+def stage_radiomics(cases: pd.DataFrame, cfg: Config, run_dir: Path, progress: bool) -> pd.DataFrame | None:
+    if not cfg.data.radiomics or not has_masks(cases):
+        return None
+    from breastfusion.features.radiomics import extract_radiomics
+
+    feats = extract_radiomics(cases, cache_dir=run_dir / "features" / "radiomics_cache", progress=progress)
+    with atomic_path(run_dir / "features" / "radiomics.parquet") as tmp:
+        feats.to_parquet(tmp)
+    return feats
+
+
+def stage_classical(table: pd.DataFrame, cases: pd.DataFrame, splits: pd.DataFrame, classes: list[str], cfg: Config,
+                    run_dir: Path, resume: bool) -> dict[str, pd.DataFrame]:
+    from breastfusion.models.classical import fit_predict_oof
+    from breastfusion.tabular_inputs import numeric_for_classical
+
+    if table is None or table.shape[1] == 0 or not cfg.experiment.classical_models:
+        return {}
+    X = numeric_for_classical(table)
+    y = cases.set_index(CASE_ID)[LABEL].reindex(X.index)
+    out = {}
+    for name in cfg.experiment.classical_models:
+        path = run_dir / "predictions" / f"{name}.csv"
+        if resume and path.exists():
+            out[name] = pd.read_csv(path, dtype={CASE_ID: str})
+            continue
+        t0 = time.perf_counter()
+        preds = fit_predict_oof(X, y, splits, name, classes, seed=cfg.seed)
+        log.info("classical %s: %.1f s", name, time.perf_counter() - t0)
+        _write_csv(preds, path)
+        out[name] = preds
+    return out
+
+
+def stage_deep(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None, splits: pd.DataFrame,
+               classes: list[str], cfg: Config, run_dir: Path, resume: bool, progress: bool, cache) -> pd.DataFrame:
+    from breastfusion.training.fit import fit_deep_model, score_cases
+
+    name = DEEP_NAMES[variant]
+    path = run_dir / "predictions" / f"{name}.csv"
+    if resume and path.exists():
+        return pd.read_csv(path, dtype={CASE_ID: str})
+    fold_of = splits.set_index(CASE_ID)["fold"].reindex(cases[CASE_ID]).to_numpy()
+    group_of = splits.set_index(CASE_ID)["group"].reindex(cases[CASE_ID]).to_numpy() if "group" in splits else None
+    parts = []
+    for fold in sorted(pd.unique(fold_of)):
+        fold_dir = run_dir / "deep" / name / f"fold{int(fold)}"
+        fold_path = fold_dir / "predictions.csv"
+        if resume and fold_path.exists():
+            parts.append(pd.read_csv(fold_path, dtype={CASE_ID: str}))
+            continue
+        test = fold_of == fold
+        fitted = fit_deep_model(variant, cases[~test].reset_index(drop=True), table, classes, cfg, fold_dir,
+                                groups=None if group_of is None else group_of[~test], resume=resume,
+                                progress=progress, cache=cache, desc=f"{name} fold {int(fold) + 1}")
+        probs = score_cases(fitted, cases[test].reset_index(drop=True), table, cfg, cache=cache)
+        preds = prediction_table(cases[test], probs, classes, fold=int(fold), model=name)
+        _write_csv(preds, fold_path)
+        write_json(fitted.result.history, fold_dir / "history.json")
+        parts.append(preds)
+    preds = pd.concat(parts, ignore_index=True)
+    _write_csv(preds, path)
+    return preds
+
+
+def prediction_table(cases: pd.DataFrame, probs: np.ndarray, classes: list[str], *, fold, model: str) -> pd.DataFrame:
+    df = pd.DataFrame({CASE_ID: cases[CASE_ID].to_numpy(), "fold": fold,
+                       LABEL: cases[LABEL].to_numpy() if LABEL in cases else None})
+    for j, c in enumerate(classes):
+        df[f"prob_{c}"] = probs[:, j]
+    df["predicted"] = np.asarray(classes, dtype=object)[probs.argmax(1)]
+    df["model"] = model
+    return df
+
+
+# -------------------------------------------------------------------------------------------------- run
+
+
+def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+                   cases: pd.DataFrame | None = None) -> RunResult:
+    """Run the whole experiment described by ``cfg`` into ``run_dir``."""
+    from breastfusion.data.synthetic import is_synthetic
+    from breastfusion.evaluation.metrics import evaluate, to_jsonable
+    from breastfusion.evaluation.report import write_report
+    from breastfusion.features.radiomics import EXPERT_MASK_NOTE
+    from breastfusion.tabular_inputs import clinical_columns, tabular_table
+    from breastfusion.training.data import ImageCache
+
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    if cases is None:
+        if not cfg.data.source:
+            raise DataError("No data source: set data.source (a cases table or a BUSI-style folder).")
+        cases = import_cases(cfg.data.source)
+    classes = resolve_classes(cases, cfg)
+    save_config(cfg, run_dir / "config.yaml")
+    synthetic = is_synthetic(cases)
+    timings = {}
+
+    t = time.perf_counter()
+    groups, audit_summary = stage_audit(cases, cfg, run_dir, resume)
+    timings["audit_s"] = time.perf_counter() - t
+    cases = cases.assign(dup_group=groups.to_numpy())
+    write_cases(cases, run_dir / "cases.csv")
+    splits = stage_splits(cases, cases.set_index(CASE_ID)["dup_group"], cfg, run_dir, resume)
+
+    t = time.perf_counter()
+    radiomics = stage_radiomics(cases, cfg, run_dir, progress)
+    timings["radiomics_s"] = time.perf_counter() - t
+    columns = clinical_columns(cases, cfg.data.tabular_columns)
+    table = tabular_table(cases, columns, radiomics)
+    if table.shape[1] == 0:
+        table = None
+
+    predictions: dict[str, pd.DataFrame] = {}
+    t = time.perf_counter()
+    predictions.update(stage_classical(table, cases, splits, classes, cfg, run_dir, resume))
+    timings["classical_s"] = time.perf_counter() - t
+    cache = ImageCache(cfg.image.cache_size or int(round(cfg.image.size * 1.15)))
+    for variant in cfg.experiment.deep_models:
+        if variant in ("fusion", "tabular") and table is None:
+            log.warning("skipping the %s model: the cases have no tabular data (no clinical columns, no masks)", variant)
+            continue
+        t = time.perf_counter()
+        predictions[DEEP_NAMES[variant]] = stage_deep(variant, cases, table, splits, classes, cfg, run_dir, resume,
+                                                      progress, cache)
+        timings[f"{DEEP_NAMES[variant]}_s"] = time.perf_counter() - t
+
+    group_col = "dup_group"
+    results = {}
+    for name, preds in predictions.items():
+        preds = preds.merge(cases[[CASE_ID, PATIENT_ID, "dup_group"]], on=CASE_ID, how="left")
+        # Cluster bootstrap over near-duplicate groups: correlated copies are resampled together.
+        results[name] = {"predictions": preds,
+                         "metrics": evaluate(preds, classes, n_boot=cfg.experiment.n_boot, seed=cfg.seed,
+                                             group_col=group_col)}
+    metrics = {name: to_jsonable(r["metrics"]) for name, r in results.items()}
+    write_json({"classes": classes, "synthetic_data": synthetic, "timings": timings, "models": metrics},
+               run_dir / "metrics.json")
+
+    bundle = None
+    if cfg.experiment.final_model:
+        from breastfusion.training.fit import fit_final_bundle
+
+        variant = "fusion" if table is not None else "image"
+        t = time.perf_counter()
+        bundle = fit_final_bundle(variant, cases, table, classes, cfg, run_dir, resume=resume, progress=progress,
+                                  cache=cache, synthetic=synthetic, metrics=metrics.get(DEEP_NAMES[variant]),
+                                  radiomics_used=radiomics is not None, clinical_cols=columns)
+        timings["final_model_s"] = time.perf_counter() - t
+
+    timings["total_s"] = time.perf_counter() - t_start
+    notes = []
+    if synthetic:
+        notes.append("Every case in this run comes from the built-in SYNTHETIC phantom cohort: the numbers show the "
+                     "software works, not how a model performs on patients.")
+    if radiomics is not None:
+        notes.append(EXPERT_MASK_NOTE)
+    notes.append(f"Splits: {cfg.cv.strategy}, {cfg.cv.n_splits} folds, seed {cfg.seed}; a patient and a "
+                 "near-duplicate group always stay on one side. Confidence intervals: percentile bootstrap "
+                 f"({cfg.experiment.n_boot} resamples) over near-duplicate groups. Deep models stop early on an inner "
+                 "validation split of the training folds, never on the test fold.")
+    summary = {
+        "cases": len(cases), "classes": {c: int((cases[LABEL] == c).sum()) for c in classes},
+        "patients": int(cases[PATIENT_ID].nunique()), "centres": sorted(cases["center"].unique().tolist()),
+        "tabular columns": (0 if table is None else table.shape[1]), "clinical columns": len(columns),
+        "radiomics": "from lesion masks" if radiomics is not None else "not used",
+        "audit": audit_summary, "timings (s)": {k: round(v, 1) for k, v in timings.items()},
+    }
+    report = write_report(run_dir / "report", title=f"breastfusion — {cfg.name}", model_results=results,
+                          dataset_summary=summary, config_text=config_to_yaml(cfg), notes=notes, synthetic=synthetic)
+    write_json({"classes": classes, "synthetic_data": synthetic, "timings": timings, "models": metrics},
+               run_dir / "metrics.json")
+    return RunResult(run_dir=run_dir, metrics=metrics, report=report, bundle=bundle)

@@ -1,0 +1,144 @@
+"""Fit one deep model on a set of cases, score cases with it, and build the final bundle."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from breastfusion.config import Config, config_to_yaml
+from breastfusion.data.cases import CASE_ID, IMAGE_PATH, LABEL
+from breastfusion.features.tabular import TabularPreprocessor
+from breastfusion.models.fusion import FusionClassifier
+from breastfusion.training.data import CasesDataset, ImageCache, UltrasoundAugment
+from breastfusion.training.trainer import TrainResult, predict_proba, train_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FittedModel:
+    variant: str
+    model: FusionClassifier
+    tabular: TabularPreprocessor | None
+    data_cfg: dict
+    result: TrainResult
+    weight_source: str
+
+
+def inner_validation_split(labels: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of validation rows: stratified, group-aware where groups are given."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    n_splits = max(2, int(round(1.0 / fraction)))
+    counts = np.bincount(labels)
+    n_splits = int(min(n_splits, max(2, counts[counts > 0].min())))
+    idx = np.arange(len(labels))
+    if groups is not None:
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        _, val = next(splitter.split(idx, labels, groups))
+    else:
+        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        _, val = next(splitter.split(idx, labels))
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[val] = True
+    return mask
+
+
+def _tab_matrix(pre: TabularPreprocessor | None, table: pd.DataFrame | None, cases: pd.DataFrame) -> np.ndarray | None:
+    if pre is None:
+        return None
+    rows = table.reindex(cases[CASE_ID].astype(str).tolist())
+    return pre.transform(rows, row_ids=rows.index.tolist(), source="tabular data")
+
+
+def _missing_row(pre: TabularPreprocessor) -> np.ndarray:
+    return pre.transform(pd.DataFrame(index=[0]))[0]
+
+
+def model_meta(variant: str, cfg: Config, n_tabular: int) -> dict:
+    m = cfg.model
+    return {"variant": variant, "backbone": m.backbone if variant != "tabular" else None, "n_tabular": n_tabular,
+            "image_dim": m.image_dim, "tabular_dim": m.tabular_dim, "tabular_hidden": m.tabular_hidden,
+            "fusion_hidden": m.fusion_hidden, "dropout": m.dropout}
+
+
+def fit_deep_model(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None, classes: list[str], cfg: Config,
+                   out_dir: Path, *, groups: np.ndarray | None = None, resume: bool = False, progress: bool = True,
+                   cache: ImageCache | None = None, desc: str = "train") -> FittedModel:
+    from breastfusion.models.pretrained import backbone_data_config, create_backbone
+
+    y = cases[LABEL].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    if np.isnan(y.astype(float)).any():
+        raise ValueError("training cases carry labels outside the class list")
+    y = y.astype(int)
+    val = inner_validation_split(y, groups, cfg.train.val_fraction, cfg.seed)
+    tr_cases, va_cases = cases[~val].reset_index(drop=True), cases[val].reset_index(drop=True)
+
+    pre = None
+    if variant in ("fusion", "tabular"):
+        cols = list(table.columns)
+        pre = TabularPreprocessor(unknown_category=cfg.data.unknown_category)
+        pre.fit(table.reindex(tr_cases[CASE_ID].astype(str).tolist()), cols)
+    backbone, source = None, "none"
+    data_cfg = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
+    if variant in ("fusion", "image"):
+        backbone, ws = create_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained,
+                                       weights_path=cfg.model.weights_path)
+        source = f"{ws.kind}: {ws.detail}"
+        data_cfg = backbone_data_config(backbone)
+    n_tab = pre.n_features_out_ if pre is not None else 0
+    model = FusionClassifier(len(classes), variant=variant, backbone=backbone, n_tabular=n_tab,
+                             image_dim=cfg.model.image_dim, tabular_dim=cfg.model.tabular_dim,
+                             tabular_hidden=cfg.model.tabular_hidden, fusion_hidden=cfg.model.fusion_hidden,
+                             dropout=cfg.model.dropout)
+    uses_image = variant != "tabular"
+    common = dict(size=cfg.image.size, mean=data_cfg["mean"], std=data_cfg["std"], cache=cache)
+    train_ds = CasesDataset(tr_cases[IMAGE_PATH].tolist() if uses_image else None, _tab_matrix(pre, table, tr_cases),
+                            y[~val], augment=UltrasoundAugment(cfg.image.size, cfg.seed) if (cfg.train.augment and uses_image) else None,
+                            tabular_dropout=cfg.model.tabular_dropout if variant == "fusion" else 0.0,
+                            tabular_missing_row=_missing_row(pre) if pre is not None else None, seed=cfg.seed, **common)
+    val_ds = CasesDataset(va_cases[IMAGE_PATH].tolist() if uses_image else None, _tab_matrix(pre, table, va_cases),
+                          y[val], **common)
+    result = train_model(model, train_ds, val_ds, cfg.train, n_classes=len(classes), train_labels=y[~val],
+                         ckpt_dir=out_dir, resume=resume, seed=cfg.seed, desc=desc, progress=progress)
+    return FittedModel(variant=variant, model=model, tabular=pre, data_cfg=data_cfg, result=result, weight_source=source)
+
+
+def score_cases(fitted: FittedModel, cases: pd.DataFrame, table: pd.DataFrame | None, cfg: Config,
+                cache: ImageCache | None = None) -> np.ndarray:
+    uses_image = fitted.variant != "tabular"
+    ds = CasesDataset(cases[IMAGE_PATH].tolist() if uses_image else None, _tab_matrix(fitted.tabular, table, cases),
+                      None, size=cfg.image.size, mean=fitted.data_cfg["mean"], std=fitted.data_cfg["std"], cache=cache)
+    return predict_proba(fitted.model, ds, batch_size=cfg.train.batch_size * 2,
+                         channels_last=cfg.train.channels_last and uses_image, amp=cfg.train.amp)
+
+
+def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None, classes: list[str], cfg: Config,
+                     run_dir: Path, *, resume: bool, progress: bool, cache: ImageCache | None, synthetic: bool,
+                     metrics: dict | None, radiomics_used: bool, clinical_cols: list[str]) -> Path:
+    """Train the deployable model on every case (inner validation for early stopping) and save a bundle."""
+    from breastfusion.inference.bundle import save_bundle
+
+    groups = cases["dup_group"].to_numpy() if "dup_group" in cases else None
+    fitted = fit_deep_model(variant, cases.reset_index(drop=True), table, classes, cfg, run_dir / "deep" / "final",
+                            groups=groups, resume=resume, progress=progress, cache=cache, desc="final model")
+    feature_meta = {"clinical_columns": clinical_cols, "radiomics": None}
+    if radiomics_used:
+        from breastfusion.features.radiomics import RADIOMICS_VERSION, radiomics_columns
+
+        feature_meta["radiomics"] = {"version": RADIOMICS_VERSION, "columns": radiomics_columns()}
+    image_meta = {"size": cfg.image.size, "mean": fitted.data_cfg["mean"], "std": fitted.data_cfg["std"],
+                  "interpolation": fitted.data_cfg.get("interpolation", "bicubic"), "color": "gray_to_rgb"}
+    n_tab = fitted.tabular.n_features_out_ if fitted.tabular is not None else 0
+    training = {"n_cases": int(len(cases)), "best_epoch": fitted.result.best_epoch,
+                "inner_val_macro_f1": fitted.result.best_val_macro_f1, "seconds": round(fitted.result.seconds, 1),
+                "weights_init": fitted.weight_source,
+                "class_counts": {c: int((cases[LABEL] == c).sum()) for c in classes}}
+    return save_bundle(run_dir / "bundle", fitted.model, classes=classes, model_meta=model_meta(variant, cfg, n_tab),
+                       image_meta=image_meta, tabular=fitted.tabular, feature_meta=feature_meta,
+                       config_yaml=config_to_yaml(cfg), synthetic=synthetic, training=training,
+                       metrics={"cross_validation": metrics} if metrics else {})

@@ -1,0 +1,241 @@
+"""The training loop: two stages, early stopping, atomic checkpoints, resume.
+
+Stage 1 trains the projection, tabular MLP and head on a frozen backbone (BatchNorm statistics frozen too).
+Stage 2 fine-tunes end to end with AdamW (backbone at a lower learning rate) and cosine annealing, stopping
+early on validation macro-F1. A tabular-only model has one stage. Every epoch writes ``last.pt`` (model,
+optimiser, scheduler, counters) atomically and the best weights as ``best.safetensors``; ``resume=True``
+continues from ``last.pt``. Randomness is re-seeded per epoch, so a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import f1_score
+from torch import nn
+from torch.utils.data import DataLoader
+
+from breastfusion.config import TrainConfig
+from breastfusion.models.fusion import FusionClassifier
+from breastfusion.utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def select_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def configure_threads(threads: int | None) -> None:
+    """Use every core for intra-op work on CPU (PyTorch's default can be lower in containers)."""
+    n = threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (threads or os.cpu_count() or 1)
+    torch.set_num_threads(max(1, int(n)))
+
+
+def inverse_frequency_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """w_c = N / (K * n_c); a class absent from training gets weight 0 (it cannot be learned)."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    w = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_val_macro_f1: float
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _Autocast:
+    def __init__(self, device: torch.device, amp: str):
+        self.enabled = device.type == "cuda" and amp in ("auto", "on")
+        self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
+        self.device = device
+
+    def ctx(self):
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=self.enabled)
+
+
+def _to_device(batch, device, channels_last: bool):
+    image, tab, label, idx = batch
+    image = image.to(device, non_blocking=True)
+    if channels_last and image.dim() == 4:
+        image = image.contiguous(memory_format=torch.channels_last)
+    return image, tab.to(device, non_blocking=True), label.to(device), idx
+
+
+def _forward(model: FusionClassifier, image, tab):
+    return model(image if model.uses_image else None, tab if model.uses_tabular else None)
+
+
+@torch.no_grad()
+def predict_proba(model: FusionClassifier, dataset, *, batch_size: int = 32, device: torch.device | None = None,
+                  channels_last: bool = True, amp: str = "auto", progress: bool = False, desc: str = "predict") -> np.ndarray:
+    """Class probabilities (n, K) in dataset order."""
+    from tqdm.auto import tqdm
+
+    device = device or next(model.parameters()).device
+    model.eval()
+    ac = _Autocast(device, amp)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    out = np.zeros((len(dataset), model.head[-1].out_features), dtype=np.float64)
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        image, tab, _, idx = _to_device(batch, device, channels_last)
+        with ac.ctx():
+            logits = _forward(model, image, tab)
+        out[idx.numpy()] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+    return out
+
+
+def _make_optimizer(model: FusionClassifier, stage: int, cfg: TrainConfig):
+    if stage == 1 or not model.uses_image:
+        params = [p for p in model.head_parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=cfg.stage1_lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(
+        [{"params": model.head_parameters(), "lr": cfg.stage2_lr},
+         {"params": model.backbone_parameters(), "lr": cfg.stage2_lr * cfg.backbone_lr_scale}],
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def _stage_plan(model: FusionClassifier, cfg: TrainConfig) -> list[tuple[int, int]]:
+    """[(stage, n_epochs), ...]"""
+    if not model.uses_image:
+        return [(2, cfg.tabular_epochs)]
+    return [(s, n) for s, n in ((1, cfg.stage1_epochs), (2, cfg.stage2_epochs)) if n > 0]
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    model.load_state_dict(load_file(str(path)), strict=True)
+
+
+def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, n_classes: int,
+                train_labels: np.ndarray, ckpt_dir: str | Path, resume: bool = False, seed: int = 0,
+                desc: str = "train", progress: bool = True) -> TrainResult:
+    """Train ``model`` in place and leave the best-validation weights loaded."""
+    from tqdm.auto import tqdm
+
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    device = select_device()
+    configure_threads(cfg.threads)
+    channels_last = cfg.channels_last and model.uses_image
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    weights = inverse_frequency_weights(train_labels, n_classes) if cfg.class_weights == "inverse_frequency" else None
+    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    ac = _Autocast(device, cfg.amp)
+    plan = _stage_plan(model, cfg)
+    patience = cfg.patience if model.uses_image else max(cfg.patience, 10)
+    val_y = np.asarray(val_ds.labels)
+
+    state = {"stage_index": 0, "epoch_in_stage": 0, "global_epoch": 0, "best_f1": -1.0, "best_loss": float("inf"),
+             "best_epoch": -1, "bad_epochs": 0, "history": [], "done": False}
+    opt = sched = None
+    last = ckpt_dir / "last.pt"
+    best_path = ckpt_dir / "best.safetensors"
+    ckpt = None
+    if resume and last.exists():
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        state.update(ckpt["state"])
+        log.info("%s: resuming at global epoch %d", desc, state["global_epoch"])
+    t0 = time.perf_counter()
+    while not state["done"] and state["stage_index"] < len(plan):
+        stage, n_epochs = plan[state["stage_index"]]
+        if model.uses_image:
+            model.set_backbone_trainable(stage == 2)
+        opt = _make_optimizer(model, stage, cfg)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, n_epochs), eta_min=1e-6) if stage == 2 else None
+        if ckpt is not None and ckpt.get("optimizer") is not None and ckpt["state"]["stage_index"] == state["stage_index"]:
+            opt.load_state_dict(ckpt["optimizer"])
+            if sched is not None and ckpt.get("scheduler") is not None:
+                sched.load_state_dict(ckpt["scheduler"])
+        ckpt = None
+        while state["epoch_in_stage"] < n_epochs:
+            epoch = state["global_epoch"]
+            torch.manual_seed(seed * 1000 + epoch)
+            if getattr(train_ds, "augment", None) is not None:
+                train_ds.augment.rng = np.random.default_rng(seed * 1000 + epoch)
+            train_ds.rng = np.random.default_rng(seed * 1000 + epoch + 7)
+            model.train()
+            if model.uses_image and stage == 1:
+                model.image_encoder.backbone.eval()  # frozen BN statistics
+            gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+            loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=gen,
+                                drop_last=len(train_ds) > cfg.batch_size)
+            losses = []
+            bar = tqdm(loader, desc=f"{desc} s{stage} e{epoch + 1}", disable=not progress, leave=False)
+            for batch in bar:
+                image, tab, label, _ = _to_device(batch, device, channels_last)
+                opt.zero_grad(set_to_none=True)
+                with ac.ctx():
+                    loss = criterion(_forward(model, image, tab).float(), label)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; "
+                                             "lower the learning rate or check the inputs for extreme values.")
+                ac.scaler.scale(loss).backward()
+                ac.scaler.step(opt)
+                ac.scaler.update()
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+            if sched is not None:
+                sched.step()
+            probs = predict_proba(model, val_ds, batch_size=cfg.batch_size * 2, device=device,
+                                  channels_last=channels_last, amp=cfg.amp)
+            pred = probs.argmax(1)
+            val_f1 = float(f1_score(val_y, pred, average="macro", labels=list(range(n_classes)), zero_division=0))
+            val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-8)).float(),
+                                                    torch.from_numpy(val_y).long()))
+            rec = {"epoch": epoch + 1, "stage": stage, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                   "val_loss": val_loss, "val_macro_f1": val_f1, "elapsed_s": round(time.perf_counter() - t0, 1)}
+            state["history"].append(rec)
+            if progress:
+                tqdm.write(f"{desc} stage {stage} epoch {epoch + 1}: train loss {rec['train_loss']:.3f}, "
+                           f"val loss {val_loss:.3f}, val macro-F1 {val_f1:.3f}")
+            improved = val_f1 > state["best_f1"] + 1e-6 or (abs(val_f1 - state["best_f1"]) <= 1e-6 and val_loss < state["best_loss"])
+            if improved:
+                state.update(best_f1=val_f1, best_loss=val_loss, best_epoch=epoch + 1, bad_epochs=0)
+                _save_weights(model, best_path)
+            elif stage == 2:
+                state["bad_epochs"] += 1
+            state["epoch_in_stage"] += 1
+            state["global_epoch"] += 1
+            if stage == 2 and state["bad_epochs"] >= patience:
+                log.info("%s: early stop at epoch %d (best %d, val macro-F1 %.3f)", desc, epoch + 1,
+                         state["best_epoch"], state["best_f1"])
+                state["done"] = True
+            _save_checkpoint(last, {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None,
+                                    "state": dict(state)})
+            if state["done"]:
+                break
+        if not state["done"]:
+            state["stage_index"] += 1
+            state["epoch_in_stage"] = 0
+            state["bad_epochs"] = 0
+    if best_path.exists():
+        load_weights(model, best_path)
+    model.set_backbone_trainable(True)
+    return TrainResult(best_epoch=state["best_epoch"], best_val_macro_f1=state["best_f1"], history=state["history"],
+                       seconds=time.perf_counter() - t0)
