@@ -24,6 +24,9 @@ def atomic_path(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -33,13 +36,13 @@ def atomic_path(path: str | Path):
 
 def write_json(obj, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+        Path(tmp).write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")
     return Path(path)
 
 
 def write_text(text: str, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
+        Path(tmp).write_text(text, encoding="utf-8")
     return Path(path)
 
 
