@@ -79,7 +79,10 @@ class ExperimentConfig(_Strict):
     deep_models: list[Literal["fusion", "image", "tabular"]] = Field(
         default_factory=lambda: ["fusion", "image", "tabular"])
     classical_models: list[str] = Field(default_factory=lambda: ["logreg", "svm", "rf", "lgbm"])
-    final_model: bool = Field(True, description="Train a final fusion model on all cases and save a bundle.")
+    final_models: list[Literal["fusion", "image", "tabular"]] = Field(
+        default_factory=lambda: ["fusion"],
+        description="Deep models to train on all cases and save as bundles (bundles/<name>); [] for none. "
+                    "A fusion or tabular entry falls back to image-only when the cases have no tabular data.")
     n_boot: int = Field(1000, ge=0)
 
 

@@ -232,16 +232,18 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
     write_json({"classes": classes, "synthetic_data": synthetic, "timings": timings, "models": metrics},
                run_dir / "metrics.json")
 
-    bundle = None
-    if cfg.experiment.final_model:
+    bundles: dict[str, Path] = {}
+    for variant in dict.fromkeys(v if table is not None else "image" for v in cfg.experiment.final_models):
         from breastfusion.training.fit import fit_final_bundle
 
-        variant = "fusion" if table is not None else "image"
+        name = DEEP_NAMES[variant]
         t = time.perf_counter()
-        bundle = fit_final_bundle(variant, cases, table, classes, cfg, run_dir, resume=resume, progress=progress,
-                                  cache=cache, synthetic=synthetic, metrics=metrics.get(DEEP_NAMES[variant]),
-                                  radiomics_used=radiomics is not None, clinical_cols=columns)
-        timings["final_model_s"] = time.perf_counter() - t
+        bundles[name] = fit_final_bundle(variant, cases, table, classes, cfg, run_dir, resume=resume,
+                                         progress=progress, cache=cache, synthetic=synthetic,
+                                         metrics=metrics.get(name), radiomics_used=radiomics is not None,
+                                         clinical_cols=columns)
+        timings[f"final_{name}_s"] = time.perf_counter() - t
+    bundle = next(iter(bundles.values()), None)
 
     timings["total_s"] = time.perf_counter() - t_start
     notes = []

@@ -124,8 +124,9 @@ def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | No
     from breastfusion.inference.bundle import save_bundle
 
     groups = cases["dup_group"].to_numpy() if "dup_group" in cases else None
-    fitted = fit_deep_model(variant, cases.reset_index(drop=True), table, classes, cfg, run_dir / "deep" / "final",
-                            groups=groups, resume=resume, progress=progress, cache=cache, desc="final model")
+    name = {"fusion": "fusion", "image": "image_only", "tabular": "tabular_only"}[variant]
+    fitted = fit_deep_model(variant, cases.reset_index(drop=True), table, classes, cfg, run_dir / "deep" / f"final_{name}",
+                            groups=groups, resume=resume, progress=progress, cache=cache, desc=f"final {name}")
     feature_meta = {"clinical_columns": clinical_cols, "radiomics": None}
     if radiomics_used:
         from breastfusion.features.radiomics import RADIOMICS_VERSION, radiomics_columns
@@ -138,7 +139,7 @@ def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | No
                 "inner_val_macro_f1": fitted.result.best_val_macro_f1, "seconds": round(fitted.result.seconds, 1),
                 "weights_init": fitted.weight_source,
                 "class_counts": {c: int((cases[LABEL] == c).sum()) for c in classes}}
-    return save_bundle(run_dir / "bundle", fitted.model, classes=classes, model_meta=model_meta(variant, cfg, n_tab),
+    return save_bundle(run_dir / "bundles" / name, fitted.model, classes=classes, model_meta=model_meta(variant, cfg, n_tab),
                        image_meta=image_meta, tabular=fitted.tabular, feature_meta=feature_meta,
                        config_yaml=config_to_yaml(cfg), synthetic=synthetic, training=training,
                        metrics={"cross_validation": metrics} if metrics else {})
