@@ -1,0 +1,855 @@
+"""Dataset audit: unreadable files, mask problems, exact and near-duplicate images, label conflicts.
+
+Near-duplicates
+---------------
+Public ultrasound sets (BUSI in particular) hold the same frame several times: re-saved with other
+caliper marks or text, slightly cropped, shifted or rescaled, sometimes under another label. Whole-file
+hashes miss these. Two images are near-duplicates here when one can be *aligned* onto the other by a
+scale and a shift so that their fine texture (speckle, tissue edges) correlates. The check runs in
+two stages so that it stays fast (624 BUSI images: about half a minute on one core):
+
+1. **Candidates.** Each image gives 81 small (12x12) normalised thumbnails: the whole image and
+   sub-windows with 0, 6 or 12 % trimmed from each side. Every image's whole-image thumbnail is
+   correlated with every other image's sub-window thumbnails (one matrix product). A pair is a
+   candidate if that best correlation is high, or if it is among an image's few best matches.
+   Thumbnails are resized to a fixed size, so a rescaled copy matches; sub-windows make crops match.
+2. **Verification.** For each candidate pair, scale hypotheses (1, the size ratios, the ones implied by
+   the matching sub-windows) are tried at 64 px: the smaller image is resized and its best shift over
+   the larger one is found by masked normalised cross-correlation over all shifts (overlap >= 40 %).
+   At 160 px, on band-pass (difference of Gaussians) images, the alignment is refined: a 3x3 grid of
+   patches is matched by phase correlation and a scale + shift is fitted to their displacements (the
+   patches of one frame move together; those of unrelated images scatter and the fit is dropped).
+   The *texture score* is the median correlation over a 4x4 grid of blocks of the aligned overlap.
+   Calipers, text and rulers spoil only a few blocks; the dark background and smooth anatomy that
+   unrelated images share carry little band-pass energy. On BUSI unrelated candidate pairs score
+   below ~0.27, copies of one frame 0.8-1, neighbouring frames of one cine sweep 0.2-0.6.
+
+A pair is a near-duplicate when its texture score is >= ``near_dup_threshold`` (default 0.35) and the
+aligned images overlap over >= 60 % of the smaller one. Pairs are joined into groups with union-find;
+exact copies (identical decoded pixels) are joined too. The rejected pairs that scored highest are
+kept in the report (``borderline_pairs``) for a person to look at. Memory and time of the candidate
+stage grow with the square of the number of images (fine for thousands, not for 10^5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from breastfusion.data.cases import CASE_ID, IMAGE_PATH, LABEL, MASK_PATH, feature_columns, mask_list
+from breastfusion.data.images import image_size, read_image, read_mask
+from breastfusion.errors import DataError
+from breastfusion.utils import write_json, write_text
+
+NO_LESION_CLASSES = ("normal",)
+NEAR_DUP_THRESHOLD = 0.35
+MIN_OVERLAP = 0.6
+
+_COARSE = 64      # longer side of the coarse alignment image
+_MID = 160        # longer side of the texture-verification image
+_BASE = 96        # square base image the sub-window thumbnails are cut from
+_THUMB = 12       # thumbnail side
+_TRIMS = (0.0, 0.06, 0.12)
+_CAND_MIN = 0.93  # candidate if the best window correlation reaches this ...
+_CAND_TOPK = 3    # ... or if it is among an image's best _CAND_TOPK matches and reaches _CAND_FLOOR
+_CAND_FLOOR = 0.85
+_COARSE_REJECT = 0.70  # skip the texture stage below this intensity NCC at 64 px
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image signatures
+# ----------------------------------------------------------------------------------------------------
+
+def _windows() -> np.ndarray:
+    """Sub-windows (x0, x1, y0, y1) as fractions; row 0 is the whole image."""
+    rows = [(l, 1 - r, t, 1 - b) for l in _TRIMS for r in _TRIMS for t in _TRIMS for b in _TRIMS]
+    return np.array(rows, dtype=np.float64)
+
+
+_WIN = _windows()
+
+
+def _resize(a: np.ndarray, h: int, w: int, resample=Image.BOX) -> np.ndarray:
+    return np.asarray(Image.fromarray(a).resize((int(w), int(h)), resample), dtype=np.float32)
+
+
+def _fit(a: np.ndarray, longer: int) -> tuple[np.ndarray, float]:
+    h, w = a.shape
+    f = longer / max(h, w)
+    return _resize(a, max(8, round(h * f)), max(8, round(w * f))), f
+
+
+def _znorm(v: np.ndarray) -> np.ndarray:
+    v = v - v.mean(axis=-1, keepdims=True)
+    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.maximum(n, 1e-6)
+
+
+def _window_thumbs(base: np.ndarray) -> np.ndarray:
+    """(n_windows, THUMB*THUMB) z-normalised block means of every sub-window of a square base image."""
+    n = base.shape[0]
+    integ = np.zeros((n + 1, n + 1))
+    integ[1:, 1:] = base.astype(np.float64).cumsum(0).cumsum(1)
+    t = np.linspace(0.0, 1.0, _THUMB + 1)
+    xs = np.rint((_WIN[:, 0:1] + (_WIN[:, 1:2] - _WIN[:, 0:1]) * t) * n).astype(int)
+    ys = np.rint((_WIN[:, 2:3] + (_WIN[:, 3:4] - _WIN[:, 2:3]) * t) * n).astype(int)
+    y0, y1 = ys[:, :-1, None], ys[:, 1:, None]
+    x0, x1 = xs[:, None, :-1], xs[:, None, 1:]
+    sums = integ[y1, x1] - integ[y0, x1] - integ[y1, x0] + integ[y0, x0]
+    area = np.maximum((y1 - y0) * (x1 - x0), 1)
+    return _znorm((sums / area).reshape(len(_WIN), -1)).astype(np.float32)
+
+
+def _dog(a: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    a = a.astype(np.float32, copy=False)
+    return gaussian_filter(a, 0.8, truncate=3.0) - gaussian_filter(a, 3.0, truncate=2.5)
+
+
+@dataclass
+class _Signature:
+    shape: tuple[int, int]
+    coarse: np.ndarray
+    fc: float
+    mid_u8: np.ndarray
+    mid_dog: np.ndarray
+    fm: float
+    thumbs: np.ndarray
+
+
+def _signature(gray: np.ndarray) -> _Signature:
+    u8 = np.clip(np.rint(gray * 255.0), 0, 255).astype(np.uint8)
+    mid, fm = _fit(u8, _MID)
+    mid_u8 = np.clip(np.rint(mid), 0, 255).astype(np.uint8)
+    coarse, _ = _fit(mid_u8, _COARSE)
+    fc = fm * coarse.shape[1] / mid_u8.shape[1]
+    base = _resize(mid_u8, _BASE, _BASE)
+    return _Signature(u8.shape, coarse, fc, mid_u8, _dog(mid), fm, _window_thumbs(base))
+
+
+def _pixel_hash(gray: np.ndarray) -> str:
+    u8 = np.clip(np.rint(gray * 255.0), 0, 255).astype(np.uint8)
+    h = hashlib.sha1(f"{u8.shape}".encode())
+    h.update(np.ascontiguousarray(u8).tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Alignment and verification
+# ----------------------------------------------------------------------------------------------------
+
+def _box_sums(x: np.ndarray, hb: int, wb: int) -> np.ndarray:
+    """Sums of x (..., H, W) under an hb x wb window whose top-left is at every shift
+    (-(hb-1) .. H-1, -(wb-1) .. W-1); the result has shape (..., H+hb-1, W+wb-1)."""
+    *lead, h, w = x.shape
+    c = np.zeros((*lead, h + 2 * hb, w))
+    np.cumsum(x, axis=-2, out=c[..., hb + 1:hb + h + 1, :])
+    c[..., hb + h + 1:, :] = c[..., hb + h:hb + h + 1, :]
+    rows = c[..., hb + 1:, :] - c[..., 1:-hb, :]
+    c = np.zeros((*lead, h + hb - 1, w + 2 * wb))
+    np.cumsum(rows, axis=-1, out=c[..., :, wb + 1:wb + w + 1])
+    c[..., :, wb + w + 1:] = c[..., :, wb + w:wb + w + 1]
+    return c[..., :, wb + 1:] - c[..., :, 1:-wb]
+
+
+def _masked_ncc(a: np.ndarray, b: np.ndarray, min_frac: float) -> tuple[float, int, int]:
+    """Best normalised cross-correlation of ``b`` placed over ``a`` at any integer shift whose overlap
+    covers >= ``min_frac`` of the smaller image. Returns (ncc, dy, dx), (dy, dx) = b's top-left in a."""
+    from scipy import fft as sfft
+
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    ha, wa = a.shape
+    hb, wb = b.shape
+    fs = (sfft.next_fast_len(ha + hb - 1, real=True), sfft.next_fast_len(wa + wb - 1, real=True))
+    s_ab = sfft.irfft2(sfft.rfft2(a, fs) * sfft.rfft2(b[::-1, ::-1], fs), fs)[: ha + hb - 1, : wa + wb - 1]
+    dy = np.arange(-(hb - 1), ha)
+    dx = np.arange(-(wb - 1), wa)
+    oy = np.minimum(dy + hb, ha) - np.maximum(dy, 0)
+    ox = np.minimum(dx + wb, wa) - np.maximum(dx, 0)
+    n = np.maximum(oy[:, None] * ox[None, :], 1).astype(np.float64)
+    s_a, s_a2 = _box_sums(np.stack([a, a * a]), hb, wb)
+    s_b, s_b2 = _box_sums(np.stack([b, b * b]), ha, wa)[:, ::-1, ::-1]
+    v_a = np.maximum(s_a2 - s_a * s_a / n, 0.0)
+    v_b = np.maximum(s_b2 - s_b * s_b / n, 0.0)
+    ok = (n >= min_frac * min(a.size, b.size)) & (v_a > 1e-6 * n) & (v_b > 1e-6 * n)
+    ncc = np.where(ok, (s_ab - s_a * s_b / n) / np.maximum(np.sqrt(v_a * v_b), 1e-12), -1.0)
+    k = int(np.argmax(ncc))
+    py, px = np.unravel_index(k, ncc.shape)
+    return float(ncc[py, px]), int(dy[py]), int(dx[px])
+
+
+def _place(sig: _Signature, k: float) -> np.ndarray:
+    """The image of ``sig`` resampled by ``k`` (target pixels per native pixel)."""
+    h, w = sig.shape
+    return _resize(sig.mid_u8, max(6, round(h * k)), max(6, round(w * k)), Image.BILINEAR)
+
+
+def _overlap(a_shape, b_shape, y: int, x: int):
+    h, w = a_shape
+    hb, wb = b_shape
+    return max(0, y), max(0, x), min(h, y + hb), min(w, x + wb)
+
+
+def _block_scores(da: np.ndarray, db: np.ndarray, grid: int = 4) -> np.ndarray:
+    """NCC of each block of a grid over two aligned band-pass images; blocks without texture are left out."""
+    h, w = da.shape
+    ys = np.linspace(0, h, grid + 1).astype(int)
+    xs = np.linspace(0, w, grid + 1).astype(int)
+    vals, energy = [], []
+    for i in range(grid):
+        for j in range(grid):
+            a = da[ys[i]:ys[i + 1], xs[j]:xs[j + 1]]
+            b = db[ys[i]:ys[i + 1], xs[j]:xs[j + 1]]
+            if a.size < 16:
+                continue
+            a = a - a.mean()
+            b = b - b.mean()
+            ea, eb = float(np.vdot(a, a)), float(np.vdot(b, b))
+            energy.append(min(ea, eb) / a.size)
+            vals.append(float(np.vdot(a, b)) / math.sqrt(ea * eb) if ea > 0 and eb > 0 else 0.0)
+    if not vals:
+        return np.zeros(0)
+    energy = np.asarray(energy)
+    return np.asarray(vals)[energy >= 0.1 * np.median(energy)]
+
+
+_HANN: dict = {}
+
+
+def _hann(h: int, w: int) -> np.ndarray:
+    win = _HANN.get((h, w))
+    if win is None:
+        win = _HANN[(h, w)] = np.outer(np.hanning(h), np.hanning(w))
+    return win
+
+
+def _phase_shift(pa: np.ndarray, pb: np.ndarray) -> tuple[float, float, float]:
+    """Shift d (dy, dx) with pa(x) ~ pb(x - d) by windowed phase correlation, and the peak height."""
+    from scipy import fft as sfft
+
+    h, w = pa.shape
+    win = _hann(h, w)
+    fa = sfft.rfft2((pa - pa.mean()) * win)
+    fb = sfft.rfft2((pb - pb.mean()) * win)
+    cross = fa * np.conj(fb)
+    r = sfft.irfft2(cross / np.maximum(np.abs(cross), 1e-9), s=(h, w))
+    k = int(np.argmax(r))
+    py, px = np.unravel_index(k, r.shape)
+    dy = py - h if py > h // 2 else py
+    dx = px - w if px > w // 2 else px
+    return float(dy), float(dx), float(r[py, px])
+
+
+_FIT_RMS_MAX = 1.0  # mid pixels
+_PEAK_MIN = 0.12  # phase-correlation peak of a patch that really matches (noise peaks stay below ~0.09)
+
+
+def _fit_scale(da: np.ndarray, db: np.ndarray, ty: int, tx: int, grid: int = 3):
+    """Scale correction e and translation from patch displacements (b placed at ty, tx in a).
+
+    Returns (e, ty, tx, n_patches_used) or None when the patches do not move together."""
+    y0, x0, y1, x1 = _overlap(da.shape, db.shape, ty, tx)
+    if y1 - y0 < 16 * grid or x1 - x0 < 16 * grid:
+        return None
+    ys = np.linspace(y0, y1, grid + 1).astype(int)
+    xs = np.linspace(x0, x1, grid + 1).astype(int)
+    cs, ds = [], []
+    for i in range(grid):
+        for j in range(grid):
+            pa = da[ys[i]:ys[i + 1], xs[j]:xs[j + 1]]
+            pb = db[ys[i] - ty:ys[i + 1] - ty, xs[j] - tx:xs[j + 1] - tx]
+            dy, dx, peak = _phase_shift(pa, pb)
+            if peak >= _PEAK_MIN:
+                cs.append(((ys[i] + ys[i + 1]) / 2.0, (xs[j] + xs[j + 1]) / 2.0))
+                ds.append((dy, dx))
+    c = np.asarray(cs)
+    d = np.asarray(ds)
+    # Displacement model: d_y = e*c_y + k_y, d_x = e*c_x + k_x (b needs rescaling by 1+e). Patches of one
+    # frame move together (residual well under a pixel); unrelated images scatter. One bad patch may go.
+    for _ in range(3):
+        if len(c) < 4:
+            return None
+        m = np.zeros((2 * len(c), 3))
+        m[0::2, 0], m[0::2, 1] = c[:, 0], 1.0
+        m[1::2, 0], m[1::2, 2] = c[:, 1], 1.0
+        sol, *_ = np.linalg.lstsq(m, d.ravel(), rcond=None)
+        res = np.hypot(*(m @ sol - d.ravel()).reshape(-1, 2).T)
+        if float(np.sqrt(np.mean(res ** 2))) <= _FIT_RMS_MAX:
+            break
+        worst = int(np.argmax(res))
+        c, d = np.delete(c, worst, axis=0), np.delete(d, worst, axis=0)
+    else:
+        return None
+    e, ky, kx = (float(v) for v in sol)
+    if not -0.2 < e < 0.2:
+        return None
+    return e, ty * (1 + e) + ky, tx * (1 + e) + kx, len(c)
+
+
+def _local_best(da: np.ndarray, db: np.ndarray, ty: int, tx: int, rad: int = 1):
+    """The shift within +-rad of (ty, tx) with the highest NCC of the overlap."""
+    best = (-2.0, ty, tx)
+    for oy in range(-rad, rad + 1):
+        for ox in range(-rad, rad + 1):
+            y, x = ty + oy, tx + ox
+            y0, x0, y1, x1 = _overlap(da.shape, db.shape, y, x)
+            if y1 - y0 < 8 or x1 - x0 < 8:
+                continue
+            a = da[y0:y1, x0:x1]
+            b = db[y0 - y:y1 - y, x0 - x:x1 - x]
+            a = a - a.mean()
+            b = b - b.mean()
+            den = math.sqrt(float(np.vdot(a, a)) * float(np.vdot(b, b)))
+            c = float(np.vdot(a, b)) / den if den > 0 else 0.0
+            if c > best[0]:
+                best = (c, y, x)
+    return best
+
+
+def _verify(a: _Signature, b: _Signature, hyps: list[float]) -> dict:
+    """Align b onto a (scale = a pixels per b pixel) and score the texture agreement."""
+    best = None
+    for s in hyps:
+        v, dy, dx = _masked_ncc(a.coarse, _place(b, s * a.fc), min_frac=0.4)
+        if best is None or v > best[0]:
+            best = (v, s, dy, dx)
+    coarse, s, dy, dx = best
+    out = {"coarse": round(coarse, 4), "scale": round(s, 4), "texture": float("nan"), "overlap": 0.0}
+    if coarse < _COARSE_REJECT:
+        return out
+    ratio = a.fm / a.fc
+    ty, tx = round(dy * ratio), round(dx * ratio)
+    db = _dog(_place(b, s * a.fm))
+    c, ty, tx = _local_best(a.mid_dog, db, ty, tx, 1)
+    if c < 0.9:  # not an identical frame at this scale: fit scale and shift from patch displacements
+        for _ in range(3):
+            fit = _fit_scale(a.mid_dog, db, ty, tx)
+            if fit is None:
+                break
+            e, fy, fx, _n = fit
+            s *= 1 + e
+            ty, tx = round(fy), round(fx)
+            if abs(e) > 0.002:
+                db = _dog(_place(b, s * a.fm))
+            if abs(e) < 0.01:
+                break
+        c, ty, tx = _local_best(a.mid_dog, db, ty, tx, 1)
+    y0, x0, y1, x1 = _overlap(a.mid_dog.shape, db.shape, ty, tx)
+    if y1 - y0 < 8 or x1 - x0 < 8:
+        return out
+    overlap = (y1 - y0) * (x1 - x0) / min(a.mid_dog.size, db.size)
+    blocks = _block_scores(a.mid_dog[y0:y1, x0:x1], db[y0 - ty:y1 - ty, x0 - tx:x1 - tx])
+    texture = float(np.median(blocks)) if len(blocks) else 0.0
+    out.update(scale=round(s, 4), texture=round(texture, 4), overlap=round(overlap, 4), ncc=round(c, 4),
+               q75=round(float(np.quantile(blocks, 0.75)) if len(blocks) else 0.0, 4))
+    return out
+
+
+def _hypotheses(a: _Signature, b: _Signature, win_ab: int, win_ba: int) -> list[float]:
+    """Candidate scales (a pixels per b pixel): 1, the size ratios, and those implied by matching windows."""
+    (ha, wa), (hb, wb) = a.shape, b.shape
+    hyps = [1.0, wa / wb, ha / hb]
+    x0, x1, y0, y1 = _WIN[win_ab]  # b whole ~ window of a
+    hyps.append(math.sqrt((x1 - x0) * wa / wb * (y1 - y0) * ha / hb))
+    x0, x1, y0, y1 = _WIN[win_ba]  # a whole ~ window of b
+    hyps.append(1.0 / math.sqrt((x1 - x0) * wb / wa * (y1 - y0) * hb / ha))
+    out: list[float] = []
+    for s in sorted(h for h in hyps if 0.25 < h < 4.0):
+        if not out or s / out[-1] > 1.03:
+            out.append(s)
+    return out
+
+
+def _candidates(sigs: list[_Signature | None]):
+    """Candidate pairs (i, j, window_ij, window_ji, score) from sub-window thumbnail correlation."""
+    idx = [i for i, s in enumerate(sigs) if s is not None]
+    if len(idx) < 2:
+        return []
+    thumbs = np.stack([sigs[i].thumbs for i in idx])  # n x n_win x d
+    full = thumbs[:, 0]
+    n = len(idx)
+    best = np.empty((n, n), dtype=np.float32)
+    arg = np.empty((n, n), dtype=np.int16)
+    for i in range(n):
+        r = thumbs[i] @ full.T  # window w of i vs whole j
+        arg[i] = r.argmax(axis=0)
+        best[i] = r.max(axis=0)
+    sym = np.maximum(best, best.T)
+    np.fill_diagonal(sym, -1.0)
+    keep = sym >= _CAND_MIN
+    k = min(_CAND_TOPK, n - 1)
+    top = np.argpartition(-sym, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((n, 0), int)
+    rows = np.repeat(np.arange(n), top.shape[1])
+    cols = top.ravel()
+    floor = sym[rows, cols] >= _CAND_FLOOR
+    keep[rows[floor], cols[floor]] = True
+    keep = keep | keep.T
+    ii, jj = np.nonzero(np.triu(keep, 1))
+    return [(idx[i], idx[j], int(arg[i, j]), int(arg[j, i]), float(sym[i, j])) for i, j in zip(ii, jj)]
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+def _find_duplicates(sigs, hashes, *, threshold: float, progress: bool):
+    """Exact groups (lists of indices) and verified near-duplicate pairs (dicts with i, j and scores)."""
+    by_hash: dict[str, list[int]] = {}
+    for i, h in enumerate(hashes):
+        if h is not None:
+            by_hash.setdefault(h, []).append(i)
+    exact = [g for g in by_hash.values() if len(g) > 1]
+    # One representative per exact group takes part in near-duplicate search.
+    rep_sigs = list(sigs)
+    for g in exact:
+        for m in g[1:]:
+            rep_sigs[m] = None
+    cands = _candidates(rep_sigs)
+    pairs = []
+    for i, j, w_ij, w_ji, cand in _progress(cands, len(cands), "near-duplicate check", progress):
+        a, b = sigs[i], sigs[j]
+        if a.shape[0] * a.shape[1] < b.shape[0] * b.shape[1]:  # align the smaller onto the larger
+            i, j, w_ij, w_ji = j, i, w_ji, w_ij
+            a, b = b, a
+        r = _verify(a, b, _hypotheses(a, b, w_ij, w_ji))
+        r.update(i=i, j=j, candidate=round(cand, 4))
+        r["near"] = bool(r["texture"] >= threshold and r["overlap"] >= MIN_OVERLAP)
+        pairs.append(r)
+    return exact, pairs, len(cands)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class AuditResult:
+    """What :func:`audit_cases` found. ``dup_group`` maps every case_id to its duplicate-group id."""
+
+    root: Path
+    n_cases: int
+    class_counts: dict
+    unreadable: list = field(default_factory=list)        # {case_id, path, error}
+    mask_issues: list = field(default_factory=list)       # {case_id, kind, path, detail}
+    exact_groups: list = field(default_factory=list)      # [case_id, ...] with identical pixels
+    dup_groups: list = field(default_factory=list)        # {group, case_ids, paths, labels, exact}
+    pairs: list = field(default_factory=list)             # verified near-duplicate pairs with scores
+    borderline: list = field(default_factory=list)        # rejected pairs closest to the threshold
+    label_conflicts: list = field(default_factory=list)   # dup groups holding several labels
+    missing_values: dict = field(default_factory=dict)    # clinical column -> {missing, fraction}
+    image_stats: dict = field(default_factory=dict)
+    dup_group: dict = field(default_factory=dict)         # case_id -> group id
+    paths: dict = field(default_factory=dict)             # case_id -> image path relative to root
+    params: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def groups(self) -> pd.Series:
+        """The duplicate-group id of each case as a Series indexed by case_id (for make_splits)."""
+        return pd.Series(self.dup_group, name="dup_group", dtype=object).rename_axis(CASE_ID)
+
+    @property
+    def n_near_dup_images(self) -> int:
+        return sum(len(g["case_ids"]) for g in self.dup_groups)
+
+    def to_dict(self) -> dict:
+        return {
+            "root": str(self.root),
+            "n_cases": self.n_cases,
+            "seconds": round(self.seconds, 2),
+            "params": self.params,
+            "class_counts": self.class_counts,
+            "image_stats": self.image_stats,
+            "missing_values": self.missing_values,
+            "unreadable": self.unreadable,
+            "mask_issues": self.mask_issues,
+            "summary": {
+                "unreadable": len(self.unreadable),
+                "mask_issues": dict(Counter(m["kind"] for m in self.mask_issues)),
+                "exact_duplicate_groups": len(self.exact_groups),
+                "duplicate_groups": len(self.dup_groups),
+                "images_in_duplicate_groups": self.n_near_dup_images,
+                "label_conflict_groups": len(self.label_conflicts),
+            },
+            "exact_duplicate_groups": [[self.paths.get(c, c) for c in g] for g in self.exact_groups],
+            "near_duplicate_groups": self.dup_groups,
+            "label_conflicts": self.label_conflicts,
+            "near_duplicate_pairs": self.pairs,
+            "borderline_pairs": self.borderline,
+            "cases": [{"case_id": c, "image": self.paths.get(c), "group": g} for c, g in self.dup_group.items()],
+        }
+
+
+def _is_missing(v) -> bool:
+    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
+
+
+def _default_root(paths: list[str]) -> Path:
+    parents = [str(Path(p).resolve().parent) for p in paths if not _is_missing(p)]
+    if not parents:
+        return Path.cwd()
+    try:
+        return Path(os.path.commonpath(parents))
+    except ValueError:  # different drives
+        return Path(parents[0])
+
+
+def _rel(path, root: Path) -> str:
+    if _is_missing(path):
+        return ""
+    p = Path(str(path))
+    try:
+        return p.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def _image_mode(path) -> str | None:
+    try:
+        with Image.open(path) as im:
+            return im.mode
+    except Exception:  # reported as unreadable elsewhere
+        return None
+
+
+def audit_cases(
+    cases: pd.DataFrame,
+    root: Path | str | None = None,
+    *,
+    near_dup_threshold: float = NEAR_DUP_THRESHOLD,
+    no_lesion_classes: tuple[str, ...] | list[str] = NO_LESION_CLASSES,
+    check_duplicates: bool = True,
+    progress: bool = True,
+) -> AuditResult:
+    """Audit a cases table: files, masks, duplicates, label conflicts, class balance, missing values.
+
+    Never stops on one bad file: unreadable images and masks are recorded and the audit goes on.
+    ``root`` is the folder paths are reported relative to (default: the common parent of the images).
+    ``no_lesion_classes`` are labels whose masks must be empty; every other label must have a lesion.
+    """
+    if not isinstance(cases, pd.DataFrame):
+        raise TypeError(f"The cases table must be a pandas DataFrame. Got {type(cases).__name__} instead.")
+    for col in (CASE_ID, IMAGE_PATH):
+        if col not in cases.columns:
+            raise DataError(f"The cases table has no '{col}' column; cannot audit it.")
+    if not 0.0 < float(near_dup_threshold) <= 1.0:
+        raise ValueError(
+            f"The 'near_dup_threshold' parameter of audit_cases must be a float in the range (0, 1]. "
+            f"Got {near_dup_threshold!r} instead."
+        )
+    t0 = time.perf_counter()
+    df = cases.reset_index(drop=True)
+    ids = df[CASE_ID].astype(str).tolist()
+    if len(set(ids)) != len(ids):
+        dup = next(c for c, n in Counter(ids).items() if n > 1)
+        raise DataError(f"case_id '{dup}' appears more than once in the cases table.")
+    root = Path(root) if root is not None else _default_root(df[IMAGE_PATH].tolist())
+    labels = df[LABEL].tolist() if LABEL in df.columns else [None] * len(df)
+    labels = [None if _is_missing(v) or str(v).strip() == "" else str(v) for v in labels]
+    no_lesion = {str(c) for c in no_lesion_classes}
+    res = AuditResult(root=root, n_cases=len(df), class_counts={})
+    res.paths = {c: _rel(p, root) for c, p in zip(ids, df[IMAGE_PATH])}
+
+    sigs: list[_Signature | None] = [None] * len(df)
+    hashes: list[str | None] = [None] * len(df)
+    modes: Counter = Counter()
+    sizes = []
+    mask_col = df[MASK_PATH].tolist() if MASK_PATH in df.columns else [float("nan")] * len(df)
+    for k in _progress(range(len(df)), len(df), "reading images", progress):
+        cid, path = ids[k], df.at[k, IMAGE_PATH]
+        if _is_missing(path):
+            res.unreadable.append({"case_id": cid, "path": "", "error": "no image path"})
+            continue
+        try:
+            gray = read_image(path, mode="gray")
+        except DataError as exc:
+            res.unreadable.append({"case_id": cid, "path": res.paths[cid], "error": str(exc)})
+            continue
+        modes[_image_mode(path) or "?"] += 1
+        sizes.append(gray.shape)
+        hashes[k] = _pixel_hash(gray)
+        if check_duplicates:
+            sigs[k] = _signature(gray)
+        _check_masks(res, cid, mask_col[k], gray.shape, labels[k], no_lesion, root)
+    t_read = time.perf_counter() - t0
+
+    # Duplicates -----------------------------------------------------------------------------------
+    exact, pairs, n_cand = ([], [], 0)
+    if check_duplicates:
+        exact, pairs, n_cand = _find_duplicates(sigs, hashes, threshold=near_dup_threshold, progress=progress)
+    else:
+        by_hash: dict[str, list[int]] = {}
+        for i, h in enumerate(hashes):
+            if h is not None:
+                by_hash.setdefault(h, []).append(i)
+        exact = [g for g in by_hash.values() if len(g) > 1]
+    uf = _UnionFind(len(df))
+    for g in exact:
+        for m in g[1:]:
+            uf.union(g[0], m)
+    near = [p for p in pairs if p["near"]]
+    for p in near:
+        uf.union(p["i"], p["j"])
+    members: dict[int, list[int]] = {}
+    for i in range(len(df)):
+        members.setdefault(uf.find(i), []).append(i)
+    exact_sets = [set(g) for g in exact]
+    n_dup = 0
+    for root_i in sorted(members, key=lambda r: members[r][0]):
+        m = members[root_i]
+        if len(m) == 1:
+            res.dup_group[ids[m[0]]] = f"solo:{ids[m[0]]}"
+            continue
+        n_dup += 1
+        gid = f"dup{n_dup:04d}"
+        for i in m:
+            res.dup_group[ids[i]] = gid
+        glabels = [labels[i] for i in m]
+        entry = {
+            "group": gid,
+            "case_ids": [ids[i] for i in m],
+            "paths": [res.paths[ids[i]] for i in m],
+            "labels": glabels,
+            "exact": any(set(m) <= s for s in exact_sets),
+        }
+        res.dup_groups.append(entry)
+        distinct = sorted({lab for lab in glabels if lab is not None})
+        if len(distinct) > 1:
+            res.label_conflicts.append({**entry, "distinct_labels": distinct})
+    res.dup_group = {c: res.dup_group[c] for c in ids}
+    res.exact_groups = [[ids[i] for i in g] for g in exact]
+
+    def _pair_row(p):
+        a, b = ids[p["i"]], ids[p["j"]]
+        row = {"a": res.paths[a], "b": res.paths[b], "case_a": a, "case_b": b,
+               "label_a": labels[p["i"]], "label_b": labels[p["j"]]}
+        row.update({k: v for k, v in p.items() if k not in ("i", "j", "near")})
+        return row
+
+    res.pairs = [_pair_row(p) for p in near]
+    rejected = [p for p in pairs if not p["near"] and not math.isnan(p["texture"])]
+    rejected.sort(key=lambda p: -p["texture"])
+    res.borderline = [_pair_row(p) for p in rejected[:20]]
+
+    # Tables ---------------------------------------------------------------------------------------
+    known = [lab for lab in labels if lab is not None]
+    counts = Counter(known)
+    res.class_counts = {
+        str(c): {"n": n, "fraction": round(n / max(len(known), 1), 4)} for c, n in sorted(counts.items())
+    }
+    if len(known) < len(labels):
+        res.class_counts["<missing>"] = {"n": len(labels) - len(known), "fraction": None}
+    for col in feature_columns(df):
+        miss = int(df[col].isna().sum())
+        res.missing_values[str(col)] = {"missing": miss, "fraction": round(miss / len(df), 4)}
+    if sizes:
+        hs = np.array([s[0] for s in sizes])
+        ws = np.array([s[1] for s in sizes])
+        res.image_stats = {
+            "n_read": len(sizes),
+            "modes": dict(modes.most_common()),
+            "height": {"min": int(hs.min()), "median": float(np.median(hs)), "max": int(hs.max())},
+            "width": {"min": int(ws.min()), "median": float(np.median(ws)), "max": int(ws.max())},
+            "distinct_sizes": len(set(sizes)),
+            "most_common_sizes": [{"height": h, "width": w, "n": n} for (h, w), n in Counter(sizes).most_common(5)],
+        }
+    res.params = {
+        "near_dup_threshold": float(near_dup_threshold),
+        "min_overlap": MIN_OVERLAP,
+        "no_lesion_classes": sorted(no_lesion),
+        "check_duplicates": bool(check_duplicates),
+        "candidate_pairs": n_cand,
+        "read_seconds": round(t_read, 2),
+    }
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _check_masks(res: AuditResult, cid: str, mask_value, shape, label, no_lesion: set, root: Path) -> None:
+    if _is_missing(mask_value):
+        return  # no mask information: nothing to check
+    paths = mask_list(mask_value)
+    lesion_class = label is not None and label not in no_lesion
+    if not paths:
+        if lesion_class:
+            res.mask_issues.append({"case_id": cid, "kind": "empty_mask_in_lesion_class", "path": "",
+                                    "detail": f"label '{label}' but no mask file (no lesion outlined)"})
+        return
+    ok = True
+    for p in paths:
+        try:
+            h, w = image_size(p)
+        except DataError as exc:
+            res.mask_issues.append({"case_id": cid, "kind": "unreadable_mask", "path": _rel(p, root),
+                                    "detail": str(exc)})
+            ok = False
+            continue
+        if (h, w) != tuple(shape):
+            res.mask_issues.append({
+                "case_id": cid, "kind": "mask_size_mismatch", "path": _rel(p, root),
+                "detail": f"mask is {w}x{h} (WxH), image is {shape[1]}x{shape[0]}",
+            })
+            ok = False
+    if not ok:
+        return
+    try:
+        mask = read_mask(paths, shape)
+    except DataError as exc:
+        res.mask_issues.append({"case_id": cid, "kind": "unreadable_mask", "path": _rel(paths[0], root),
+                                "detail": str(exc)})
+        return
+    area = int(mask.sum())
+    if lesion_class and area == 0:
+        res.mask_issues.append({"case_id": cid, "kind": "empty_mask_in_lesion_class", "path": _rel(paths[0], root),
+                                "detail": f"label '{label}' but the mask is empty"})
+    elif label is not None and label in no_lesion and area > 0:
+        res.mask_issues.append({"case_id": cid, "kind": "lesion_mask_in_no_lesion_class", "path": _rel(paths[0], root),
+                                "detail": f"label '{label}' but the mask marks {area} pixels "
+                                          f"({100.0 * area / mask.size:.2f} % of the image)"})
+
+
+def duplicate_groups(
+    cases: pd.DataFrame,
+    *,
+    near_dup_threshold: float = NEAR_DUP_THRESHOLD,
+    progress: bool = False,
+    audit: AuditResult | None = None,
+) -> pd.Series:
+    """Duplicate-group id of every case (exact or near-duplicate images share one), indexed by case_id.
+
+    Cases without a duplicate get a group of their own (``solo:<case_id>``). Pass an existing ``audit``
+    to reuse its result instead of reading the images again.
+    """
+    if audit is None:
+        audit = audit_cases(cases, near_dup_threshold=near_dup_threshold, progress=progress)
+    ids = cases[CASE_ID].astype(str)
+    missing = ids[~ids.isin(list(audit.dup_group))]
+    if len(missing):
+        raise DataError(f"The audit does not cover case '{missing.iloc[0]}'; audit this cases table again.")
+    return pd.Series([audit.dup_group[c] for c in ids], index=pd.Index(ids, name=CASE_ID), name="dup_group")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------
+
+def _md_table(header: list[str], rows: list[list]) -> list[str]:
+    def cell(v):
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return out
+
+
+def render_markdown(result: AuditResult) -> str:
+    r = result
+    d = r.to_dict()["summary"]
+    lines = [
+        "# Dataset audit",
+        "",
+        f"Root: `{r.root}` — {r.n_cases} cases — audit took {r.seconds:.1f} s.",
+        "",
+        "## Summary",
+        "",
+        f"- unreadable images: **{d['unreadable']}**",
+        f"- mask issues: **{sum(d['mask_issues'].values())}** {d['mask_issues'] or ''}",
+        f"- exact duplicate groups (identical pixels): **{d['exact_duplicate_groups']}**",
+        f"- duplicate groups (exact or near): **{d['duplicate_groups']}**, holding "
+        f"**{d['images_in_duplicate_groups']}** images",
+        f"- groups with conflicting labels: **{d['label_conflict_groups']}**",
+        "",
+        "## Class balance",
+        "",
+    ]
+    lines += _md_table(["class", "n", "fraction"], [[c, v["n"], v["fraction"]] for c, v in r.class_counts.items()])
+    ns = [v["n"] for c, v in r.class_counts.items() if c != "<missing>"]
+    if len(ns) > 1:
+        lines += ["", f"Largest / smallest class: {max(ns) / max(min(ns), 1):.2f}."]
+    lines += ["", "## Images", ""]
+    st = r.image_stats
+    if st:
+        lines += [
+            f"- read: {st['n_read']} of {r.n_cases}; file modes: "
+            + ", ".join(f"{m}: {n}" for m, n in st["modes"].items()),
+            f"- height {st['height']['min']}–{st['height']['max']} px (median {st['height']['median']:.0f}), "
+            f"width {st['width']['min']}–{st['width']['max']} px (median {st['width']['median']:.0f}); "
+            f"{st['distinct_sizes']} distinct sizes",
+        ]
+    lines += ["", "## Missing values in clinical columns", ""]
+    if r.missing_values:
+        lines += _md_table(["column", "missing", "fraction"],
+                           [[c, v["missing"], v["fraction"]] for c, v in r.missing_values.items()])
+    else:
+        lines += ["No clinical columns."]
+    lines += ["", "## Unreadable images", ""]
+    lines += _md_table(["case", "path", "error"], [[u["case_id"], u["path"], u["error"]] for u in r.unreadable]) \
+        if r.unreadable else ["None."]
+    lines += ["", "## Mask issues", ""]
+    lines += _md_table(["case", "kind", "path", "detail"],
+                       [[m["case_id"], m["kind"], m["path"], m["detail"]] for m in r.mask_issues]) \
+        if r.mask_issues else ["None."]
+    lines += ["", "## Label conflicts (one image or near-copy filed under several labels)", ""]
+    if r.label_conflicts:
+        for g in r.label_conflicts:
+            lines.append(f"- **{g['group']}**: " + "; ".join(
+                f"`{p}` ({lab})" for p, lab in zip(g["paths"], g["labels"])))
+    else:
+        lines.append("None.")
+    lines += ["", "## Duplicate groups", "",
+              f"Method: exact pixel hash, and near-duplicates (texture score >= {r.params.get('near_dup_threshold')} "
+              f"after alignment, overlap >= {r.params.get('min_overlap')}). "
+              f"{r.params.get('candidate_pairs', 0)} candidate pairs were verified. "
+              "A split must keep each group on one side.", ""]
+    if r.dup_groups:
+        for g in r.dup_groups:
+            tag = " (exact copies)" if g["exact"] else ""
+            lines.append(f"- {g['group']}{tag}: " + ", ".join(f"`{p}`" for p in g["paths"]))
+    else:
+        lines.append("None.")
+    if r.borderline:
+        lines += ["", "## Closest rejected pairs (for review)", ""]
+        lines += _md_table(["a", "b", "texture", "overlap", "scale"],
+                           [[p["a"], p["b"], p["texture"], p["overlap"], p["scale"]] for p in r.borderline[:10]])
+    return "\n".join(lines) + "\n"
+
+
+def write_audit(result: AuditResult, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``audit.md`` (for people) and ``audit.json`` (for programs) into ``out_dir``, atomically."""
+    out_dir = Path(out_dir)
+    md = write_text(render_markdown(result), out_dir / "audit.md")
+    js = write_json(result.to_dict(), out_dir / "audit.json")
+    return md, js
