@@ -61,7 +61,7 @@ def has_masks(cases: pd.DataFrame) -> bool:
 # ------------------------------------------------------------------------------------------------ stages
 
 
-def stage_audit(cases: pd.DataFrame, cfg: Config, run_dir: Path, resume: bool) -> tuple[pd.Series, dict]:
+def stage_audit(cases: pd.DataFrame, cfg: Config, run_dir: Path, resume: bool, progress: bool) -> tuple[pd.Series, dict]:
     """Audit the data; return the duplicate group of every case and a short summary for the report."""
     from breastfusion.data.audit import audit_cases, write_audit
 
@@ -71,7 +71,7 @@ def stage_audit(cases: pd.DataFrame, cfg: Config, run_dir: Path, resume: bool) -
         g = pd.read_csv(groups_path, dtype=str).set_index(CASE_ID)["dup_group"]
         summary = json.loads((out / "audit.json").read_text()).get("summary", {})
         return g.reindex(cases[CASE_ID]), summary
-    result = audit_cases(cases, no_lesion_labels=tuple(cfg.data.no_lesion_labels))
+    result = audit_cases(cases, no_lesion_classes=tuple(cfg.data.no_lesion_labels), progress=progress)
     write_audit(result, out)
     g = pd.Series(result.dup_group).reindex(cases[CASE_ID].tolist())
     _write_csv(pd.DataFrame({CASE_ID: g.index, "dup_group": g.to_numpy()}), groups_path)
@@ -192,7 +192,7 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
     timings = {}
 
     t = time.perf_counter()
-    groups, audit_summary = stage_audit(cases, cfg, run_dir, resume)
+    groups, audit_summary = stage_audit(cases, cfg, run_dir, resume, progress)
     timings["audit_s"] = time.perf_counter() - t
     cases = cases.assign(dup_group=groups.to_numpy())
     write_cases(cases, run_dir / "cases.csv")

@@ -482,6 +482,11 @@ class AuditResult:
         return pd.Series(self.dup_group, name="dup_group", dtype=object).rename_axis(CASE_ID)
 
     @property
+    def summary(self) -> dict:
+        """Counts of each finding (the ``summary`` block of audit.json)."""
+        return self.to_dict()["summary"]
+
+    @property
     def n_near_dup_images(self) -> int:
         return sum(len(g["case_ids"]) for g in self.dup_groups)
 

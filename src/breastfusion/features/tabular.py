@@ -52,7 +52,11 @@ class TabularPreprocessor:
     scales_: dict[str, float] = field(default_factory=dict)
     categories_: dict[str, list[str]] = field(default_factory=dict)
 
-    def fit(self, table: pd.DataFrame, columns: list[str] | None = None) -> "TabularPreprocessor":
+    def fit(self, table: pd.DataFrame, columns: list[str] | None = None,
+            vocabulary: pd.DataFrame | None = None) -> "TabularPreprocessor":
+        """Learn imputation and scaling from ``table``. Category lists come from ``vocabulary`` when given
+        (e.g. the whole cohort, so a category that happens to fall only in a test fold is not "unknown";
+        reading category names uses no label information)."""
         columns = list(table.columns) if columns is None else list(columns)
         missing = [c for c in columns if c not in table.columns]
         if missing:
@@ -60,10 +64,11 @@ class TabularPreprocessor:
         self.columns_ = columns
         for c in columns:
             s = table[c]
-            kind = _infer_kind(s)
+            vocab = vocabulary[c] if vocabulary is not None and c in vocabulary.columns else s
+            kind = _infer_kind(vocab)
             self.kinds_[c] = kind
             if kind == "categorical":
-                cats = sorted({str(v).strip() for v in s if not _is_missing(v)})
+                cats = sorted({str(v).strip() for v in vocab if not _is_missing(v)})
                 self.categories_[c] = cats
             else:
                 x = self._numeric(s, c, kind, source="training table")

@@ -82,7 +82,7 @@ def fit_deep_model(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None
     if variant in ("fusion", "tabular"):
         cols = list(table.columns)
         pre = TabularPreprocessor(unknown_category=cfg.data.unknown_category)
-        pre.fit(table.reindex(tr_cases[CASE_ID].astype(str).tolist()), cols)
+        pre.fit(table.reindex(tr_cases[CASE_ID].astype(str).tolist()), cols, vocabulary=table)
     backbone, source = None, "none"
     data_cfg = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
     if variant in ("fusion", "image"):

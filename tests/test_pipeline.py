@@ -1,0 +1,103 @@
+"""End to end on a small SYNTHETIC cohort: train → report → bundle → predict (CLI and Python API)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from breastfusion.cli import main
+from breastfusion.config import load_config
+from breastfusion.data.synthetic import make_synthetic_cohort
+from breastfusion.errors import BundleError, DataError
+from breastfusion.inference.bundle import load_bundle
+from breastfusion.inference.predictor import Predictor
+from breastfusion.pipeline import run_experiment
+
+FAST = ["image.size=48", "model.backbone=test_efficientnet", "model.pretrained=false", "cv.n_splits=2",
+        "train.stage1_epochs=1", "train.stage2_epochs=1", "train.tabular_epochs=3", "train.batch_size=8",
+        "experiment.n_boot=50", "experiment.classical_models=[logreg, lgbm]", "train.channels_last=false"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    make_synthetic_cohort(root / "cohort", n_cases=36, image_size=64, seed=1)
+    cfg = load_config(None, FAST + [f"data.source={root / 'cohort' / 'cases.csv'}"])
+    result = run_experiment(cfg, root / "run", progress=False)
+    return root, result
+
+
+def test_run_outputs(run):
+    root, result = run
+    rd = result.run_dir
+    for f in ("config.yaml", "cases.csv", "splits.csv", "audit/audit.json", "audit/audit.md", "metrics.json",
+              "report/report.html", "features/radiomics.parquet"):
+        assert (rd / f).exists(), f
+    metrics = json.loads((rd / "metrics.json").read_text())
+    assert metrics["synthetic_data"] is True
+    assert set(metrics["models"]) == {"logreg", "lgbm", "fusion", "image_only", "tabular_only"}
+    for name in metrics["models"]:
+        preds = pd.read_csv(rd / "predictions" / f"{name}.csv")
+        assert len(preds) == 36 and set(preds["fold"]) == {0, 1}
+        np.testing.assert_allclose(preds.filter(like="prob_").sum(axis=1), 1.0, atol=1e-5)
+    html = (rd / "report" / "report.html").read_text()
+    assert "SYNTHETIC DATA" in html and "image_only" in html
+    # splits keep each patient inside one fold
+    cases = pd.read_csv(rd / "cases.csv").merge(pd.read_csv(rd / "splits.csv"), on="case_id")
+    assert cases.groupby("patient_id")["fold"].nunique().max() == 1
+
+
+def test_bundle_contents_and_resume_reuses_outputs(run):
+    root, result = run
+    bundle = load_bundle(result.bundle)
+    assert bundle.synthetic and bundle.classes == ["benign", "malignant", "normal"]
+    assert bundle.meta["model"]["variant"] == "fusion" and bundle.meta["features"]["radiomics"]["columns"]
+    assert not list(result.bundle.glob("*.pt")) and not list(result.bundle.glob("*.pkl"))
+    before = (result.run_dir / "predictions" / "fusion.csv").stat().st_mtime_ns
+    cfg = load_config(result.run_dir / "config.yaml")
+    run_experiment(cfg, result.run_dir, resume=True, progress=False)
+    assert (result.run_dir / "predictions" / "fusion.csv").stat().st_mtime_ns == before
+
+
+def test_predict_skips_bad_items_and_keeps_the_rest(run, tmp_path):
+    root, result = run
+    cases = pd.read_csv(root / "cohort" / "cases.csv")
+    cases["image_path"] = [str(root / "cohort" / p) for p in cases["image_path"]]
+    cases["mask_path"] = [";".join(str(root / "cohort" / q) for q in str(p).split(";")) if isinstance(p, str) and p else p
+                          for p in cases["mask_path"]]
+    sub = cases.head(6).copy()
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    sub.loc[1, "image_path"] = str(tmp_path / "broken.png")
+    sub.loc[2, "image_path"] = str(tmp_path / "absent.png")
+    sub["age"] = sub["age"].astype(object)
+    sub.loc[3, "age"] = "old"
+    sub.to_csv(tmp_path / "in.csv", index=False)
+    rc = main(["predict", str(result.bundle), str(tmp_path / "in.csv"), "--out", str(tmp_path / "out.csv"), "--quiet"])
+    assert rc == 0
+    out = pd.read_csv(tmp_path / "out.csv")
+    skipped = pd.read_csv(tmp_path / "out.csv.skipped.csv")
+    assert sorted(out["case_id"]) == sorted(sub["case_id"].iloc[[0, 4, 5]])
+    assert {f"prob_{c}" for c in ("benign", "malignant", "normal")} <= set(out.columns)
+    np.testing.assert_allclose(out.filter(like="prob_").sum(axis=1), 1.0, atol=1e-5)
+    reasons = dict(zip(skipped["case_id"], skipped["reason"]))
+    assert "broken.png" in reasons[sub.at[1, "case_id"]] and "absent.png" in reasons[sub.at[2, "case_id"]]
+    assert "'age'" in reasons[sub.at[3, "case_id"]]
+
+
+def test_predict_single_image_without_tabular_data(run):
+    root, result = run
+    img = sorted((root / "cohort" / "images").glob("*.png"))[0]
+    out = Predictor.load(result.bundle).predict(img)
+    assert len(out) == 1 and out["predicted"].iloc[0] in ("benign", "malignant", "normal")
+
+
+def test_errors(run, tmp_path):
+    root, result = run
+    with pytest.raises(BundleError, match="not found"):
+        load_bundle(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="No images"):
+        Predictor.load(result.bundle).predict(tmp_path / "empty")
+    assert main(["predict", str(tmp_path / "nope"), str(tmp_path), "--out", str(tmp_path / "o.csv")]) == 2
+    assert not (tmp_path / "o.csv").exists()
