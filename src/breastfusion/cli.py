@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic cohort → audit → train → report → predict (a few minutes on CPU)")
     p.add_argument("--out", default="demo_run", help="output folder (default: demo_run)")
-    p.add_argument("--n-cases", type=int, default=150)
+    p.add_argument("--n-cases", type=int, default=120)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)

@@ -50,7 +50,7 @@ class ModelConfig(_Strict):
 
 class TrainConfig(_Strict):
     batch_size: int = Field(16, ge=1)
-    stage1_epochs: int = Field(3, ge=0)
+    stage1_epochs: int = Field(30, ge=0, description="Epochs of the heads on cached frozen-backbone features (cheap).")
     stage1_lr: float = Field(1e-3, gt=0)
     stage2_epochs: int = Field(12, ge=0)
     stage2_lr: float = Field(3e-4, gt=0)

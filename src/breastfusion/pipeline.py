@@ -149,6 +149,7 @@ def stage_deep(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None, sp
         preds = prediction_table(cases[test], probs, classes, fold=int(fold), model=name)
         _write_csv(preds, fold_path)
         write_json(fitted.result.history, fold_dir / "history.json")
+        (fold_dir / "last.pt").unlink(missing_ok=True)  # resume state is no longer needed; best weights stay
         parts.append(preds)
     preds = pd.concat(parts, ignore_index=True)
     _write_csv(preds, path)

@@ -95,6 +95,15 @@ class FusionClassifier(nn.Module):
     def forward(self, image: torch.Tensor | None = None, tabular: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.embed(image, tabular))
 
+    def forward_from_backbone(self, backbone_features: torch.Tensor | None, tabular: torch.Tensor | None) -> torch.Tensor:
+        """The network above the backbone, given pooled backbone features (used with a frozen backbone)."""
+        parts = []
+        if self.image_encoder is not None:
+            parts.append(self.image_encoder.proj(backbone_features))
+        if self.tabular_encoder is not None:
+            parts.append(self.tabular_encoder(tabular))
+        return self.head(torch.cat(parts, dim=1))
+
     def backbone_parameters(self):
         return list(self.image_encoder.backbone.parameters()) if self.image_encoder is not None else []
 

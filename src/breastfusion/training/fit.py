@@ -139,7 +139,9 @@ def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | No
                 "inner_val_macro_f1": fitted.result.best_val_macro_f1, "seconds": round(fitted.result.seconds, 1),
                 "weights_init": fitted.weight_source,
                 "class_counts": {c: int((cases[LABEL] == c).sum()) for c in classes}}
-    return save_bundle(run_dir / "bundles" / name, fitted.model, classes=classes, model_meta=model_meta(variant, cfg, n_tab),
+    path = save_bundle(run_dir / "bundles" / name, fitted.model, classes=classes, model_meta=model_meta(variant, cfg, n_tab),
                        image_meta=image_meta, tabular=fitted.tabular, feature_meta=feature_meta,
                        config_yaml=config_to_yaml(cfg), synthetic=synthetic, training=training,
                        metrics={"cross_validation": metrics} if metrics else {})
+    (run_dir / "deep" / f"final_{name}" / "last.pt").unlink(missing_ok=True)
+    return path

@@ -1,6 +1,8 @@
 """The training loop: two stages, early stopping, atomic checkpoints, resume.
 
 Stage 1 trains the projection, tabular MLP and head on a frozen backbone (BatchNorm statistics frozen too).
+Because the frozen backbone is a fixed function, its pooled features are computed once (un-augmented) and the
+heads train on them for many cheap epochs; augmentation is used in stage 2.
 Stage 2 fine-tunes end to end with AdamW (backbone at a lower learning rate) and cosine annealing, stopping
 early on validation macro-F1. A tabular-only model has one stage. Every epoch writes ``last.pt`` (model,
 optimiser, scheduler, counters) atomically and the best weights as ``best.safetensors``; ``resume=True``
@@ -96,6 +98,35 @@ def predict_proba(model: FusionClassifier, dataset, *, batch_size: int = 32, dev
     return out
 
 
+@torch.no_grad()
+def backbone_features(model: FusionClassifier, dataset, *, batch_size: int, device, channels_last: bool,
+                      amp: str = "auto", progress: bool = False, desc: str = "features") -> torch.Tensor:
+    """Pooled features of the (frozen) backbone for every item, without augmentation, in dataset order."""
+    from tqdm.auto import tqdm
+
+    augment, dataset.augment = getattr(dataset, "augment", None), None
+    model.image_encoder.backbone.eval()
+    ac = _Autocast(device, amp)
+    feats = None
+    try:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            image, _, _, idx = _to_device(batch, device, channels_last)
+            with ac.ctx():
+                f = model.image_encoder.backbone(image).float()
+            if feats is None:
+                feats = torch.zeros(len(dataset), f.shape[1], device=device)
+            feats[idx.to(device)] = f
+    finally:
+        dataset.augment = augment
+    return feats
+
+
+def _tabular_tensor(dataset, device) -> torch.Tensor | None:
+    tab = getattr(dataset, "tabular", None)
+    return torch.from_numpy(np.asarray(tab, dtype=np.float32)).to(device) if tab is not None else None
+
+
 def _make_optimizer(model: FusionClassifier, stage: int, cfg: TrainConfig):
     if stage == 1 or not model.uses_image:
         params = [p for p in model.head_parameters() if p.requires_grad]
@@ -126,6 +157,37 @@ def _save_weights(model: nn.Module, path: Path) -> None:
 
 def load_weights(model: nn.Module, path: Path) -> None:
     model.load_state_dict(load_file(str(path)), strict=True)
+
+
+def _head_epoch(model, cached, train_ds, opt, criterion, batch_size: int, gen) -> list[float]:
+    """One epoch of the layers above a frozen backbone, on cached backbone features."""
+    n = cached["train"].shape[0]
+    order = torch.randperm(n, generator=gen).to(cached["train"].device)
+    tab = cached["train_tab"]
+    missing_row = getattr(train_ds, "tabular_missing_row", None)
+    p_drop = getattr(train_ds, "tabular_dropout", 0.0)
+    losses = []
+    for k in range(0, n, batch_size):
+        idx = order[k:k + batch_size]
+        t = tab[idx] if tab is not None else None
+        if t is not None and p_drop > 0 and missing_row is not None:
+            drop = torch.rand(len(idx), generator=gen) < p_drop
+            if drop.any():
+                t = t.clone()
+                t[drop.to(t.device)] = torch.as_tensor(missing_row, dtype=t.dtype, device=t.device)
+        opt.zero_grad(set_to_none=True)
+        loss = criterion(model.forward_from_backbone(cached["train"][idx], t).float(), cached["y"][idx])
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@torch.no_grad()
+def _head_probs(model, cached) -> np.ndarray:
+    model.eval()
+    logits = model.forward_from_backbone(cached["val"], cached["val_tab"])
+    return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
 
 def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, n_classes: int,
@@ -172,6 +234,17 @@ def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, 
             if sched is not None and ckpt.get("scheduler") is not None:
                 sched.load_state_dict(ckpt["scheduler"])
         ckpt = None
+        cached = None
+        if stage == 1 and model.uses_image and state["epoch_in_stage"] < n_epochs:
+            bs = cfg.batch_size * 2
+            cached = {
+                "train": backbone_features(model, train_ds, batch_size=bs, device=device, channels_last=channels_last,
+                                           amp=cfg.amp, progress=progress, desc=f"{desc} features"),
+                "val": backbone_features(model, val_ds, batch_size=bs, device=device, channels_last=channels_last,
+                                         amp=cfg.amp, progress=progress, desc=f"{desc} features"),
+                "train_tab": _tabular_tensor(train_ds, device), "val_tab": _tabular_tensor(val_ds, device),
+                "y": torch.as_tensor(np.asarray(train_ds.labels), device=device).long(),
+            }
         while state["epoch_in_stage"] < n_epochs:
             epoch = state["global_epoch"]
             torch.manual_seed(seed * 1000 + epoch)
@@ -182,27 +255,31 @@ def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, 
             if model.uses_image and stage == 1:
                 model.image_encoder.backbone.eval()  # frozen BN statistics
             gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-            loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=gen,
-                                drop_last=len(train_ds) > cfg.batch_size)
-            losses = []
-            bar = tqdm(loader, desc=f"{desc} s{stage} e{epoch + 1}", disable=not progress, leave=False)
-            for batch in bar:
-                image, tab, label, _ = _to_device(batch, device, channels_last)
-                opt.zero_grad(set_to_none=True)
-                with ac.ctx():
-                    loss = criterion(_forward(model, image, tab).float(), label)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; "
-                                             "lower the learning rate or check the inputs for extreme values.")
-                ac.scaler.scale(loss).backward()
-                ac.scaler.step(opt)
-                ac.scaler.update()
-                losses.append(float(loss.detach()))
-                bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-            if sched is not None:
-                sched.step()
-            probs = predict_proba(model, val_ds, batch_size=cfg.batch_size * 2, device=device,
-                                  channels_last=channels_last, amp=cfg.amp)
+            if cached is not None:
+                losses = _head_epoch(model, cached, train_ds, opt, criterion, cfg.batch_size, gen)
+                probs = _head_probs(model, cached)
+            else:
+                loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=gen,
+                                    drop_last=len(train_ds) > cfg.batch_size)
+                losses = []
+                bar = tqdm(loader, desc=f"{desc} s{stage} e{epoch + 1}", disable=not progress, leave=False)
+                for batch in bar:
+                    image, tab, label, _ = _to_device(batch, device, channels_last)
+                    opt.zero_grad(set_to_none=True)
+                    with ac.ctx():
+                        loss = criterion(_forward(model, image, tab).float(), label)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; "
+                                                 "lower the learning rate or check the inputs for extreme values.")
+                    ac.scaler.scale(loss).backward()
+                    ac.scaler.step(opt)
+                    ac.scaler.update()
+                    losses.append(float(loss.detach()))
+                    bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+                if sched is not None:
+                    sched.step()
+                probs = predict_proba(model, val_ds, batch_size=cfg.batch_size * 2, device=device,
+                                      channels_last=channels_last, amp=cfg.amp)
             pred = probs.argmax(1)
             val_f1 = float(f1_score(val_y, pred, average="macro", labels=list(range(n_classes)), zero_division=0))
             val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-8)).float(),
@@ -210,7 +287,7 @@ def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, 
             rec = {"epoch": epoch + 1, "stage": stage, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                    "val_loss": val_loss, "val_macro_f1": val_f1, "elapsed_s": round(time.perf_counter() - t0, 1)}
             state["history"].append(rec)
-            if progress:
+            if progress and (stage == 2 or state["epoch_in_stage"] + 1 == n_epochs):
                 tqdm.write(f"{desc} stage {stage} epoch {epoch + 1}: train loss {rec['train_loss']:.3f}, "
                            f"val loss {val_loss:.3f}, val macro-F1 {val_f1:.3f}")
             improved = val_f1 > state["best_f1"] + 1e-6 or (abs(val_f1 - state["best_f1"]) <= 1e-6 and val_loss < state["best_loss"])
