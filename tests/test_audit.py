@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
-from breastfusion.data.audit import audit_cases, duplicate_groups, write_audit
+from breastfusion.data.audit import audit_cases, duplicate_groups, render_markdown, write_audit
 from breastfusion.data.splits import check_no_leakage, make_splits
 
 from conftest import write_png
@@ -210,6 +210,80 @@ def test_threshold_parameter(synthetic_set):
     assert strict.dup_group["malignant/a_crop"] == "solo:malignant/a_crop"
     with pytest.raises(ValueError, match="near_dup_threshold"):
         audit_cases(sub, progress=False, near_dup_threshold=0)
+
+
+def test_suspicious_groups_flagged(synthetic_set):
+    _, cases, res = synthetic_set
+    # Strong links (copies of one frame) under several labels: a label conflict, not suspicious.
+    assert res.summary["suspicious_groups"] == 0
+    assert all(g["min_link"] > 0.8 and g["suspicious"] == "" for g in res.label_conflicts)
+    # Two look-alike but different frames, forced together by a very low threshold and filed under two
+    # labels: grouped over a weak link, so the group is flagged for a person to look at.
+    sub = cases[cases.case_id.isin(["normal/f", "normal/g"])].assign(label=["normal", "benign"])
+    low = audit_cases(sub, progress=False, near_dup_threshold=0.01)  # texture ~0.04 passes 0.01
+    (g,) = low.dup_groups
+    assert g["min_link"] < 0.3 and "weakest link" in g["suspicious"]
+    assert low.summary["suspicious_groups"] == 1 and "Suspicious groups" in render_markdown(low)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Same frame geometry, different content. Real exports of one scanner all share the black frame
+# around the scan: a curvilinear probe's sector (fan) outline, or a rectangle with depth ticks and text
+# at the border. Those sharp, identical edges must not make different images "near-duplicates".
+# ---------------------------------------------------------------------------------------------------
+
+def _frame_mask(kind: str, h: int, w: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w].astype(float)
+    if kind == "fan":  # curvilinear probe: a sector between two arcs, apex above the image
+        ay, ax = -0.35 * h, (w - 1) / 2
+        r, ang = np.hypot(y - ay, x - ax), np.arctan2(x - ax, y - ay)
+        return (np.abs(ang) <= 0.5) & (r >= 0.45 * h) & (r <= 1.3 * h - 2)
+    m = np.zeros((h, w), bool)  # linear probe: a rectangle inside the black frame
+    m[int(0.08 * h):h - 6, int(0.1 * w):w - int(0.1 * w)] = True
+    return m
+
+
+def _framed(seed: int, kind: str, h: int = 200, w: int = 240) -> np.ndarray:
+    """SYNTHETIC scan (look-alike layout, own speckle per seed) in a black frame with ticks and text."""
+    img = np.where(_frame_mask(kind, h, w), _synthetic_frame(seed, h, w, look_alike=True), 0).astype(np.uint8)
+    img[np.arange(20, h, 18), w - 6:w - 2] = 230  # depth-scale ticks at the right border
+    pil = Image.fromarray(img)
+    ImageDraw.Draw(pil).text((4, 2), "L12-5 4.0cm", fill=220)
+    return np.asarray(pil)
+
+
+def test_same_frame_geometry_is_not_a_duplicate(tmp_path):
+    imgs = {}
+    for kind, seed0 in (("fan", 10), ("rect", 20)):
+        for s in range(4):  # identical frame, different tissue and speckle
+            imgs[f"{kind}{s}"] = _framed(seed0 + s, kind)
+        imgs[f"{kind}0_calipers"] = _with_calipers(imgs[f"{kind}0"])  # re-saved with calipers and text
+        imgs[f"{kind}0_crop"] = _crop(imgs[f"{kind}0"])                # 10 % crop
+    cases = pd.DataFrame([{"case_id": k, "label": "benign" if "0" in k else "malignant",
+                           "image_path": str(write_png(tmp_path / f"{k}.png", v))} for k, v in imgs.items()])
+    res = audit_cases(cases, progress=False)
+    groups = sorted(sorted(g["case_ids"]) for g in res.dup_groups)
+    assert groups == [["fan0", "fan0_calipers", "fan0_crop"], ["rect0", "rect0_calipers", "rect0_crop"]]
+    assert all(p["texture"] > 0.7 for p in res.pairs)
+    # The different images of one frame were verified (they look alike at low resolution) and scored
+    # low on texture: the frame edge, ticks and text do not count.
+    same_frame = [p for p in res.borderline if p["case_a"][:3] == p["case_b"][:3]]
+    assert len(same_frame) >= 4
+    assert all(p["texture"] < 0.3 for p in res.borderline)
+    assert res.summary["label_conflict_groups"] == 0 and res.summary["suspicious_groups"] == 0
+
+
+def test_synthetic_cohort_not_chained(tmp_path):
+    """Different patients of the SYNTHETIC cohort (sector and rectangular frames) are never grouped."""
+    from breastfusion.data.synthetic import make_synthetic_cohort
+
+    cases = make_synthetic_cohort(tmp_path / "cohort", n_cases=40, image_size=96, seed=0)
+    res = audit_cases(cases, progress=False)
+    patient = dict(zip(cases.case_id, cases.patient_id))
+    assert res.label_conflicts == []
+    assert all(len(g["case_ids"]) <= 3 for g in res.dup_groups)
+    assert all(len({patient[c] for c in g["case_ids"]}) == 1 for g in res.dup_groups)
+    assert res.summary["suspicious_groups"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -101,3 +101,17 @@ def test_errors(run, tmp_path):
         Predictor.load(result.bundle).predict(tmp_path / "empty")
     assert main(["predict", str(tmp_path / "nope"), str(tmp_path), "--out", str(tmp_path / "o.csv")]) == 2
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_bundle_carries_classical_models_for_prediction(run, tmp_path):
+    from breastfusion.errors import BundleError
+
+    root, result = run
+    assert sorted(load_bundle(result.bundle).meta["features"]["classical"]["models"]) == ["lgbm", "logreg"]
+    cases = pd.read_csv(root / "cohort" / "cases.csv").head(5)
+    cases.to_csv(root / "cohort" / "five.csv", index=False)
+    out = Predictor.load(result.bundle, model="lgbm").predict(root / "cohort" / "five.csv")
+    assert len(out) == 5 and (out["model"] == "lgbm").all()
+    np.testing.assert_allclose(out.filter(like="prob_").sum(axis=1), 1.0, atol=1e-6)
+    with pytest.raises(BundleError, match="no model 'xgb'.*lgbm"):
+        Predictor.load(result.bundle, model="xgb")

@@ -61,7 +61,7 @@ def cmd_train(args) -> int:
 def cmd_predict(args) -> int:
     from breastfusion.inference.predictor import Predictor, write_predictions
 
-    predictor = Predictor.load(args.bundle, batch_size=args.batch_size)
+    predictor = Predictor.load(args.bundle, model=args.model, batch_size=args.batch_size)
     preds = predictor.predict(args.input, progress=not args.quiet)
     out, skipped = write_predictions(preds, predictor.last_skipped, args.out)
     print(f"scored {len(preds)} case(s) → {out}")
@@ -78,6 +78,13 @@ def cmd_synthetic(args) -> int:
     cases = make_synthetic_cohort(args.out, n_cases=args.n_cases, image_size=args.image_size, signal=args.signal,
                                   missing_rate=args.missing_rate, seed=args.seed)
     print(f"SYNTHETIC cohort: {len(cases)} cases → {Path(args.out) / 'cases.csv'}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from breastfusion.config import config_to_yaml, load_config
+
+    print(config_to_yaml(load_config(args.config, args.overrides)), end="")
     return 0
 
 
@@ -113,9 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("input")
     p.add_argument("--out", required=True, help="CSV or Parquet file")
+    p.add_argument("--model", help="a classical model stored in the bundle (e.g. lgbm) instead of the deep model")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("config", help="print the resolved configuration (defaults, a YAML file, overrides)")
+    _common_config_args(p)
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("synthetic", help="write a SYNTHETIC ultrasound + clinical cohort (for demos and tests)")
     p.add_argument("out")

@@ -60,6 +60,8 @@ class TrainConfig(_Strict):
     val_fraction: float = Field(0.15, gt=0, lt=0.5,
                                 description="Inner validation split of the training folds for early stopping.")
     class_weights: Literal["inverse_frequency", "none"] = "inverse_frequency"
+    freeze_bn: bool = Field(True, description="Keep backbone BatchNorm statistics fixed in stage 2 too: small batches "
+                                              "give noisy statistics, and the heads were fitted on the fixed ones.")
     augment: bool = True
     amp: Literal["auto", "on", "off"] = "auto"
     channels_last: bool = True

@@ -102,26 +102,31 @@ def stage_radiomics(cases: pd.DataFrame, cfg: Config, run_dir: Path, progress: b
 
 
 def stage_classical(table: pd.DataFrame, cases: pd.DataFrame, splits: pd.DataFrame, classes: list[str], cfg: Config,
-                    run_dir: Path, resume: bool) -> dict[str, pd.DataFrame]:
-    from breastfusion.models.classical import fit_predict_oof
+                    run_dir: Path, resume: bool) -> tuple[dict[str, pd.DataFrame], dict[str, Path], list[str]]:
+    """Out-of-fold predictions of each classical model, then the same model fitted on every case (saved with
+    skops for the bundle). Returns (predictions, model files, feature names)."""
+    from breastfusion.models.classical import fit_predict_oof, make_classical, save_classical
     from breastfusion.tabular_inputs import numeric_for_classical
 
     if table is None or table.shape[1] == 0 or not cfg.experiment.classical_models:
-        return {}
+        return {}, {}, []
     X = numeric_for_classical(table)
     y = cases.set_index(CASE_ID)[LABEL].reindex(X.index)
-    out = {}
+    out, files = {}, {}
     for name in cfg.experiment.classical_models:
         path = run_dir / "predictions" / f"{name}.csv"
+        model_path = run_dir / "classical" / f"{name}.skops"
         if resume and path.exists():
             out[name] = pd.read_csv(path, dtype={CASE_ID: str})
-            continue
-        t0 = time.perf_counter()
-        preds = fit_predict_oof(X, y, splits, name, classes, seed=cfg.seed)
-        log.info("classical %s: %.1f s", name, time.perf_counter() - t0)
-        _write_csv(preds, path)
-        out[name] = preds
-    return out
+        else:
+            t0 = time.perf_counter()
+            out[name] = fit_predict_oof(X, y, splits, name, classes, seed=cfg.seed)
+            log.info("classical %s: %.1f s", name, time.perf_counter() - t0)
+            _write_csv(out[name], path)
+        if not (resume and model_path.exists()):
+            save_classical(make_classical(name, seed=cfg.seed).fit(X, y), model_path)
+        files[name] = model_path
+    return out, files, list(X.columns)
 
 
 def stage_deep(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None, splits: pd.DataFrame,
@@ -209,7 +214,9 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
 
     predictions: dict[str, pd.DataFrame] = {}
     t = time.perf_counter()
-    predictions.update(stage_classical(table, cases, splits, classes, cfg, run_dir, resume))
+    classical_preds, classical_files, classical_features = stage_classical(table, cases, splits, classes, cfg,
+                                                                           run_dir, resume)
+    predictions.update(classical_preds)
     timings["classical_s"] = time.perf_counter() - t
     cache = ImageCache(cfg.image.cache_size or int(round(cfg.image.size * 1.15)))
     for variant in cfg.experiment.deep_models:
@@ -242,7 +249,9 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
         bundles[name] = fit_final_bundle(variant, cases, table, classes, cfg, run_dir, resume=resume,
                                          progress=progress, cache=cache, synthetic=synthetic,
                                          metrics=metrics.get(name), radiomics_used=radiomics is not None,
-                                         clinical_cols=columns)
+                                         clinical_cols=columns,
+                                         classical={"files": classical_files, "features": classical_features,
+                                                    "metrics": {k: metrics[k] for k in classical_files}})
         timings[f"final_{name}_s"] = time.perf_counter() - t
     bundle = next(iter(bundles.values()), None)
 

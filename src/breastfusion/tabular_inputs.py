@@ -49,3 +49,39 @@ def numeric_for_classical(table: pd.DataFrame) -> pd.DataFrame:
         else:
             out[c] = pre._numeric(s, c, kind, source="tabular table", row_ids=list(table.index))
     return pd.DataFrame(out, index=table.index)
+
+
+def numeric_like(table: pd.DataFrame, features: list[str], *, source: str = "input") -> pd.DataFrame:
+    """Rebuild the columns :func:`numeric_for_classical` produced at training (``features``) for new rows.
+
+    ``col=cat`` columns are one-hot indicators (NaN when the cell is missing); other columns are numbers. A value
+    that is not a number, or a category never seen in training, raises :class:`DataError` naming row and column.
+    """
+    out = {}
+    ids = list(table.index)
+    onehot: dict[str, list[str]] = {}
+    for f in features:
+        if f not in table.columns and "=" in f:
+            col, cat = f.split("=", 1)
+            onehot.setdefault(col, []).append(cat)
+    for f in features:
+        if f in table.columns:
+            s = table[f]
+            kind = "bool" if _infer_kind(s) == "bool" and not pd.api.types.is_numeric_dtype(s) else "numeric"
+            out[f] = TabularPreprocessor()._numeric(s, f, kind, source=source, row_ids=ids)
+        elif "=" in f and f.split("=", 1)[0] in table.columns:
+            col, cat = f.split("=", 1)
+            s = table[col]
+            vals = []
+            for i, v in enumerate(s):
+                if _is_missing(v):
+                    vals.append(np.nan)
+                    continue
+                if str(v).strip() not in onehot[col]:
+                    raise DataError(f"{source}, case '{ids[i]}', column '{col}': unknown category '{v}'; "
+                                    f"known: {onehot[col]}.")
+                vals.append(float(str(v).strip() == cat))
+            out[f] = vals
+        else:
+            out[f] = np.full(len(table), np.nan)  # column absent: missing for every row
+    return pd.DataFrame(out, index=table.index, columns=features)

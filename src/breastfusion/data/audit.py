@@ -5,9 +5,18 @@ Near-duplicates
 Public ultrasound sets (BUSI in particular) hold the same frame several times: re-saved with other
 caliper marks or text, slightly cropped, shifted or rescaled, sometimes under another label. Whole-file
 hashes miss these. Two images are near-duplicates here when one can be *aligned* onto the other by a
-scale and a shift so that their fine texture (speckle, tissue edges) correlates. The check runs in
-two stages so that it stays fast (624 BUSI images: about half a minute on one core):
+scale and a shift so that their fine texture (speckle, tissue edges) correlates. After a content mask
+is made for each image, the check runs in two stages so that it stays fast (624 BUSI images: about
+half a minute on one core):
 
+0. **Content mask.** Scanner exports show the scan inside a black frame: a curvilinear probe's sector
+   (fan), or a rectangle, with depth ticks, rulers and text on the frame. Every export of one scanner
+   has the *same* frame, and its sharp edges correlate strongly between unrelated images. So each image
+   gets a content mask (the scan: not flat black, thin ticks and text opened away, holes filled, see
+   :func:`_content_mask`); low-resolution comparisons use the image with the frame filled in by a smooth
+   continuation of the scan, and texture is band-passed by normalised convolution inside the mask and
+   compared only where both images show content, 3 px (at 160 px) away from the mask edge. Images
+   without a frame (most of BUSI) are all content and are handled as before.
 1. **Candidates.** Each image gives 81 small (12x12) normalised thumbnails: the whole image and
    sub-windows with 0, 6 or 12 % trimmed from each side. Every image's whole-image thumbnail is
    correlated with every other image's sub-window thumbnails (one matrix product). A pair is a
@@ -19,16 +28,20 @@ two stages so that it stays fast (624 BUSI images: about half a minute on one co
    At 160 px, on band-pass (difference of Gaussians) images, the alignment is refined: a 3x3 grid of
    patches is matched by phase correlation and a scale + shift is fitted to their displacements (the
    patches of one frame move together; those of unrelated images scatter and the fit is dropped).
-   The *texture score* is the median correlation over a 4x4 grid of blocks of the aligned overlap.
+   The *texture score* is the median correlation over a 4x4 grid of blocks of the aligned overlap
+   (blocks less than half content in either image are left out; fewer than 4 blocks left: score 0).
    Calipers, text and rulers spoil only a few blocks; the dark background and smooth anatomy that
    unrelated images share carry little band-pass energy. On BUSI unrelated candidate pairs score
    below ~0.27, copies of one frame 0.8-1, neighbouring frames of one cine sweep 0.2-0.6.
 
 A pair is a near-duplicate when its texture score is >= ``near_dup_threshold`` (default 0.35) and the
 aligned images overlap over >= 60 % of the smaller one. Pairs are joined into groups with union-find;
-exact copies (identical decoded pixels) are joined too. The rejected pairs that scored highest are
-kept in the report (``borderline_pairs``) for a person to look at. Memory and time of the candidate
-stage grow with the square of the number of images (fine for thousands, not for 10^5).
+exact copies (identical decoded pixels) are joined too, strongest pairs first, and each group records
+the weakest link it needed (``min_link``). A group whose labels differ but that hangs on a link below
+0.6, or one with more than 8 images (a chain of unrelated images?), is listed as *suspicious*: true
+copies of one frame score 0.8-1 (every BUSI label conflict scores >= 0.9). The rejected pairs that
+scored highest are kept in the report (``borderline_pairs``) for a person to look at. Memory and time
+of the candidate stage grow with the square of the number of images (fine for thousands, not 10^5).
 """
 
 from __future__ import annotations
@@ -63,6 +76,12 @@ _CAND_MIN = 0.93  # candidate if the best window correlation reaches this ...
 _CAND_TOPK = 3    # ... or if it is among an image's best _CAND_TOPK matches and reaches _CAND_FLOOR
 _CAND_FLOOR = 0.85
 _COARSE_REJECT = 0.70  # skip the texture stage below this intensity NCC at 64 px
+_BG_LEVEL = 8     # background (frame) pixels: 3x3 neighbourhood at or below this 8-bit level
+_EDGE = 3         # mid pixels trimmed from the edge of the content mask before texture is compared
+_BLOCK_MIN = 0.5  # a texture block counts only if this share of it is content in both images
+_MIN_BLOCKS = 4   # fewer usable blocks than this: no texture score (0)
+_STRONG_LINK = 0.6  # a group with several labels held together by a weaker link is flagged as suspicious
+_LARGE_GROUP = 8    # ... as is a group with more images than this (chained unrelated images?)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -116,13 +135,88 @@ def _dog(a: np.ndarray) -> np.ndarray:
     return gaussian_filter(a, 0.8, truncate=3.0) - gaussian_filter(a, 3.0, truncate=2.5)
 
 
+def _content_mask(u8: np.ndarray) -> np.ndarray:
+    """Pixels that show the scan (tissue), as opposed to the flat black background around a sector
+    (curvilinear probe) or a rectangular field of view, and the thin ticks, rulers and text drawn on it.
+
+    Background: pixels whose 3x3 neighbourhood stays at or below ``_BG_LEVEL``. The rest is opened with
+    a 5x5 square (removes lines and text strokes thinner than 5 px, also where they touch the scan),
+    components smaller than a tenth of the largest (logos, labels) are dropped and holes (dark cysts
+    inside the scan) are filled. An image without such background is all content."""
+    from scipy import ndimage as ndi
+
+    fg = ndi.maximum_filter(u8, 3) > _BG_LEVEL
+    if fg.all():
+        return fg
+    fg = ndi.binary_opening(fg, structure=np.ones((5, 5), bool))
+    lab, n = ndi.label(fg)
+    if n == 0:
+        return np.ones(u8.shape, bool)
+    sizes = np.bincount(lab.ravel())[1:]
+    keep = np.concatenate([[False], sizes >= 0.1 * sizes.max()])
+    fg = ndi.binary_fill_holes(keep[lab])
+    if fg.mean() < 0.05:  # (nearly) all dark: no frame to find
+        return np.ones(u8.shape, bool)
+    return fg
+
+
+def _erode(m: np.ndarray, r: int = 0) -> np.ndarray:
+    """``m`` eroded by ``r`` (default ``_EDGE``) pixels away from its own edges; the image border does not erode."""
+    from scipy import ndimage as ndi
+
+    r = r or _EDGE
+    if m.all():
+        return m
+    return ndi.binary_erosion(m, structure=np.ones((2 * r + 1, 2 * r + 1), bool), border_value=1)
+
+
+def _masked_dog(a: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Band-pass (difference of Gaussians) of ``a`` computed from the pixels in ``m`` only (normalised
+    convolution), zero outside ``m``: the edge of the scan against the black frame gives no response."""
+    if m.all():
+        return _dog(a)
+    from scipy.ndimage import gaussian_filter
+
+    a = a.astype(np.float32, copy=False)
+    mf = m.astype(np.float32)
+    am = a * mf
+    out = np.zeros_like(a)
+    for sigma, trunc, sign in ((0.8, 3.0, 1.0), (3.0, 2.5, -1.0)):
+        w = gaussian_filter(mf, sigma, truncate=trunc)
+        out += sign * gaussian_filter(am, sigma, truncate=trunc) / np.maximum(w, 1e-3)
+    out[~m] = 0.0
+    return out
+
+
+def _fill_background(a: np.ndarray, m: np.ndarray, sigma: float = 6.0) -> np.ndarray:
+    """``a`` with the pixels outside ``m`` replaced by a smooth continuation of the content nearby, so
+    that the outline of the field of view (the same for every image of one scanner) does not dominate
+    low-resolution comparisons."""
+    if m.all():
+        return a
+    from scipy.ndimage import gaussian_filter
+
+    a = a.astype(np.float32)
+    mf = m.astype(np.float32)
+    fill = float(a[m].mean()) if m.any() else float(a.mean())
+    for s in (sigma, 4 * sigma):
+        w = gaussian_filter(mf, s)
+        est = gaussian_filter(a * mf, s) / np.maximum(w, 1e-6)
+        ok = w > 0.05
+        fill = np.where(ok, est, fill)
+    return np.where(m, a, fill)
+
+
 @dataclass
 class _Signature:
     shape: tuple[int, int]
-    coarse: np.ndarray
+    coarse: np.ndarray      # background-filled image at _COARSE px
     fc: float
-    mid_u8: np.ndarray
-    mid_dog: np.ndarray
+    mid_u8: np.ndarray      # image at _MID px
+    mid_fill: np.ndarray    # background-filled image at _MID px (uint8)
+    mid_mask: np.ndarray    # content mask at _MID px
+    mid_dog: np.ndarray     # masked band-pass at _MID px
+    mid_valid: np.ndarray   # content mask eroded by _EDGE: where texture is compared
     fm: float
     thumbs: np.ndarray
 
@@ -131,10 +225,13 @@ def _signature(gray: np.ndarray) -> _Signature:
     u8 = np.clip(np.rint(gray * 255.0), 0, 255).astype(np.uint8)
     mid, fm = _fit(u8, _MID)
     mid_u8 = np.clip(np.rint(mid), 0, 255).astype(np.uint8)
-    coarse, _ = _fit(mid_u8, _COARSE)
+    mask = _content_mask(mid_u8)
+    fill_u8 = np.clip(np.rint(_fill_background(mid_u8, mask)), 0, 255).astype(np.uint8)
+    coarse, _ = _fit(fill_u8, _COARSE)
     fc = fm * coarse.shape[1] / mid_u8.shape[1]
-    base = _resize(mid_u8, _BASE, _BASE)
-    return _Signature(u8.shape, coarse, fc, mid_u8, _dog(mid), fm, _window_thumbs(base))
+    base = _resize(fill_u8, _BASE, _BASE)
+    return _Signature(u8.shape, coarse, fc, mid_u8, fill_u8, mask, _masked_dog(mid, mask), _erode(mask), fm,
+                      _window_thumbs(base))
 
 
 def _pixel_hash(gray: np.ndarray) -> str:
@@ -189,10 +286,21 @@ def _masked_ncc(a: np.ndarray, b: np.ndarray, min_frac: float) -> tuple[float, i
     return float(ncc[py, px]), int(dy[py]), int(dx[px])
 
 
-def _place(sig: _Signature, k: float) -> np.ndarray:
-    """The image of ``sig`` resampled by ``k`` (target pixels per native pixel)."""
+def _place(sig: _Signature, k: float, fill: bool = False) -> np.ndarray:
+    """The image of ``sig`` (background-filled if ``fill``) resampled by ``k`` (target pixels per native pixel)."""
     h, w = sig.shape
-    return _resize(sig.mid_u8, max(6, round(h * k)), max(6, round(w * k)), Image.BILINEAR)
+    src = sig.mid_fill if fill else sig.mid_u8
+    return _resize(src, max(6, round(h * k)), max(6, round(w * k)), Image.BILINEAR)
+
+
+def _place_dog(sig: _Signature, k: float) -> tuple[np.ndarray, np.ndarray]:
+    """Masked band-pass of ``sig`` resampled by ``k``, and where its texture may be compared."""
+    img = _place(sig, k)
+    if sig.mid_mask.all():
+        return _dog(img), np.ones(img.shape, bool)
+    h, w = img.shape
+    m = _resize(sig.mid_mask.astype(np.uint8) * 255, h, w, Image.BILINEAR) >= 128
+    return _masked_dog(img, m), _erode(m)
 
 
 def _overlap(a_shape, b_shape, y: int, x: int):
@@ -201,8 +309,9 @@ def _overlap(a_shape, b_shape, y: int, x: int):
     return max(0, y), max(0, x), min(h, y + hb), min(w, x + wb)
 
 
-def _block_scores(da: np.ndarray, db: np.ndarray, grid: int = 4) -> np.ndarray:
-    """NCC of each block of a grid over two aligned band-pass images; blocks without texture are left out."""
+def _block_scores(da: np.ndarray, db: np.ndarray, valid: np.ndarray | None = None, grid: int = 4) -> np.ndarray:
+    """NCC of each block of a grid over two aligned band-pass images, over the pixels where both show
+    content (``valid``). Blocks with too little content, or without texture, are left out."""
     h, w = da.shape
     ys = np.linspace(0, h, grid + 1).astype(int)
     xs = np.linspace(0, w, grid + 1).astype(int)
@@ -213,6 +322,13 @@ def _block_scores(da: np.ndarray, db: np.ndarray, grid: int = 4) -> np.ndarray:
             b = db[ys[i]:ys[i + 1], xs[j]:xs[j + 1]]
             if a.size < 16:
                 continue
+            if valid is not None:
+                v = valid[ys[i]:ys[i + 1], xs[j]:xs[j + 1]]
+                nv = int(v.sum())
+                if nv < max(16, _BLOCK_MIN * v.size):
+                    continue
+                if nv < v.size:
+                    a, b = a[v], b[v]
             a = a - a.mean()
             b = b - b.mean()
             ea, eb = float(np.vdot(a, a)), float(np.vdot(b, b))
@@ -321,7 +437,7 @@ def _verify(a: _Signature, b: _Signature, hyps: list[float]) -> dict:
     """Align b onto a (scale = a pixels per b pixel) and score the texture agreement."""
     best = None
     for s in hyps:
-        v, dy, dx = _masked_ncc(a.coarse, _place(b, s * a.fc), min_frac=0.4)
+        v, dy, dx = _masked_ncc(a.coarse, _place(b, s * a.fc, fill=True), min_frac=0.4)
         if best is None or v > best[0]:
             best = (v, s, dy, dx)
     coarse, s, dy, dx = best
@@ -330,7 +446,7 @@ def _verify(a: _Signature, b: _Signature, hyps: list[float]) -> dict:
         return out
     ratio = a.fm / a.fc
     ty, tx = round(dy * ratio), round(dx * ratio)
-    db = _dog(_place(b, s * a.fm))
+    db, vb = _place_dog(b, s * a.fm)
     c, ty, tx = _local_best(a.mid_dog, db, ty, tx, 1)
     if c < 0.9:  # not an identical frame at this scale: fit scale and shift from patch displacements
         for _ in range(3):
@@ -341,7 +457,7 @@ def _verify(a: _Signature, b: _Signature, hyps: list[float]) -> dict:
             s *= 1 + e
             ty, tx = round(fy), round(fx)
             if abs(e) > 0.002:
-                db = _dog(_place(b, s * a.fm))
+                db, vb = _place_dog(b, s * a.fm)
             if abs(e) < 0.01:
                 break
         c, ty, tx = _local_best(a.mid_dog, db, ty, tx, 1)
@@ -349,9 +465,12 @@ def _verify(a: _Signature, b: _Signature, hyps: list[float]) -> dict:
     if y1 - y0 < 8 or x1 - x0 < 8:
         return out
     overlap = (y1 - y0) * (x1 - x0) / min(a.mid_dog.size, db.size)
-    blocks = _block_scores(a.mid_dog[y0:y1, x0:x1], db[y0 - ty:y1 - ty, x0 - tx:x1 - tx])
-    texture = float(np.median(blocks)) if len(blocks) else 0.0
+    valid = a.mid_valid[y0:y1, x0:x1] & vb[y0 - ty:y1 - ty, x0 - tx:x1 - tx]
+    blocks = _block_scores(a.mid_dog[y0:y1, x0:x1], db[y0 - ty:y1 - ty, x0 - tx:x1 - tx],
+                           None if valid.all() else valid)
+    texture = float(np.median(blocks)) if len(blocks) >= _MIN_BLOCKS else 0.0
     out.update(scale=round(s, 4), texture=round(texture, 4), overlap=round(overlap, 4), ncc=round(c, 4),
+               content=round(float(valid.mean()), 4), blocks=int(len(blocks)),
                q75=round(float(np.quantile(blocks, 0.75)) if len(blocks) else 0.0, 4))
     return out
 
@@ -469,6 +588,7 @@ class AuditResult:
     pairs: list = field(default_factory=list)             # verified near-duplicate pairs with scores
     borderline: list = field(default_factory=list)        # rejected pairs closest to the threshold
     label_conflicts: list = field(default_factory=list)   # dup groups holding several labels
+    suspicious: list = field(default_factory=list)        # dup groups to check by eye (see _STRONG_LINK)
     missing_values: dict = field(default_factory=dict)    # clinical column -> {missing, fraction}
     image_stats: dict = field(default_factory=dict)
     dup_group: dict = field(default_factory=dict)         # case_id -> group id
@@ -508,10 +628,12 @@ class AuditResult:
                 "duplicate_groups": len(self.dup_groups),
                 "images_in_duplicate_groups": self.n_near_dup_images,
                 "label_conflict_groups": len(self.label_conflicts),
+                "suspicious_groups": len(self.suspicious),
             },
             "exact_duplicate_groups": [[self.paths.get(c, c) for c in g] for g in self.exact_groups],
             "near_duplicate_groups": self.dup_groups,
             "label_conflicts": self.label_conflicts,
+            "suspicious_groups": self.suspicious,
             "near_duplicate_pairs": self.pairs,
             "borderline_pairs": self.borderline,
             "cases": [{"case_id": c, "image": self.paths.get(c), "group": g} for c, g in self.dup_group.items()],
@@ -621,13 +743,21 @@ def audit_cases(
             if h is not None:
                 by_hash.setdefault(h, []).append(i)
         exact = [g for g in by_hash.values() if len(g) > 1]
+    # Groups: exact copies first, then verified pairs from the strongest down (Kruskal), so that the
+    # weakest link a group needed (its "min_link") is known: a chain of weak links is worth a look.
     uf = _UnionFind(len(df))
+    link: dict[int, float] = {}  # root -> weakest link used inside its group
     for g in exact:
         for m in g[1:]:
             uf.union(g[0], m)
     near = [p for p in pairs if p["near"]]
-    for p in near:
-        uf.union(p["i"], p["j"])
+    for p in sorted(near, key=lambda p: -p["texture"]):
+        ra, rb = uf.find(p["i"]), uf.find(p["j"])
+        if ra == rb:
+            continue
+        w = min(link.pop(ra, 1.0), link.pop(rb, 1.0), float(p["texture"]))
+        uf.union(ra, rb)
+        link[uf.find(ra)] = w
     members: dict[int, list[int]] = {}
     for i in range(len(df)):
         members.setdefault(uf.find(i), []).append(i)
@@ -649,11 +779,20 @@ def audit_cases(
             "paths": [res.paths[ids[i]] for i in m],
             "labels": glabels,
             "exact": any(set(m) <= s for s in exact_sets),
+            "min_link": round(link.get(root_i, 1.0), 4),
         }
-        res.dup_groups.append(entry)
         distinct = sorted({lab for lab in glabels if lab is not None})
+        why = []
+        if len(m) > _LARGE_GROUP:
+            why.append(f"{len(m)} images in one group")
+        if len(distinct) > 1 and entry["min_link"] < _STRONG_LINK:
+            why.append(f"labels differ and the weakest link scores only {entry['min_link']:.2f}")
+        entry["suspicious"] = "; ".join(why)
+        res.dup_groups.append(entry)
         if len(distinct) > 1:
             res.label_conflicts.append({**entry, "distinct_labels": distinct})
+        if why:
+            res.suspicious.append(entry)
     res.dup_group = {c: res.dup_group[c] for c in ids}
     res.exact_groups = [[ids[i] for i in g] for g in exact]
 
@@ -796,6 +935,8 @@ def render_markdown(result: AuditResult) -> str:
         f"- duplicate groups (exact or near): **{d['duplicate_groups']}**, holding "
         f"**{d['images_in_duplicate_groups']}** images",
         f"- groups with conflicting labels: **{d['label_conflict_groups']}**",
+        f"- suspicious groups (check by eye: labels differ over a weak link, or a very large group): "
+        f"**{d['suspicious_groups']}**",
         "",
         "## Class balance",
         "",
@@ -831,9 +972,14 @@ def render_markdown(result: AuditResult) -> str:
     if r.label_conflicts:
         for g in r.label_conflicts:
             lines.append(f"- **{g['group']}**: " + "; ".join(
-                f"`{p}` ({lab})" for p, lab in zip(g["paths"], g["labels"])))
+                f"`{p}` ({lab})" for p, lab in zip(g["paths"], g["labels"]))
+                + (f" — **suspicious**: {g['suspicious']}" if g.get("suspicious") else ""))
     else:
         lines.append("None.")
+    if r.suspicious:
+        lines += ["", "## Suspicious groups (check by eye before trusting them)", ""]
+        for g in r.suspicious:
+            lines.append(f"- **{g['group']}** ({g['suspicious']}): " + ", ".join(f"`{p}`" for p in g["paths"]))
     lines += ["", "## Duplicate groups", "",
               f"Method: exact pixel hash, and near-duplicates (texture score >= {r.params.get('near_dup_threshold')} "
               f"after alignment, overlap >= {r.params.get('min_overlap')}). "
@@ -841,7 +987,7 @@ def render_markdown(result: AuditResult) -> str:
               "A split must keep each group on one side.", ""]
     if r.dup_groups:
         for g in r.dup_groups:
-            tag = " (exact copies)" if g["exact"] else ""
+            tag = " (exact copies)" if g["exact"] else f" (weakest link {g['min_link']:.2f})"
             lines.append(f"- {g['group']}{tag}: " + ", ".join(f"`{p}`" for p in g["paths"]))
     else:
         lines.append("None.")

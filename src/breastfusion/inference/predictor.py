@@ -61,7 +61,8 @@ class Predictor:
     """Class probabilities from a bundle. ``Predictor.load(path).predict(input)`` returns a DataFrame with
     ``case_id, image_path, prob_<class>..., predicted`` (and ``label`` when the input had one)."""
 
-    def __init__(self, bundle: Bundle, *, batch_size: int = 32, threads: int | None = None, io_workers: int = 2):
+    def __init__(self, bundle: Bundle, *, model: str | None = None, batch_size: int = 32, threads: int | None = None,
+                 io_workers: int = 2):
         from breastfusion.training.trainer import configure_threads, select_device
 
         self.bundle = bundle
@@ -78,6 +79,22 @@ class Predictor:
         self.std = torch.tensor(im["std"], dtype=torch.float32).view(1, 3, 1, 1)
         self.radiomics = (bundle.meta.get("features") or {}).get("radiomics")
         self.last_skipped: pd.DataFrame = pd.DataFrame(columns=[CASE_ID, IMAGE_PATH, "reason"])
+        self.classical = None
+        self.model_name = bundle.meta["model"]["variant"]
+        if model is not None and model != self.model_name:
+            self._load_classical(model)
+
+    def _load_classical(self, name: str) -> None:
+        from breastfusion.errors import BundleError
+        from breastfusion.models.classical import load_classical
+
+        info = (self.bundle.meta.get("features") or {}).get("classical") or {}
+        known = [self.model_name] + list(info.get("models", []))
+        if name not in info.get("models", []):
+            raise BundleError(f"Bundle '{self.bundle.path}' has no model '{name}'; it holds: {', '.join(known)}.")
+        self.classical = load_classical(self.bundle.path / "classical" / f"{name}.skops")
+        self.classical_features = list(info["features"])
+        self.model_name = name
 
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> "Predictor":
@@ -89,16 +106,15 @@ class Predictor:
 
     # -- row preparation ---------------------------------------------------------------------------------
 
-    def _tabular_rows(self, cases: pd.DataFrame, skipped: dict) -> np.ndarray | None:
-        pre = self.bundle.tabular
-        if pre is None:
-            return None
-        table = cases.set_index(CASE_ID).reindex(columns=[c for c in pre.columns_ if c in cases.columns])
+    def _tabular_table(self, cases: pd.DataFrame, skipped: dict, columns: list[str]) -> pd.DataFrame:
+        """Clinical columns of the input plus radiomics recomputed from its masks (bad rows go to ``skipped``)."""
+        table = cases.set_index(CASE_ID).reindex(columns=[c for c in columns if c in cases.columns])
         if self.radiomics:
             from breastfusion.features.radiomics import extract_case
 
             rad_rows = []
-            for cid, img, msk in zip(cases[CASE_ID], cases[IMAGE_PATH], cases.get(MASK_PATH, [np.nan] * len(cases))):
+            masks = cases[MASK_PATH] if MASK_PATH in cases.columns else [np.nan] * len(cases)
+            for cid, img, msk in zip(cases[CASE_ID], cases[IMAGE_PATH], masks):
                 try:
                     rad_rows.append(extract_case(img, msk))
                 except Exception as exc:  # noqa: BLE001 - reported per row
@@ -106,6 +122,13 @@ class Predictor:
                     rad_rows.append({})
             rad = pd.DataFrame(rad_rows, index=table.index)
             table = table.join(rad.drop(columns=[c for c in rad.columns if c in table.columns]), how="left")
+        return table
+
+    def _tabular_rows(self, cases: pd.DataFrame, skipped: dict) -> np.ndarray | None:
+        pre = self.bundle.tabular
+        if pre is None:
+            return None
+        table = self._tabular_table(cases, skipped, pre.columns_)
         out = np.zeros((len(cases), pre.n_features_out_), dtype=np.float32)
         for i, cid in enumerate(table.index):
             if cid in skipped:
@@ -115,6 +138,26 @@ class Predictor:
             except DataError as exc:
                 skipped[cid] = str(exc)
         return out
+
+    def _predict_classical(self, cases: pd.DataFrame, skipped: dict) -> np.ndarray:
+        from breastfusion.models.classical import predict_proba_frame
+        from breastfusion.tabular_inputs import numeric_like
+
+        clinical = (self.bundle.meta.get("features") or {}).get("clinical_columns", [])
+        table = self._tabular_table(cases, skipped, clinical)
+        probs = np.full((len(cases), len(self.classes)), np.nan)
+        rows, good = [], []
+        for i, cid in enumerate(table.index):
+            if cid in skipped:
+                continue
+            try:
+                rows.append(numeric_like(table.iloc[[i]], self.classical_features))
+                good.append(i)
+            except DataError as exc:
+                skipped[cid] = str(exc)
+        if good:
+            probs[good] = predict_proba_frame(self.classical, pd.concat(rows), self.classes).to_numpy()
+        return probs
 
     def _load_image(self, path: str) -> np.ndarray:
         return load_resized(path, self.size)
@@ -143,6 +186,8 @@ class Predictor:
             dup = cases.loc[cases[CASE_ID].duplicated(), CASE_ID].iloc[0]
             raise DataError(f"Input case_id '{dup}' appears more than once; case ids must be unique.")
         skipped: dict[str, str] = {}
+        if self.classical is not None:
+            return self._finish(cases, self._predict_classical(cases, skipped), skipped)
         tab = self._tabular_rows(cases, skipped) if self.model.uses_tabular else None
         uses_image = self.model.uses_image
         probs = np.full((len(cases), len(self.classes)), np.nan)
@@ -171,6 +216,9 @@ class Predictor:
                     probs[good] = self._forward(images if uses_image else None, tab[good] if tab is not None else None)
                 bar.update(len(chunk))
         bar.close()
+        return self._finish(cases, probs, skipped)
+
+    def _finish(self, cases: pd.DataFrame, probs: np.ndarray, skipped: dict) -> pd.DataFrame:
         for cid, reason in skipped.items():
             log.warning("skipped case '%s': %s", cid, reason)
         self.last_skipped = pd.DataFrame(
@@ -184,6 +232,7 @@ class Predictor:
             out[f"prob_{c}"] = probs[:, j]
         out = out[ok].reset_index(drop=True)
         out["predicted"] = np.asarray(self.classes, dtype=object)[probs[ok].argmax(1)] if ok.any() else []
+        out["model"] = self.model_name
         if self.bundle.synthetic:
             out["synthetic_model"] = True
         return out

@@ -119,7 +119,8 @@ def score_cases(fitted: FittedModel, cases: pd.DataFrame, table: pd.DataFrame | 
 
 def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None, classes: list[str], cfg: Config,
                      run_dir: Path, *, resume: bool, progress: bool, cache: ImageCache | None, synthetic: bool,
-                     metrics: dict | None, radiomics_used: bool, clinical_cols: list[str]) -> Path:
+                     metrics: dict | None, radiomics_used: bool, clinical_cols: list[str],
+                     classical: dict | None = None) -> Path:
     """Train the deployable model on every case (inner validation for early stopping) and save a bundle."""
     from breastfusion.inference.bundle import save_bundle
 
@@ -132,6 +133,11 @@ def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | No
         from breastfusion.features.radiomics import RADIOMICS_VERSION, radiomics_columns
 
         feature_meta["radiomics"] = {"version": RADIOMICS_VERSION, "columns": radiomics_columns()}
+    extra_files = {}
+    if classical and classical.get("files"):
+        extra_files = {f"classical/{n}.skops": p for n, p in classical["files"].items()}
+        feature_meta["classical"] = {"models": sorted(classical["files"]), "features": classical["features"],
+                                     "format": "skops", "metrics": classical.get("metrics", {})}
     image_meta = {"size": cfg.image.size, "mean": fitted.data_cfg["mean"], "std": fitted.data_cfg["std"],
                   "interpolation": fitted.data_cfg.get("interpolation", "bicubic"), "color": "gray_to_rgb"}
     n_tab = fitted.tabular.n_features_out_ if fitted.tabular is not None else 0
@@ -142,6 +148,6 @@ def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | No
     path = save_bundle(run_dir / "bundles" / name, fitted.model, classes=classes, model_meta=model_meta(variant, cfg, n_tab),
                        image_meta=image_meta, tabular=fitted.tabular, feature_meta=feature_meta,
                        config_yaml=config_to_yaml(cfg), synthetic=synthetic, training=training,
-                       metrics={"cross_validation": metrics} if metrics else {})
+                       metrics={"cross_validation": metrics} if metrics else {}, extra_files=extra_files)
     (run_dir / "deep" / f"final_{name}" / "last.pt").unlink(missing_ok=True)
     return path

@@ -159,6 +159,13 @@ def load_weights(model: nn.Module, path: Path) -> None:
     model.load_state_dict(load_file(str(path)), strict=True)
 
 
+def _freeze_batchnorm(module: nn.Module) -> None:
+    """Put BatchNorm layers in eval mode (running statistics fixed); their affine weights still train."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def _head_epoch(model, cached, train_ds, opt, criterion, batch_size: int, gen) -> list[float]:
     """One epoch of the layers above a frozen backbone, on cached backbone features."""
     n = cached["train"].shape[0]
@@ -252,8 +259,8 @@ def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, 
                 train_ds.augment.rng = np.random.default_rng(seed * 1000 + epoch)
             train_ds.rng = np.random.default_rng(seed * 1000 + epoch + 7)
             model.train()
-            if model.uses_image and stage == 1:
-                model.image_encoder.backbone.eval()  # frozen BN statistics
+            if model.uses_image and (stage == 1 or cfg.freeze_bn):
+                _freeze_batchnorm(model.image_encoder.backbone)
             gen = torch.Generator().manual_seed(seed * 1000 + epoch)
             if cached is not None:
                 losses = _head_epoch(model, cached, train_ds, opt, criterion, cfg.batch_size, gen)

@@ -1,0 +1,1 @@
+"""Histopathology: stain normalisation and augmentation, whole-slide reading and tiling, BreakHis import."""
