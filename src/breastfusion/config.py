@@ -53,13 +53,14 @@ class TrainConfig(_Strict):
     stage1_epochs: int = Field(30, ge=0, description="Epochs of the heads on cached frozen-backbone features (cheap).")
     stage1_lr: float = Field(1e-3, gt=0)
     stage2_epochs: int = Field(12, ge=0)
-    stage2_lr: float = Field(3e-4, gt=0)
-    backbone_lr_scale: float = Field(0.3, gt=0, le=1.0)
+    stage2_lr: float = Field(1e-4, gt=0)
+    backbone_lr_scale: float = Field(0.5, gt=0, le=1.0)
     weight_decay: float = Field(1e-4, ge=0)
     patience: int = Field(4, ge=1)
     val_fraction: float = Field(0.15, gt=0, lt=0.5,
                                 description="Inner validation split of the training folds for early stopping.")
     class_weights: Literal["inverse_frequency", "none"] = "inverse_frequency"
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     freeze_bn: bool = Field(True, description="Keep backbone BatchNorm statistics fixed in stage 2 too: small batches "
                                               "give noisy statistics, and the heads were fitted on the fixed ones.")
     augment: bool = True

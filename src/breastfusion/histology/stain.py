@@ -217,7 +217,7 @@ class StainNormalizer:
             raise DataError(f"Cannot stain-normalise a background tile ({self.method}): {why}.")
         self.n_passthrough += 1
         log.warning("Stain normalisation (%s) skipped a background tile: %s; returned unchanged.", self.method, why)
-        return rgb
+        return rgb.copy()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe description of the fitted normaliser (method, settings and stain parameters)."""

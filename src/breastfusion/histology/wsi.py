@@ -147,10 +147,8 @@ class _TiffSlideBackend(_OpenSlideBackend):
 
 
 def _to_rgb_uint8(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
-    if axes.endswith("S") or arr.ndim == 3 and arr.shape[-1] in (3, 4) and not axes.startswith("S"):
-        pass
-    elif axes.startswith("S") and arr.ndim == 3:
-        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 3 and axes.startswith("S") and arr.shape[0] in (3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # planar (S, Y, X) -> (Y, X, S)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
@@ -187,10 +185,6 @@ class _ArrayBackend(_Backend):
             h, w = self._levels[0].shape[:2]
             self.level_dimensions = ((w, h),)
             self.level_downsamples = (1.0,)
-            dpi = img.info.get("dpi")
-            if dpi:
-                self.properties["plain.dpi"] = str(float(dpi[0]))
-        self.name = "array"
 
     def _open_tiff(self, path: Path) -> None:
         try:
@@ -200,7 +194,6 @@ class _ArrayBackend(_Backend):
             series = self._tif.series[0]
             levels = list(series.levels) if len(series.levels) else [series]
             self._series_levels = levels
-            self._axes = series.axes
             dims = []
             for lv in levels:
                 shape = dict(zip(lv.axes, lv.shape))

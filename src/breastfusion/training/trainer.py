@@ -212,17 +212,20 @@ def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, 
     if channels_last:
         model.to(memory_format=torch.channels_last)
     weights = inverse_frequency_weights(train_labels, n_classes) if cfg.class_weights == "inverse_frequency" else None
-    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
+                                    label_smoothing=cfg.label_smoothing)
     ac = _Autocast(device, cfg.amp)
     plan = _stage_plan(model, cfg)
     patience = cfg.patience if model.uses_image else max(cfg.patience, 10)
     val_y = np.asarray(val_ds.labels)
 
     state = {"stage_index": 0, "epoch_in_stage": 0, "global_epoch": 0, "best_f1": -1.0, "best_loss": float("inf"),
+             "stage1_best_loss": float("inf"), "stage1_bad": 0,
              "best_epoch": -1, "bad_epochs": 0, "history": [], "done": False}
     opt = sched = None
     last = ckpt_dir / "last.pt"
     best_path = ckpt_dir / "best.safetensors"
+    stage1_path = ckpt_dir / "stage1_best.safetensors"
     ckpt = None
     if resume and last.exists():
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
@@ -235,6 +238,7 @@ def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, 
         if model.uses_image:
             model.set_backbone_trainable(stage == 2)
         opt = _make_optimizer(model, stage, cfg)
+        base_lrs = [g["lr"] for g in opt.param_groups]
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, n_epochs), eta_min=1e-6) if stage == 2 else None
         if ckpt is not None and ckpt.get("optimizer") is not None and ckpt["state"]["stage_index"] == state["stage_index"]:
             opt.load_state_dict(ckpt["optimizer"])
@@ -270,7 +274,13 @@ def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, 
                                     drop_last=len(train_ds) > cfg.batch_size)
                 losses = []
                 bar = tqdm(loader, desc=f"{desc} s{stage} e{epoch + 1}", disable=not progress, leave=False)
-                for batch in bar:
+                for step, batch in enumerate(bar):
+                    if stage == 2 and model.uses_image and state["epoch_in_stage"] == 0:
+                        # Linear warm-up over the first fine-tuning epoch: full learning rates on a backbone
+                        # that has never seen these images disturb the features the heads were fitted on.
+                        frac = (step + 1) / max(1, len(loader))
+                        for group, base in zip(opt.param_groups, base_lrs):
+                            group["lr"] = base * frac
                     image, tab, label, _ = _to_device(batch, device, channels_last)
                     opt.zero_grad(set_to_none=True)
                     with ac.ctx():
@@ -303,17 +313,29 @@ def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, 
                 _save_weights(model, best_path)
             elif stage == 2:
                 state["bad_epochs"] += 1
+            if stage == 1:
+                # Stage 1 keeps the heads with the lowest validation loss: heads that have overfitted the
+                # cached features are a poor start for fine-tuning.
+                if val_loss < state["stage1_best_loss"] - 1e-6:
+                    state.update(stage1_best_loss=val_loss, stage1_bad=0)
+                    _save_weights(model, stage1_path)
+                else:
+                    state["stage1_bad"] += 1
             state["epoch_in_stage"] += 1
             state["global_epoch"] += 1
             if stage == 2 and state["bad_epochs"] >= patience:
                 log.info("%s: early stop at epoch %d (best %d, val macro-F1 %.3f)", desc, epoch + 1,
                          state["best_epoch"], state["best_f1"])
                 state["done"] = True
+            if stage == 1 and state["stage1_bad"] >= patience:
+                state["epoch_in_stage"] = n_epochs  # stage 1 ends early; fine-tuning starts from its best heads
             _save_checkpoint(last, {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None,
                                     "state": dict(state)})
             if state["done"]:
                 break
+        if stage == 1 and stage1_path.exists():
+            load_weights(model, stage1_path)
         if not state["done"]:
             state["stage_index"] += 1
             state["epoch_in_stage"] = 0
