@@ -55,6 +55,9 @@ class TrainConfig(_Strict):
     stage2_epochs: int = Field(12, ge=0)
     stage2_lr: float = Field(1e-4, gt=0)
     backbone_lr_scale: float = Field(0.5, gt=0, le=1.0)
+    finetune_fraction: float = Field(1.0, gt=0, le=1.0,
+                                     description="Share of backbone parameter tensors, counted from the output end, "
+                                                 "fine-tuned in stage 2 (1.0 = all).")
     weight_decay: float = Field(1e-4, ge=0)
     patience: int = Field(4, ge=1)
     val_fraction: float = Field(0.15, gt=0, lt=0.5,

@@ -29,7 +29,6 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
-from skimage.feature import graycomatrix
 from skimage.measure import regionprops_table
 
 from breastfusion.errors import DataError
@@ -38,9 +37,9 @@ from breastfusion.histology.nuclei.classical import haematoxylin_od
 __all__ = [
     "NUCLEUS_FEATURES",
     "STATS",
-    "nucleus_features",
     "aggregate_features",
     "case_features",
+    "nucleus_features",
     "tile_feature_names",
     "tissue_area_um2",
 ]
@@ -117,37 +116,74 @@ def _empty_table() -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
-def _glcm_features(h: np.ndarray, labels: np.ndarray, props: dict, levels: int, h_range: tuple[float, float]):
-    """GLCM contrast, homogeneity and entropy of the haematoxylin inside each nucleus (distance 1 px, 4 angles,
-    symmetric). Pixels outside the nucleus get grey level 0 and their pairs are dropped, so only pairs with both
-    pixels inside the nucleus count."""
+def _glcm_features(h: np.ndarray, labels: np.ndarray, ids: np.ndarray, levels: int, h_range: tuple[float, float]):
+    """GLCM contrast, homogeneity and entropy of the haematoxylin inside each nucleus.
+
+    Same co-occurrence matrix as ``skimage.feature.graycomatrix(..., distances=[1], angles=[0, π/4, π/2, 3π/4],
+    symmetric=True)`` summed over the 4 angles, but counting only pairs whose two pixels both lie in the same
+    nucleus, and computed for every nucleus at once with one ``bincount`` per direction.
+    Nuclei without any such pair (a single pixel) get NaN.
+    """
     lo, hi = h_range
-    q = np.clip((h - lo) / (hi - lo), 0.0, 1.0 - 1e-9)
-    q = (q * levels).astype(np.uint8) + 1  # 1..levels inside nuclei
-    n = len(props["label"])
-    contrast = np.full(n, np.nan)
-    homog = np.full(n, np.nan)
-    entropy = np.full(n, np.nan)
-    ii, jj = np.meshgrid(np.arange(levels), np.arange(levels), indexing="ij")
-    dif2 = (ii - jj) ** 2
-    w_hom = 1.0 / (1.0 + dif2)
-    angles = [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4]
-    for k in range(n):
-        lab = props["label"][k]
-        r0, c0, r1, c1 = (props[f"bbox-{i}"][k] for i in range(4))
-        inside = labels[r0:r1, c0:c1] == lab
-        patch = np.where(inside, q[r0:r1, c0:c1], 0).astype(np.uint8)
-        m = graycomatrix(patch, [1], angles, levels=levels + 1, symmetric=True, normed=False)
-        P = m[1:, 1:, 0, :].sum(axis=2).astype(np.float64)
-        s = P.sum()
-        if s == 0:
-            continue
-        P /= s
-        contrast[k] = float((P * dif2).sum())
-        homog[k] = float((P * w_hom).sum())
-        nz = P[P > 0]
-        entropy[k] = float(-(nz * np.log2(nz)).sum())
+    q = np.floor((h.astype(np.float64) - lo) / (hi - lo) * levels)
+    q = np.clip(q, 0, levels - 1).astype(np.int64)
+    n = len(ids)
+    lut = np.zeros(int(labels.max()) + 1, dtype=np.int64)
+    lut[ids] = np.arange(n)
+    L2 = levels * levels
+    counts = np.zeros(n * L2, dtype=np.float64)
+    H, W = labels.shape
+    # (dy, dx) for angles 0, π/4, π/2, 3π/4; with symmetric counting the sign of the offset does not matter
+    for dy, dx in ((0, 1), (1, -1), (1, 0), (1, 1)):
+        a_sl = (slice(0, H - dy), slice(max(0, -dx), W - max(0, dx)))
+        b_sl = (slice(dy, H), slice(max(0, dx), W - max(0, -dx)))
+        la, lb = labels[a_sl], labels[b_sl]
+        same = (la == lb) & (la > 0)
+        k = lut[la[same]] * L2
+        qa, qb = q[a_sl][same], q[b_sl][same]
+        counts += np.bincount(k + qa * levels + qb, minlength=n * L2)
+        counts += np.bincount(k + qb * levels + qa, minlength=n * L2)
+    P = counts.reshape(n, levels, levels)
+    tot = P.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        P = P / tot[:, None, None]
+        ii, jj = np.meshgrid(np.arange(levels), np.arange(levels), indexing="ij")
+        contrast = (P * (ii - jj) ** 2).sum(axis=(1, 2))
+        homog = (P * (1.0 / (1.0 + (ii - jj) ** 2))).sum(axis=(1, 2))
+        logp = np.where(P > 0, np.log2(np.where(P > 0, P, 1.0)), 0.0)
+        entropy = -(P * logp).sum(axis=(1, 2))
+    empty = tot == 0
+    for arr in (contrast, homog, entropy):
+        arr[empty] = np.nan
     return contrast, homog, entropy
+
+
+def _moment_features(labels: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Area, centroid, ellipse axes, eccentricity and extent of every label in ``ids``, with the same definitions
+    as ``skimage.measure.regionprops`` (axes = 4·sqrt of the eigenvalues of the pixel-coordinate covariance),
+    computed with one bincount per moment instead of a Python loop over objects."""
+    nmax = int(ids.max()) + 1
+    flat = labels.ravel()
+    yy, xx = np.indices(labels.shape, dtype=np.float64)
+    y, x = yy.ravel(), xx.ravel()
+
+    def bsum(w=None):
+        return np.bincount(flat, weights=w, minlength=nmax)[ids].astype(np.float64)
+
+    n = bsum()
+    my, mx = bsum(y) / n, bsum(x) / n
+    vyy = np.maximum(bsum(y * y) / n - my * my, 0.0)
+    vxx = np.maximum(bsum(x * x) / n - mx * mx, 0.0)
+    vxy = bsum(x * y) / n - mx * my
+    half_tr = (vyy + vxx) / 2.0
+    disc = np.sqrt(np.maximum(((vyy - vxx) / 2.0) ** 2 + vxy**2, 0.0))
+    l1, l2 = half_tr + disc, np.maximum(half_tr - disc, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ecc = np.where(l1 > 0, np.sqrt(np.clip(1.0 - l2 / l1, 0.0, 1.0)), 0.0)
+    boxes = ndi.find_objects(labels)
+    box_area = np.array([(sl[0].stop - sl[0].start) * (sl[1].stop - sl[1].start) for sl in (boxes[i - 1] for i in ids)], dtype=np.float64)
+    return {"area": n, "cy": my, "cx": mx, "major": 4.0 * np.sqrt(l1), "minor": 4.0 * np.sqrt(l2),
+            "eccentricity": ecc, "extent": n / box_area}
 
 
 def nucleus_features(
@@ -164,7 +200,7 @@ def nucleus_features(
     :data:`NUCLEUS_FEATURES`.
 
     ``rgb`` is the H&E tile (uint8, or float in [0, 1]); ``h`` may pass its haematoxylin OD when already
-    computed. Morphology: ``regionprops``; the perimeter is the Crofton estimate (within ~2-4% of 2πr for
+    computed. Morphology: ``regionprops`` definitions; the perimeter is the Crofton estimate (within ~2-4% of 2πr for
     digital disks of radius >= 10 px), so circularity 4πA/P² is about 0.92-0.99 for a disk, lower for tiny ones.
     Intensity: mean and standard deviation of haematoxylin OD in the nucleus. Texture: GLCM inside the nucleus
     on ``glcm_levels`` grey levels over ``glcm_h_range`` OD. Density: number of other nucleus centroids within
@@ -181,14 +217,10 @@ def nucleus_features(
         h = haematoxylin_od(rgb)
     elif h.shape != labels.shape:
         raise DataError(f"Haematoxylin image has shape {h.shape} but labels are {labels.shape}.")
-    props = regionprops_table(
-        labels,
-        properties=(
-            "label", "centroid", "bbox", "area", "perimeter_crofton", "eccentricity", "solidity", "extent",
-            "axis_major_length", "axis_minor_length", "equivalent_diameter_area",
-        ),
-    )
+    # Costly per-object properties from skimage; moments, centroids and boxes vectorised below.
+    props = regionprops_table(labels, properties=("label", "perimeter_crofton", "solidity"))
     ids = props["label"]
+    shape = _moment_features(labels, ids)
     # Intensity mean / std per label, vectorised.
     flat_l = labels.ravel()
     flat_h = h.ravel().astype(np.float64)
@@ -198,14 +230,13 @@ def nucleus_features(
     s2 = np.bincount(flat_l, weights=flat_h * flat_h, minlength=nmax)[ids]
     h_mean = s1 / cnt
     h_std = np.sqrt(np.maximum(s2 / cnt - h_mean**2, 0.0))
-    contrast, homog, entropy = _glcm_features(h, labels, props, glcm_levels, glcm_h_range)
+    contrast, homog, entropy = _glcm_features(h, labels, ids, glcm_levels, glcm_h_range)
 
-    area_px = props["area"].astype(np.float64)
+    area_px = shape["area"]
     perim_px = props["perimeter_crofton"].astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         circ = np.where(perim_px > 0, 4.0 * np.pi * area_px / perim_px**2, np.nan)
-    cy = props["centroid-0"].astype(np.float64)
-    cx = props["centroid-1"].astype(np.float64)
+    cy, cx = shape["cy"], shape["cx"]
     tree = cKDTree(np.c_[cy, cx] * mpp)
     neighbours = tree.query_ball_point(np.c_[cy, cx] * mpp, r=neighbour_radius_um, return_length=True) - 1
 
@@ -216,12 +247,12 @@ def nucleus_features(
             "centroid_x_px": cx,
             "path_area_um2": area_px * mpp * mpp,
             "path_perimeter_um": perim_px * mpp,
-            "path_equiv_diameter_um": props["equivalent_diameter_area"] * mpp,
-            "path_major_axis_um": props["axis_major_length"] * mpp,
-            "path_minor_axis_um": props["axis_minor_length"] * mpp,
-            "path_eccentricity": props["eccentricity"],
-            "path_solidity": props["solidity"],
-            "path_extent": props["extent"],
+            "path_equiv_diameter_um": np.sqrt(4.0 * area_px / np.pi) * mpp,
+            "path_major_axis_um": shape["major"] * mpp,
+            "path_minor_axis_um": shape["minor"] * mpp,
+            "path_eccentricity": shape["eccentricity"],
+            "path_solidity": props["solidity"].astype(np.float64),
+            "path_extent": shape["extent"],
             "path_circularity": circ,
             "path_h_mean": h_mean,
             "path_h_std": h_std,

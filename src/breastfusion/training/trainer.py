@@ -133,7 +133,8 @@ def _make_optimizer(model: FusionClassifier, stage: int, cfg: TrainConfig):
         return torch.optim.AdamW(params, lr=cfg.stage1_lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(
         [{"params": model.head_parameters(), "lr": cfg.stage2_lr},
-         {"params": model.backbone_parameters(), "lr": cfg.stage2_lr * cfg.backbone_lr_scale}],
+         {"params": [p for p in model.backbone_parameters() if p.requires_grad],
+          "lr": cfg.stage2_lr * cfg.backbone_lr_scale}],
         weight_decay=cfg.weight_decay,
     )
 
@@ -236,7 +237,7 @@ def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, 
     while not state["done"] and state["stage_index"] < len(plan):
         stage, n_epochs = plan[state["stage_index"]]
         if model.uses_image:
-            model.set_backbone_trainable(stage == 2)
+            model.set_backbone_trainable(stage == 2, cfg.finetune_fraction)
         opt = _make_optimizer(model, stage, cfg)
         base_lrs = [g["lr"] for g in opt.param_groups]
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, n_epochs), eta_min=1e-6) if stage == 2 else None

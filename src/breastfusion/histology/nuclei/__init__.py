@@ -10,7 +10,12 @@ from breastfusion.histology.nuclei.annotations import (
     read_instance_mask,
     write_instance_mask,
 )
-from breastfusion.histology.nuclei.classical import DEFAULT_PARAMS, NucleiParams, haematoxylin_od, segment_nuclei
+from breastfusion.histology.nuclei.classical import (
+    DEFAULT_PARAMS,
+    NucleiParams,
+    haematoxylin_od,
+    segment_nuclei,
+)
 from breastfusion.histology.nuclei.metrics import (
     aggregated_jaccard_index,
     detection_f1,
@@ -20,17 +25,17 @@ from breastfusion.histology.nuclei.metrics import (
 )
 
 __all__ = [
-    "read_imagescope_xml",
-    "polygons_to_instances",
-    "read_instance_mask",
-    "write_instance_mask",
-    "segment_nuclei",
-    "haematoxylin_od",
-    "NucleiParams",
     "DEFAULT_PARAMS",
-    "dice",
+    "NucleiParams",
     "aggregated_jaccard_index",
     "detection_f1",
-    "panoptic_quality",
+    "dice",
+    "haematoxylin_od",
     "instance_scores",
+    "panoptic_quality",
+    "polygons_to_instances",
+    "read_imagescope_xml",
+    "read_instance_mask",
+    "segment_nuclei",
+    "write_instance_mask",
 ]

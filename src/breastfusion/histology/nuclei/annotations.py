@@ -23,7 +23,7 @@ from skimage.draw import polygon as draw_polygon
 from breastfusion.errors import DataError
 from breastfusion.utils import atomic_path
 
-__all__ = ["read_imagescope_xml", "polygons_to_instances", "read_instance_mask", "write_instance_mask"]
+__all__ = ["polygons_to_instances", "read_imagescope_xml", "read_instance_mask", "write_instance_mask"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -118,9 +118,8 @@ def read_instance_mask(path: str | Path) -> np.ndarray:
         raise DataError(f"Cannot read instance mask '{path}': corrupt or truncated ({exc}).") from exc
     if arr.ndim != 2:
         raise DataError(f"Instance mask '{path}' has mode {mode} with shape {arr.shape}; expected a single-channel label image.")
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise DataError(f"Instance mask '{path}' holds non-integer values; expected integer labels.")
+    if np.issubdtype(arr.dtype, np.floating) and not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
+        raise DataError(f"Instance mask '{path}' holds non-integer values; expected integer labels.")
     if arr.size and arr.min() < 0:
         raise DataError(f"Instance mask '{path}' has negative labels.")
     if arr.size and arr.max() > np.iinfo(np.int32).max:

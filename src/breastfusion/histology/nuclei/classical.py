@@ -5,9 +5,9 @@ Pipeline (every length is given in microns and converted with ``mpp``, microns p
 1. colour deconvolution (Ruifrok & Johnston, ``skimage.color.rgb2hed``) → haematoxylin optical density ``h``;
 2. Gaussian smoothing (``smooth_sigma_um``) → ``hs``;
 3. foreground: ``hs`` above the tile's Otsu threshold T (times ``threshold_scale``, at least
-   ``min_threshold_od``) AND above a local
-   Gaussian-weighted mean over ``local_block_um`` windows plus ``local_offset``·T. The local test separates
-   nuclei in dense clusters from the lighter gaps between them; ``local_block_um = 0`` disables it;
+   ``min_threshold_od``) AND above its local Gaussian-weighted mean over ``local_block_um`` windows plus
+   ``local_offset``·T. The local test separates nuclei in dense clusters from the lighter gaps between them;
+   ``local_block_um = 0`` disables it;
 4. cleanup: binary opening (``opening_radius_um``), holes up to ``max_hole_um2`` filled, objects below
    ``min_area_um2`` removed;
 5. splitting of touching nuclei: Euclidean distance transform smoothed by ``dist_sigma_um``, plus
@@ -35,7 +35,7 @@ from skimage.color import rgb2hed
 
 from breastfusion.errors import DataError
 
-__all__ = ["NucleiParams", "DEFAULT_PARAMS", "haematoxylin_od", "segment_nuclei", "foreground_mask"]
+__all__ = ["DEFAULT_PARAMS", "NucleiParams", "foreground_mask", "haematoxylin_od", "segment_nuclei"]
 
 
 @dataclass(frozen=True)
@@ -110,16 +110,16 @@ def foreground_mask(h: np.ndarray, p: NucleiParams, mpp: float) -> tuple[np.ndar
     thr = max(otsu * p.threshold_scale, p.min_threshold_od)
     fg = hs > thr
     if p.local_block_um > 0:
-        block = max(3, int(round(p.local_block_um * px)) | 1)
+        block = max(3, round(p.local_block_um * px) | 1)
         loc = filters.threshold_local(hs, block_size=block, method="gaussian", offset=-p.local_offset * otsu)
         fg &= hs > loc
     if p.opening_radius_um > 0:
-        r = int(round(p.opening_radius_um * px))
+        r = round(p.opening_radius_um * px)
         if r >= 1:
             fg = ndi.binary_opening(fg, structure=morphology.disk(r))
     if p.max_hole_um2 > 0:
-        fg = _fill_small_holes(fg, int(round(p.max_hole_um2 * px * px)))
-    return _drop_small(fg, int(round(p.min_area_um2 * px * px))) > 0, hs, thr
+        fg = _fill_small_holes(fg, round(p.max_hole_um2 * px * px))
+    return _drop_small(fg, round(p.min_area_um2 * px * px)) > 0, hs, thr
 
 
 def _drop_small(labels: np.ndarray, min_px: int) -> np.ndarray:
@@ -177,6 +177,6 @@ def segment_nuclei(rgb_uint8: np.ndarray, *, mpp: float = 0.25, params: NucleiPa
     if missed.any():
         extra = ndi.label(missed)[0]
         labels = np.where(missed, extra + labels.max(), labels)
-    labels = _drop_small(labels, int(round(p.min_area_um2 * px * px)))
+    labels = _drop_small(labels, round(p.min_area_um2 * px * px))
     labels, _, _ = segmentation.relabel_sequential(labels)
     return labels.astype(np.int32)

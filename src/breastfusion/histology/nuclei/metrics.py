@@ -16,13 +16,13 @@ from scipy import sparse
 from breastfusion.errors import DataError
 
 __all__ = [
-    "dice",
-    "aggregated_jaccard_index",
-    "detection_f1",
-    "panoptic_quality",
-    "instance_scores",
     "Contingency",
+    "aggregated_jaccard_index",
     "contingency",
+    "detection_f1",
+    "dice",
+    "instance_scores",
+    "panoptic_quality",
 ]
 
 
