@@ -72,7 +72,7 @@ INSTALL_HINT = "pip install openslide-python openslide-bin"
 INDEX_NAME = "tiles.csv"
 STATE_DIR = ".tiling"
 _INDEX_VERSION = 1
-_MAX_READ_PIXELS = 16_000_000  # pixels per region read when building a thumbnail band
+_MAX_READ_PIXELS = 4_000_000  # pixels per region read when building a thumbnail band (>= 256 rows)
 
 
 # ====================================================================== backends
@@ -93,10 +93,13 @@ class _Backend:
 def _rgba_on_white(img: Image.Image) -> np.ndarray:
     """PIL image (RGBA, RGB, L, ...) -> uint8 RGB with transparent parts composited on white."""
     if img.mode == "RGBA":
-        a = np.asarray(img, dtype=np.uint8)
-        alpha = a[..., 3:4].astype(np.uint16)
-        rgb = (a[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
-        return rgb.astype(np.uint8)
+        alpha = img.getchannel("A")
+        lo, _ = alpha.getextrema()
+        if lo == 255:  # fully opaque (the usual case inside the slide): no blending needed
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        bg = Image.new("RGB", img.size, (255, 255, 255))
+        bg.paste(img.convert("RGB"), mask=alpha)
+        return np.asarray(bg, dtype=np.uint8)
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
@@ -412,7 +415,9 @@ class Slide:
         level = self.best_level_for_downsample(min(sx, sy))
         d = self.level_downsamples[level]
         level_w = max(1.0, W / d)
-        rows_per_band = max(1, int(_MAX_READ_PIXELS / (level_w * max(sy / d, 1.0))))
+        level_rows_per_row = max(sy / d, 1.0)
+        rows_per_band = max(1, int(_MAX_READ_PIXELS / (level_w * level_rows_per_row)),
+                            math.ceil(256 / level_rows_per_row))
         out = np.empty((th, tw, 3), dtype=np.uint8)
         for r0 in range(0, th, rows_per_band):
             r1 = min(th, r0 + rows_per_band)

@@ -129,6 +129,10 @@ class Predictor:
         if pre is None:
             return None
         table = self._tabular_table(cases, skipped, pre.columns_)
+        try:  # the whole table at once; row by row only to find the bad rows
+            return pre.transform(table, row_ids=list(table.index), source="input")
+        except DataError:
+            pass
         out = np.zeros((len(cases), pre.n_features_out_), dtype=np.float32)
         for i, cid in enumerate(table.index):
             if cid in skipped:
