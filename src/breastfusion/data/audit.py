@@ -61,7 +61,7 @@ from PIL import Image
 from breastfusion.data.cases import CASE_ID, IMAGE_PATH, LABEL, MASK_PATH, feature_columns, mask_list
 from breastfusion.data.images import image_size, read_image, read_mask
 from breastfusion.errors import DataError
-from breastfusion.utils import write_json, write_text
+from breastfusion.utils import UnionFind, write_json, write_text
 
 NO_LESION_CLASSES = ("normal",)
 NEAR_DUP_THRESHOLD = 0.35
@@ -518,22 +518,6 @@ def _candidates(sigs: list[_Signature | None]):
     return [(idx[i], idx[j], int(arg[i, j]), int(arg[j, i]), float(sym[i, j])) for i, j in zip(ii, jj)]
 
 
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, a: int) -> int:
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
 def _progress(iterable, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable
@@ -745,7 +729,7 @@ def audit_cases(
         exact = [g for g in by_hash.values() if len(g) > 1]
     # Groups: exact copies first, then verified pairs from the strongest down (Kruskal), so that the
     # weakest link a group needed (its "min_link") is known: a chain of weak links is worth a look.
-    uf = _UnionFind(len(df))
+    uf = UnionFind(len(df))
     link: dict[int, float] = {}  # root -> weakest link used inside its group
     for g in exact:
         for m in g[1:]:

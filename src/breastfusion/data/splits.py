@@ -19,26 +19,10 @@ import pandas as pd
 
 from breastfusion.data.cases import CASE_ID, CENTER, LABEL, PATIENT_ID
 from breastfusion.errors import ConfigError, DataError
-from breastfusion.utils import atomic_path
+from breastfusion.utils import UnionFind, atomic_path
 
 STRATEGIES = ("stratified_group_kfold", "leave_one_center_out")
 SPLIT_COLUMNS = (CASE_ID, "fold", "group")
-
-
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, a: int) -> int:
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
 
 
 def _case_ids(cases: pd.DataFrame) -> pd.Series:
@@ -88,7 +72,7 @@ def split_groups(cases: pd.DataFrame, groups: pd.Series | Mapping | None = None)
     """
     ids = _case_ids(cases)
     n = len(ids)
-    uf = _UnionFind(n)
+    uf = UnionFind(n)
     keys: list[list] = []
     if PATIENT_ID in cases.columns:
         pat = cases[PATIENT_ID].reset_index(drop=True)
