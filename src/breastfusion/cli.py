@@ -88,6 +88,59 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_tile(args) -> int:
+    from breastfusion.histology.wsi import tile_slide
+
+    mags = [float(m) for m in args.magnifications.split(",") if m.strip()]
+    index = tile_slide(args.slide, args.out, magnifications=mags, tile_size=args.tile_size,
+                       min_tissue=args.min_tissue, mpp=args.mpp, objective=args.objective,
+                       resume=not args.restart, progress=not args.quiet, workers=args.workers)
+    print(f"{len(index)} tile stack(s) at {', '.join(f'{m:g}x' for m in mags)} → {args.out}/tiles.csv")
+    return 0
+
+
+def cmd_nuclei_segment(args) -> int:
+    """Instance labels (0 = background, 1..n nuclei) and a per-nucleus feature table for each input image.
+    A bad image is skipped with its reason logged; the others are processed."""
+    import pandas as pd
+
+    from breastfusion.data.images import read_image
+    from breastfusion.errors import DataError
+    from breastfusion.histology.nuclei.annotations import write_instance_mask
+    from breastfusion.histology.nuclei.classical import segment_nuclei
+    from breastfusion.histology.pathomics import nucleus_features
+    from breastfusion.utils import atomic_path
+
+    src = Path(args.input)
+    if not src.exists():
+        raise DataError(f"Input not found: '{src}'.")
+    suffixes = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+    files = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.suffix.lower() in suffixes)
+    if not files:
+        raise DataError(f"No images found in '{src}'.")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables, failed = [], []
+    for f in files:
+        try:
+            rgb = (read_image(f, mode="rgb") * 255 + 0.5).astype("uint8")
+            labels = segment_nuclei(rgb, mpp=args.mpp)
+            write_instance_mask(labels, out / f"{f.stem}_nuclei.png")
+            feats = nucleus_features(rgb, labels, mpp=args.mpp)
+            feats.insert(0, "image", f.name)
+            tables.append(feats)
+            print(f"{f.name}: {int(labels.max())} nuclei")
+        except DataError as exc:
+            failed.append(f.name)
+            logging.getLogger("breastfusion.nuclei").warning("skipped '%s': %s", f, exc)
+    if tables:
+        with atomic_path(out / "nuclei_features.csv") as tmp:
+            pd.concat(tables, ignore_index=True).to_csv(tmp, index=False)
+    if failed:
+        print(f"skipped {len(failed)} image(s): {', '.join(failed)}", file=sys.stderr)
+    return 0 if tables else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     from breastfusion import __version__
 
@@ -124,6 +177,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("tile", help="tile a whole slide into concentric multi-magnification stacks (resumable)")
+    p.add_argument("slide")
+    p.add_argument("--magnifications", default="40,20,10", help="comma-separated, e.g. 40,20,10")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tile-size", type=int, default=256)
+    p.add_argument("--min-tissue", type=float, default=0.5)
+    p.add_argument("--mpp", type=float, help="microns per pixel when the file does not say")
+    p.add_argument("--objective", type=float, help="base magnification when the file does not say")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--restart", action="store_true", help="ignore tiles already written")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_tile)
+
+    p = sub.add_parser("nuclei", help="H&E nuclei instance segmentation")
+    nsub = p.add_subparsers(dest="nuclei_command", required=True)
+    q = nsub.add_parser("segment", help="instance-label image + per-nucleus features for an image or a folder")
+    q.add_argument("input")
+    q.add_argument("--out", required=True)
+    q.add_argument("--method", choices=["classical"], default="classical",
+                   help="classical: colour deconvolution + watershed, needs no weights")
+    q.add_argument("--mpp", type=float, default=0.25, help="microns per pixel (0.25 ≈ 40x)")
+    q.set_defaults(func=cmd_nuclei_segment)
 
     p = sub.add_parser("config", help="print the resolved configuration (defaults, a YAML file, overrides)")
     _common_config_args(p)
