@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import sys
 import time
 from datetime import date
 from pathlib import Path
+
+from _machine import machine_description, peak_rss_mb
 
 from breastfusion.config import load_config
 from breastfusion.pipeline import run_experiment
@@ -37,7 +37,7 @@ def main() -> int:
     t0 = time.perf_counter()
     result = run_experiment(cfg, args.out, resume=args.resume, progress=True)
     wall = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     rows = []
     for name, m in result.metrics.items():
         p, ci = m["pooled"], m["ci"]
@@ -45,11 +45,10 @@ def main() -> int:
                      "macro_auc": p["macro_auc"], "macro_auc_ci": ci.get("macro_auc"),
                      "weighted_f1": p["weighted_f1"], "balanced_accuracy": p["balanced_accuracy"]})
     timings = json.loads((Path(args.out) / "metrics.json").read_text())["timings"]
-    out = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or ''} "
-           f"{__import__('os').cpu_count()} CPU", "command": " ".join(sys.argv), "wall_s": wall,
+    out = {"date": date.today().isoformat(), "machine": machine_description(), "command": " ".join(sys.argv), "wall_s": wall,
            "peak_rss_mb": peak_mb, "timings": timings, "models": rows}
     (Path(args.out) / "benchmark.json").write_text(json.dumps(out, indent=2))
-    print(f"\n| model | macro-F1 (95% CI) | macro-AUC (95% CI) | weighted-F1 | balanced acc. |\n|---|---|---|---|---|")
+    print("\n| model | macro-F1 (95% CI) | macro-AUC (95% CI) | weighted-F1 | balanced acc. |\n|---|---|---|---|---|")
     for r in rows:
         f = lambda v, ci: f"{v:.3f} ({ci[0]:.3f}–{ci[1]:.3f})" if ci else f"{v:.3f}"
         print(f"| {r['model']} | {f(r['macro_f1'], r['macro_f1_ci'])} | {f(r['macro_auc'], r['macro_auc_ci'])} | "

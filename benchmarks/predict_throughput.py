@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from datetime import date
 
 import torch
+
+from _machine import machine_description
 
 from breastfusion.inference.predictor import Predictor, cases_from_input
 
@@ -53,7 +54,7 @@ def main() -> int:
             t_fwd.append((time.perf_counter() - t0) * n / (n_batches * args.batch_size))
     pred_ips = n / statistics.median(t_pred)
     fwd_ips = n / statistics.median(t_fwd)
-    res = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+    res = {"date": date.today().isoformat(), "machine": f"{machine_description()}, {torch.get_num_threads()} torch threads",
            "command": " ".join(sys.argv), "n_images": n, "predict_images_per_s": round(pred_ips, 1),
            "bare_forward_images_per_s": round(fwd_ips, 1), "ratio": round(pred_ips / fwd_ips, 3),
            "bundle_variant": predictor.bundle.meta["model"]["variant"],

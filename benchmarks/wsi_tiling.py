@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -27,23 +26,11 @@ import time
 from datetime import date
 from pathlib import Path
 
+from _machine import cpu_model, peak_rss_mb
+
 from breastfusion.histology.wsi import open_slide, plan_tiles, tile_slide
 
 DEFAULT_SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "he_samples" / "cmu_small_region.svs"
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_synthetic_slide(path: Path, size: int, tile: int = 256) -> Path:
@@ -89,7 +76,7 @@ def main() -> int:
         args.slide = str(write_synthetic_slide(synth_dir / f"synthetic_{args.synthetic}.tif", args.synthetic))
         print(f"wrote SYNTHETIC slide {args.slide} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    rss_imports = _peak_rss_mb()
+    rss_imports = peak_rss_mb()
     requested = [float(m) for m in args.mags.split(",") if m.strip()]
     slide = open_slide(args.slide)
     base = slide.base_magnification
@@ -105,14 +92,14 @@ def main() -> int:
     info = {"slide_size": list(slide.dimensions), "levels": slide.level_count, "mpp": slide.mpp}
     slide.close()
 
-    rss_before = _peak_rss_mb()
+    rss_before = peak_rss_mb()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="wsi_tiling_"))
     try:
         t0 = time.perf_counter()
         df = tile_slide(args.slide, out, magnifications=mags, tile_size=args.tile_size,
                         min_tissue=args.min_tissue, progress=False, workers=args.workers)
         t_cold = time.perf_counter() - t0
-        rss_peak = _peak_rss_mb()
+        rss_peak = peak_rss_mb()
         t0 = time.perf_counter()
         again = tile_slide(args.slide, out, magnifications=mags, tile_size=args.tile_size,
                            min_tissue=args.min_tissue, progress=False, workers=args.workers)
@@ -128,7 +115,7 @@ def main() -> int:
     n = len(df)
     res = {
         "date": date.today().isoformat(),
-        "machine": f"{_cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
                    f"Python {platform.python_version()}",
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "slide": Path(args.slide).name + (" (SYNTHETIC)" if args.synthetic else ""),

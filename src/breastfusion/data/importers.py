@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from breastfusion.data.cases import MASK_SEP, read_cases, validate_cases
 from breastfusion.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 _MASK_RE = re.compile(r"^(?P<stem>.+?)_mask(?:_(?P<k>\d+))?$", re.IGNORECASE)
@@ -58,12 +60,8 @@ def import_busi(path: str | Path) -> pd.DataFrame:
                 "image_path": str(img.resolve()),
                 "mask_path": MASK_SEP.join(str(m.resolve()) for m in ms),
             })
-        for stem, orphan in masks.items():
-            # A mask without its image is reported by the audit, not silently dropped.
-            rows_orphans = ", ".join(str(o) for o in orphan)
-            import logging
-
-            logging.getLogger(__name__).warning("BUSI: mask(s) without an image: %s", rows_orphans)
+        for orphan in masks.values():
+            log.warning("BUSI: mask(s) without an image: %s", ", ".join(str(o) for o in orphan))
     if not rows:
         raise DataError(f"No images found under '{root}'.")
     return validate_cases(pd.DataFrame(rows), source=f"BUSI folder '{root}'")
@@ -76,6 +74,3 @@ def import_cases(path: str | Path, **kwargs) -> pd.DataFrame:
         return import_busi(path)
     return read_cases(path, **kwargs)
 
-
-def nan_to_none(x):
-    return None if isinstance(x, float) and np.isnan(x) else x
