@@ -50,11 +50,20 @@ def cmd_train(args) -> int:
     if args.data:
         overrides.append(f"data.source={args.data}")
     cfg = load_config(args.config, overrides)
-    result = run_experiment(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    if cfg.task == "histology":
+        from breastfusion.histology.grading import run_grading
+        from breastfusion.training import distributed
+
+        result = run_grading(cfg, args.out, resume=args.resume, progress=not args.quiet)
+        if not distributed.is_main():
+            return 0
+    else:
+        result = run_experiment(cfg, args.out, resume=args.resume, progress=not args.quiet)
     print(f"run folder: {result.run_dir}\nreport: {result.report}\nbundle: {result.bundle}")
     for name, m in result.metrics.items():
         p = m["pooled"]
-        print(f"  {name:14s} macro-F1 {p['macro_f1']:.3f}  macro-AUC {p['macro_auc']:.3f}")
+        qwk = f"  QWK {p['quadratic_weighted_kappa']:.3f}" if "quadratic_weighted_kappa" in p else ""
+        print(f"  {name:18s} macro-F1 {p['macro_f1']:.3f}  macro-AUC {p['macro_auc']:.3f}{qwk}")
     return 0
 
 
@@ -74,6 +83,15 @@ def cmd_predict(args) -> int:
 
 def cmd_synthetic(args) -> int:
     from breastfusion.data.synthetic import make_synthetic_cohort
+
+    if args.kind == "histology":
+        from breastfusion.histology.synthetic import make_synthetic_grading
+
+        cases, tiles = make_synthetic_grading(args.out, n_patients=args.n_patients, stacks_per_case=args.stacks,
+                                              size=args.tile_size, signal=args.signal, seed=args.seed)
+        print(f"SYNTHETIC grading cohort: {len(cases)} cases, {len(tiles)} tiles → "
+              f"{Path(args.out) / 'cases.csv'} and {Path(args.out) / 'tiles.csv'}")
+        return 0
 
     cases = make_synthetic_cohort(args.out, n_cases=args.n_cases, image_size=args.image_size, signal=args.signal,
                                   missing_rate=args.missing_rate, seed=args.seed)
@@ -105,11 +123,28 @@ def cmd_nuclei_segment(args) -> int:
     import pandas as pd
 
     from breastfusion.data.images import read_image
-    from breastfusion.errors import DataError
+    from breastfusion.errors import ConfigError, DataError
     from breastfusion.histology.nuclei.annotations import write_instance_mask
-    from breastfusion.histology.nuclei.classical import segment_nuclei
     from breastfusion.histology.pathomics import nucleus_features
     from breastfusion.utils import atomic_path
+
+    if args.method == "learned":
+        if not args.model:
+            raise ConfigError("--method learned needs --model PATH (a model file from 'breastfusion nuclei train').")
+        from breastfusion.histology.nuclei.learned import load_nuclei_model, segment_nuclei_learned
+
+        _set_threads(args.threads)
+        model = load_nuclei_model(args.model, device=args.device)
+
+        def segment(rgb):
+            return segment_nuclei_learned(rgb, model, mpp=args.mpp)
+    else:
+        if args.model:
+            raise ConfigError("--model is only used with --method learned.")
+        from breastfusion.histology.nuclei.classical import segment_nuclei
+
+        def segment(rgb):
+            return segment_nuclei(rgb, mpp=args.mpp)
 
     src = Path(args.input)
     if not src.exists():
@@ -124,7 +159,7 @@ def cmd_nuclei_segment(args) -> int:
     for f in files:
         try:
             rgb = (read_image(f, mode="rgb") * 255 + 0.5).astype("uint8")
-            labels = segment_nuclei(rgb, mpp=args.mpp)
+            labels = segment(rgb)
             write_instance_mask(labels, out / f"{f.stem}_nuclei.png")
             feats = nucleus_features(rgb, labels, mpp=args.mpp)
             feats.insert(0, "image", f.name)
@@ -139,6 +174,64 @@ def cmd_nuclei_segment(args) -> int:
     if failed:
         print(f"skipped {len(failed)} image(s): {', '.join(failed)}", file=sys.stderr)
     return 0 if tables else 2
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def cmd_nuclei_train(args) -> int:
+    """Train the learned nuclei segmenter on an annotated folder (resumable) and write one safetensors model file."""
+    from breastfusion.histology.nuclei.learned import load_annotated_dir, train_nuclei_model
+
+    _set_threads(args.threads)
+    data = load_annotated_dir(args.annotated_dir, strict=not args.skip_unannotated)
+    extra = [(t.image, t.mask) for t in data.foreground_only] if not args.no_foreground_only else None
+    n_nuclei = sum(t.n_nuclei for t in data.tiles)
+    print(f"{len(data.tiles)} tile(s) with {n_nuclei} annotated nuclei"
+          + (f", {len(extra)} foreground-only tile(s)" if extra else "")
+          + (f"; skipped {len(data.skipped)} item(s)" if data.skipped else ""))
+    kw = {}
+    for key in ("crop", "batch_size", "lr", "seed", "work_mpp"):
+        if getattr(args, key) is not None:
+            kw[key] = getattr(args, key)
+    path = train_nuclei_model([t.image for t in data.tiles], [t.labels for t in data.tiles], out_path=args.out,
+                              steps=args.steps, epochs=args.epochs, mpp=args.mpp, extra_foreground=extra,
+                              device=args.device, progress=not args.quiet, resume=not args.restart, **kw)
+    print(f"nuclei model: {path}")
+    return 0
+
+
+def cmd_features(args) -> int:
+    """Per-tile and per-case pathomics of a tiles table or a folder of images (parallel on Dask, resumable)."""
+    from breastfusion.histology.features import case_pathomics, extract_tile_pathomics, tiles_from_input
+    from breastfusion.utils import atomic_path
+
+    if not args.verbose and (args.workers > 1 or args.scheduler):
+        import distributed  # noqa: F401  (importing it sets its loggers to INFO: scheduler, nanny start/stop)
+
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+    tiles = tiles_from_input(args.input, magnification=args.magnification)
+    per_tile = extract_tile_pathomics(tiles, args.out, magnification=args.magnification, method=args.method,
+                                      model_path=args.model, mpp=args.mpp, n_workers=args.workers,
+                                      scheduler=args.scheduler, chunk_size=args.chunk_size,
+                                      progress=not args.quiet)
+    a = per_tile.attrs
+    mags = sorted(per_tile["magnification"].unique())
+    case_paths = []  # tiles of different magnifications are pooled separately
+    for m in mags:
+        name = "case_pathomics.parquet" if len(mags) == 1 else f"case_pathomics_{m:g}x.parquet"
+        case_paths.append(Path(args.out) / name)
+        with atomic_path(case_paths[-1]) as tmp:
+            case_pathomics(per_tile, magnification=m).to_parquet(tmp)
+    print(f"{len(per_tile)} tile(s) of {per_tile['case_id'].nunique()} case(s): {a['n_computed']} computed, "
+          f"{a['n_reused']} reused from shards, {a['n_skipped']} skipped ({a['mode']}, {a['seconds']:.1f} s)\n"
+          f"  per tile: {a['result']}\n  per case: {', '.join(map(str, case_paths))}\n"
+          f"  skipped:  {a['skipped_csv']}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for audit.md and audit.json")
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("train", help="cross-validated comparison of classical, image, tabular and fusion models + bundle")
+    p = sub.add_parser("train", help="cross-validated comparison of classical and deep models + bundle "
+                                     "(ultrasound fusion, or histology grading with task: histology)")
     _common_config_args(p)
     p.add_argument("--data", help="cases table or BUSI-style folder (sets data.source)")
     p.add_argument("--out", required=True, help="run folder")
@@ -196,19 +290,65 @@ def build_parser() -> argparse.ArgumentParser:
     q = nsub.add_parser("segment", help="instance-label image + per-nucleus features for an image or a folder")
     q.add_argument("input")
     q.add_argument("--out", required=True)
-    q.add_argument("--method", choices=["classical"], default="classical",
-                   help="classical: colour deconvolution + watershed, needs no weights")
+    q.add_argument("--method", choices=["classical", "learned"], default="classical",
+                   help="classical: colour deconvolution + watershed, needs no weights; "
+                        "learned: a model from 'breastfusion nuclei train' (needs --model)")
+    q.add_argument("--model", help="model file for --method learned")
     q.add_argument("--mpp", type=float, default=0.25, help="microns per pixel (0.25 ≈ 40x)")
+    q.add_argument("--device", default="auto", help="learned: cpu, cuda or auto (default auto)")
+    q.add_argument("--threads", type=int, help="learned: torch CPU threads")
     q.set_defaults(func=cmd_nuclei_segment)
+    q = nsub.add_parser("train", help="train the learned segmenter on annotated tiles (resumable; one model file)")
+    q.add_argument("annotated_dir", help="images/ + annotations/<stem>.xml(.gz) (ImageScope) or masks/<stem>_nuclei.png "
+                                         "(instance labels), optionally binary_masks/<stem>.png (foreground only)")
+    q.add_argument("--out", required=True, help="model file to write (e.g. nuclei.safetensors)")
+    g = q.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, help="optimiser steps (default 1500)")
+    g.add_argument("--epochs", type=float, help="passes over the training pixels instead of --steps")
+    q.add_argument("--mpp", type=float, default=0.25, help="microns per pixel of the training images (0.25 ≈ 40x)")
+    q.add_argument("--work-mpp", type=float, help="working resolution of the network in µm/px (default 0.5)")
+    q.add_argument("--crop", type=int, help="training crop size in pixels at the working resolution (default 256)")
+    q.add_argument("--batch-size", type=int, help="crops per step (default 8)")
+    q.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    q.add_argument("--seed", type=int, help="random seed (default 0)")
+    q.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
+    q.add_argument("--threads", type=int, help="torch CPU threads")
+    q.add_argument("--no-foreground-only", action="store_true", help="do not use binary_masks/ tiles")
+    q.add_argument("--skip-unannotated", action="store_true",
+                   help="skip (and log) images without annotation or with a mismatched one instead of failing")
+    q.add_argument("--restart", action="store_true", help="ignore a checkpoint of an earlier, interrupted run")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_nuclei_train)
+
+    p = sub.add_parser("features", help="per-tile and per-case pathomics of many tiles (parallel on Dask, resumable)")
+    p.add_argument("input", help="tiles table (CSV/Parquet, or a tile_slide tiles.csv) or a folder of images "
+                                 "(one case per image, case_id = file name stem)")
+    p.add_argument("--out", required=True, help="output folder (tile_pathomics.parquet, case_pathomics.parquet, "
+                                                "skipped.csv, shards/); rerun with the same folder to resume")
+    p.add_argument("--magnification", type=float, help="only tiles at this magnification; for a folder of images, "
+                                                        "their magnification (default 40)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes of a local Dask cluster (1: in process)")
+    p.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://host:8786 (overrides --workers)")
+    p.add_argument("--method", choices=["classical", "learned"], default="classical",
+                   help="nuclei segmentation: classical (no weights) or learned (needs --model)")
+    p.add_argument("--model", help="nuclei segmentation model for --method learned")
+    p.add_argument("--mpp", type=float, help="microns per pixel (default: 0.25 * 40 / magnification)")
+    p.add_argument("--chunk-size", type=int, default=16, help="tiles per task and per shard (default 16)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("config", help="print the resolved configuration (defaults, a YAML file, overrides)")
     _common_config_args(p)
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("synthetic", help="write a SYNTHETIC ultrasound + clinical cohort (for demos and tests)")
+    p = sub.add_parser("synthetic", help="write a SYNTHETIC cohort: ultrasound + clinical, or H&E grading stacks")
     p.add_argument("out")
-    p.add_argument("--n-cases", type=int, default=120)
-    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--kind", choices=["ultrasound", "histology"], default="ultrasound")
+    p.add_argument("--n-cases", type=int, default=120, help="ultrasound: number of cases")
+    p.add_argument("--image-size", type=int, default=128, help="ultrasound: image side")
+    p.add_argument("--n-patients", type=int, default=24, help="histology: patients (one case each)")
+    p.add_argument("--stacks", type=int, default=4, help="histology: concentric stacks per case")
+    p.add_argument("--tile-size", type=int, default=128, help="histology: tile side")
     p.add_argument("--signal", type=float, default=1.0)
     p.add_argument("--missing-rate", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)

@@ -92,8 +92,45 @@ class ExperimentConfig(_Strict):
     n_boot: int = Field(1000, ge=0)
 
 
+class HistologyConfig(_Strict):
+    """The histology grading task (``task: histology``): ``data.source`` is the cases table (one row per case,
+    no image column) and ``histology.tiles`` the tiles table (case_id, stack_id, magnification, image_path)."""
+
+    tiles: str | None = Field(None, description="Tiles table (CSV/Parquet); paths relative to it.")
+    magnifications: list[float] = Field(default_factory=lambda: [40.0, 20.0, 10.0],
+                                        description="Magnifications of a stack, highest first.")
+    backbones: dict[str, str] = Field(
+        default_factory=lambda: {"cnn": "tf_efficientnet_lite0", "vit": "vit_tiny_patch16_224"},
+        description="Source name → timm model; a CNN and a vision transformer by default.")
+    pretrained: Literal["require", "if_available", "none"] = Field(
+        "if_available", description="ImageNet weights: 'require' fails without them, 'if_available' warns and "
+                                    "starts from random weights (recorded in the run and the bundle).")
+    token_grid: int = Field(4, ge=1, le=16, description="Each backbone's tokens per tile: grid x grid.")
+    attention_dim: int = Field(128, ge=8)
+    attention_heads: int = Field(4, ge=1)
+    objective: Literal["ce", "ordinal"] = Field("ordinal", description="Ordinal (CORAL) suits ordered grades.")
+    ordinal_metrics: bool = Field(True, description="Report quadratic weighted kappa (classes are ordered).")
+    pathomics: bool = True
+    pathomics_method: Literal["classical", "learned"] = "classical"
+    nuclei_model: str | None = Field(None, description="Learned nuclei model (pathomics_method: learned).")
+    workers: int = Field(1, ge=1, description="Dask workers for feature extraction (1 = in process).")
+    scheduler: str | None = Field(None, description="Address of an existing Dask scheduler.")
+    stain_normalization: Literal["none", "macenko", "reinhard"] = "none"
+    stain_target: str | None = Field(None, description="Target H&E image for stain normalisation.")
+    stain_augment: bool = True
+    variants: list[Literal["multiscale", "cnn", "vit", "single_scale", "no_pathomics"]] = Field(
+        default_factory=lambda: ["multiscale", "cnn", "vit", "single_scale"],
+        description="Deep models to cross-validate: the full model and its ablations.")
+    pooling: Literal["mean"] = Field("mean", description="Stack → case pooling of probabilities.")
+    feature_selection: Literal["none", "lasso"] = Field(
+        "lasso", description="Selection for the classical models, fitted inside each training fold.")
+    deep_features_for_classical: bool = Field(True, description="Add case-pooled frozen-backbone embeddings "
+                                                                "to the classical models' features.")
+
+
 class Config(_Strict):
     name: str = "experiment"
+    task: Literal["ultrasound", "histology"] = "ultrasound"
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     image: ImageConfig = Field(default_factory=ImageConfig)
@@ -101,6 +138,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cv: CVConfig = Field(default_factory=CVConfig)
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    histology: HistologyConfig = Field(default_factory=HistologyConfig)
 
     @field_validator("name")
     @classmethod

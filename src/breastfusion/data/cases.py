@@ -67,16 +67,19 @@ def validate_cases(
     labels: list[str] | None = None,
     check_files: bool = True,
     source: str = "cases table",
+    require_images: bool = True,
 ) -> pd.DataFrame:
     """Check a cases table and return a normalised copy. Errors name the row and column.
 
     ``labels`` restricts the allowed class names (an unknown label is an error naming the row).
+    ``require_images=False`` accepts a table without ``image_path``: histology cases keep their images in a
+    tiles table (:mod:`breastfusion.data.tiles`).
     """
     if not isinstance(cases, pd.DataFrame):
         raise TypeError(f"The cases table must be a pandas DataFrame. Got {type(cases).__name__} instead.")
     if len(cases) == 0:
         raise DataError(f"The {source} is empty: no cases to work on.")
-    for col in (CASE_ID, IMAGE_PATH):
+    for col in (CASE_ID, IMAGE_PATH) if require_images else (CASE_ID,):
         if col not in cases.columns:
             raise DataError(f"The {source} has no '{col}' column (columns: {', '.join(map(str, cases.columns))}).")
     df = cases.copy().reset_index(drop=True)
@@ -127,7 +130,7 @@ def validate_cases(
                     f"{source}, row {row + 2} (case '{df.at[row, CASE_ID]}'), column '{col}': infinite value; "
                     "use an empty cell for a missing value."
                 )
-    if check_files:
+    if check_files and IMAGE_PATH in df.columns:
         for i, p in enumerate(df[IMAGE_PATH]):
             if p is None or (isinstance(p, float) and np.isnan(p)) or not Path(str(p)).is_file():
                 raise DataError(

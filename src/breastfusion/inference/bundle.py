@@ -49,6 +49,8 @@ def build_model(meta: dict, *, pretrained_backbone: bool = False) -> FusionClass
     import timm
 
     m = meta["model"]
+    if m.get("kind") == "multiscale":
+        return _build_multiscale(meta)
     backbone = None
     if m["variant"] in ("fusion", "image"):
         backbone = timm.create_model(m["backbone"], pretrained=False, num_classes=0)
@@ -57,6 +59,21 @@ def build_model(meta: dict, *, pretrained_backbone: bool = False) -> FusionClass
         image_dim=m["image_dim"], tabular_dim=m["tabular_dim"], tabular_hidden=m["tabular_hidden"],
         fusion_hidden=m["fusion_hidden"], dropout=m["dropout"],
     )
+
+
+def _build_multiscale(meta: dict):
+    import timm
+
+    from breastfusion.models.multiscale import MultiScaleGrader
+
+    m = meta["model"]
+    modules = {k: timm.create_model(name, pretrained=False, num_classes=0, **m.get("backbone_kwargs", {}).get(k, {}))
+               for k, name in m["backbones"].items()}
+    return MultiScaleGrader(len(meta["classes"]), backbones=modules, n_scales=len(m["magnifications"]),
+                            n_tabular=m["n_tabular"], dim=m["attention_dim"], heads=m["attention_heads"],
+                            grid=m["token_grid"], objective=m["objective"], dropout=m["dropout"],
+                            tabular_hidden=m["tabular_hidden"], tabular_dim=m["tabular_dim"],
+                            fusion_hidden=m["fusion_hidden"], norms={k: tuple(v) for k, v in m["norms"].items()})
 
 
 def save_bundle(path: str | Path, model: FusionClassifier, *, classes: list[str], model_meta: dict, image_meta: dict,

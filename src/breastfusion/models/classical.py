@@ -47,6 +47,60 @@ class NumericOnly(TransformerMixin, BaseEstimator):
         return getattr(self, "feature_names_in_", np.asarray([f"x{i}" for i in range(self.n_features_in_)], dtype=object))
 
 
+class LassoSelector(TransformerMixin, BaseEstimator):
+    """Keep the features an L1-penalised logistic regression gives a non-zero weight (LASSO selection).
+
+    Expects standardised inputs. Because it is a pipeline step, it is refitted on each training fold only, so
+    the selection never sees a test case. If the penalty drops every feature, the ``min_features`` with the
+    largest univariate F statistic are kept instead (a model needs at least one input).
+    """
+
+    def __init__(self, C: float = 0.1, min_features: int = 5, max_iter: int = 5000, seed: int = 0):
+        self.C = C
+        self.min_features = min_features
+        self.max_iter = max_iter
+        self.seed = seed
+
+    def fit(self, X, y):
+        from sklearn.feature_selection import f_classif
+        from sklearn.linear_model import LogisticRegression
+
+        X = np.asarray(X, dtype=np.float64)
+        import sklearn
+
+        # scikit-learn >= 1.8 spells the pure L1 penalty l1_ratio=1 (``penalty`` is deprecated there)
+        l1 = {"l1_ratio": 1.0} if tuple(int(v) for v in sklearn.__version__.split(".")[:2]) >= (1, 8) else {"penalty": "l1"}
+        lr = LogisticRegression(solver="saga", C=self.C, max_iter=self.max_iter, class_weight="balanced",
+                                random_state=self.seed, **l1)
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            lr.fit(X, y)
+        weight = np.abs(lr.coef_).max(axis=0)
+        support = weight > 1e-8
+        if support.sum() == 0:
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # constant features: their F is NaN, ranked last
+                f, _ = f_classif(X, y)
+            f = np.nan_to_num(f, nan=0.0)
+            support = np.zeros(X.shape[1], dtype=bool)
+            support[np.argsort(-f)[: min(self.min_features, X.shape[1])]] = True
+        self.support_ = support
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def transform(self, X):
+        return np.asarray(X, dtype=np.float64)[:, self.support_]
+
+    def get_feature_names_out(self, input_features=None):
+        names = np.asarray(input_features if input_features is not None else
+                           [f"x{i}" for i in range(self.n_features_in_)], dtype=object)
+        return names[self.support_]
+
+
 def _to_float_frame(X) -> pd.DataFrame:
     if not isinstance(X, pd.DataFrame):
         arr = np.asarray(X)
@@ -111,8 +165,10 @@ def _check_name(name) -> str:
     raise ValueError(f"Unknown classical model {name!r}.{hint} Known: {', '.join(CLASSICAL_MODELS)}.")
 
 
-def make_classical(name: str, *, class_weight: str | dict | None = "balanced", seed: int = 0) -> Pipeline:
-    """A fresh, unfitted pipeline for ``name`` in :data:`CLASSICAL_MODELS`."""
+def make_classical(name: str, *, class_weight: str | dict | None = "balanced", seed: int = 0,
+                   select: str | None = None) -> Pipeline:
+    """A fresh, unfitted pipeline for ``name`` in :data:`CLASSICAL_MODELS`; ``select='lasso'`` adds
+    :class:`LassoSelector` (standardise, then select) before the estimator, fitted inside each fold."""
     name = _check_name(name)
     if not (class_weight is None or class_weight == "balanced" or isinstance(class_weight, dict)):
         raise ValueError(
@@ -122,7 +178,11 @@ def make_classical(name: str, *, class_weight: str | dict | None = "balanced", s
         ("numeric", NumericOnly()),
         ("impute", SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True)),
     ]
-    if name in ("logreg", "svm"):
+    if select not in (None, "none", "lasso"):
+        raise ValueError(f"The 'select' parameter of make_classical must be None or 'lasso'. Got {select!r} instead.")
+    if select == "lasso":
+        steps += [("scale", StandardScaler()), ("select", LassoSelector(seed=int(seed)))]
+    elif name in ("logreg", "svm"):
         steps.append(("scale", StandardScaler()))
     steps.append(("model", _estimator(name, class_weight, int(seed))))
     return Pipeline(steps)
@@ -187,8 +247,10 @@ def fit_predict_oof(
     seed: int = 0,
     *,
     class_weight: str | dict | None = "balanced",
+    select: str | None = None,
 ) -> pd.DataFrame:
-    """Out-of-fold predictions: for each fold, fit on the other folds and predict this one.
+    """Out-of-fold predictions: for each fold, fit on the other folds and predict this one (feature
+    selection, when ``select`` is given, is part of the pipeline and so fitted on the training folds only).
 
     ``X`` and ``y`` are indexed by case_id (or ``X`` has a ``case_id`` column); ``splits`` maps case_id
     to fold. Returns the common prediction table: ``case_id, fold, label, prob_<class>... (in classes
@@ -200,7 +262,7 @@ def fit_predict_oof(
         raise ValueError(f"The 'classes' parameter of fit_predict_oof must list at least 2 distinct classes. Got {classes}.")
     X, y, folds = _align(X, y, splits, classes)
     _to_float_frame(X)  # fail before any fitting, naming bad columns
-    template = make_classical(name, class_weight=class_weight, seed=seed)
+    template = make_classical(name, class_weight=class_weight, seed=seed, select=select)
     parts = []
     for fold in sorted(folds.unique()):
         test = (folds == fold).to_numpy()
@@ -242,6 +304,7 @@ ALLOWED_TYPES = frozenset({
     "lightgbm.basic.Booster",
     "collections.OrderedDict",
     "numpy.dtype",
+    "breastfusion.models.classical.LassoSelector",
 })
 
 

@@ -60,6 +60,7 @@ class FusionClassifier(nn.Module):
         if variant not in VARIANTS:
             raise ValueError(f"The 'variant' parameter of FusionClassifier must be one of {VARIANTS}. Got {variant!r} instead.")
         self.variant = variant
+        self.n_classes = n_classes
         self.image_encoder = None
         self.tabular_encoder = None
         dim = 0
@@ -103,6 +104,20 @@ class FusionClassifier(nn.Module):
         if self.tabular_encoder is not None:
             parts.append(self.tabular_encoder(tabular))
         return self.head(torch.cat(parts, dim=1))
+
+    # ------------------------------------------------ the shared trainer's model interface (see MultiScaleGrader)
+    def backbone_modules(self) -> list[nn.Module]:
+        return [self.image_encoder.backbone] if self.image_encoder is not None else []
+
+    def backbone_forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (what stage 1 caches)."""
+        return self.image_encoder.backbone(image)
+
+    def probabilities(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(out.float(), dim=1)
+
+    def make_criterion(self, weight: torch.Tensor | None, label_smoothing: float) -> nn.Module:
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
 
     def backbone_parameters(self):
         return list(self.image_encoder.backbone.parameters()) if self.image_encoder is not None else []

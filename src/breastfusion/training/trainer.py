@@ -7,6 +7,12 @@ Stage 2 fine-tunes end to end with AdamW (backbone at a lower learning rate) and
 early on validation macro-F1. A tabular-only model has one stage. Every epoch writes ``last.pt`` (model,
 optimiser, scheduler, counters) atomically and the best weights as ``best.safetensors``; ``resume=True``
 continues from ``last.pt``. Randomness is re-seeded per epoch, so a resumed run repeats an uninterrupted one.
+
+Any model with the small interface of :class:`~breastfusion.models.fusion.FusionClassifier` trains here
+(``backbone_modules``, ``backbone_forward``, ``forward_from_backbone``, ``probabilities``, ``make_criterion``,
+``backbone_parameters``/``head_parameters``/``set_backbone_trainable``): the ultrasound fusion model and the
+multiscale histology grader share this loop. Under ``torchrun`` the loop runs with DDP (see
+:mod:`breastfusion.training.distributed`).
 """
 
 from __future__ import annotations
@@ -22,23 +28,40 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
 
 from breastfusion.config import TrainConfig
-from breastfusion.models.fusion import FusionClassifier
+from breastfusion.training import distributed as dist_utils
 from breastfusion.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
 
 def select_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if dist_utils.world_size() > 1 else torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def configure_threads(threads: int | None) -> None:
-    """Use every core for intra-op work on CPU (PyTorch's default can be lower in containers)."""
-    n = threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (threads or os.cpu_count() or 1)
+    """Use every core for intra-op work on CPU (PyTorch's default can be lower in containers); processes
+    started together by torchrun share the cores instead of each taking all of them (oversubscription makes
+    CPU training many times slower)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = threads or max(1, cores // dist_utils.local_world_size())
     torch.set_num_threads(max(1, int(n)))
+
+
+def _core(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _shard(dataset):
+    """This rank's share of a dataset for inference (every item exactly once across ranks)."""
+    w = dist_utils.world_size()
+    return dataset if w == 1 else Subset(dataset, list(range(dist_utils.rank(), len(dataset), w)))
 
 
 def inverse_frequency_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -75,51 +98,57 @@ def _to_device(batch, device, channels_last: bool):
     return image, tab.to(device, non_blocking=True), label.to(device), idx
 
 
-def _forward(model: FusionClassifier, image, tab):
-    return model(image if model.uses_image else None, tab if model.uses_tabular else None)
+def _forward(model: nn.Module, image, tab):
+    core = _core(model)
+    return model(image if core.uses_image else None, tab if core.uses_tabular else None)
 
 
 @torch.no_grad()
-def predict_proba(model: FusionClassifier, dataset, *, batch_size: int = 32, device: torch.device | None = None,
+def predict_proba(model: nn.Module, dataset, *, batch_size: int = 32, device: torch.device | None = None,
                   channels_last: bool = True, amp: str = "auto", progress: bool = False, desc: str = "predict") -> np.ndarray:
-    """Class probabilities (n, K) in dataset order."""
+    """Class probabilities (n, K) in dataset order (under DDP each rank scores a share; all get the whole)."""
     from tqdm.auto import tqdm
 
-    device = device or next(model.parameters()).device
-    model.eval()
+    core = _core(model)
+    device = device or next(core.parameters()).device
+    core.eval()
     ac = _Autocast(device, amp)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    out = np.zeros((len(dataset), model.head[-1].out_features), dtype=np.float64)
+    loader = DataLoader(_shard(dataset), batch_size=batch_size, shuffle=False, num_workers=0)
+    out = torch.zeros((len(dataset), core.n_classes), dtype=torch.float64, device=device)
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         image, tab, _, idx = _to_device(batch, device, channels_last)
         with ac.ctx():
-            logits = _forward(model, image, tab)
-        out[idx.numpy()] = torch.softmax(logits.float(), dim=1).cpu().numpy()
-    return out
+            logits = _forward(core, image, tab)
+        out[idx.to(device)] = core.probabilities(logits).double()
+    return dist_utils.sum_rows(out).cpu().numpy()
 
 
 @torch.no_grad()
-def backbone_features(model: FusionClassifier, dataset, *, batch_size: int, device, channels_last: bool,
+def backbone_features(model: nn.Module, dataset, *, batch_size: int, device, channels_last: bool,
                       amp: str = "auto", progress: bool = False, desc: str = "features") -> torch.Tensor:
-    """Pooled features of the (frozen) backbone for every item, without augmentation, in dataset order."""
+    """Features of the (frozen) backbone(s) for every item, without augmentation, in dataset order."""
     from tqdm.auto import tqdm
 
+    core = _core(model)
     augment, dataset.augment = getattr(dataset, "augment", None), None
-    model.image_encoder.backbone.eval()
+    for m in core.backbone_modules():
+        m.eval()
     ac = _Autocast(device, amp)
     feats = None
     try:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+        with torch.no_grad():  # the feature size, so every rank allocates the same table
+            image0 = _to_device(next(iter(DataLoader(dataset, batch_size=1))), device, channels_last)[0]
+            with ac.ctx():
+                width = core.backbone_forward(image0).shape[1]
+        feats = torch.zeros(len(dataset), width, device=device)
+        loader = DataLoader(_shard(dataset), batch_size=batch_size, shuffle=False, num_workers=0)
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
             image, _, _, idx = _to_device(batch, device, channels_last)
             with ac.ctx():
-                f = model.image_encoder.backbone(image).float()
-            if feats is None:
-                feats = torch.zeros(len(dataset), f.shape[1], device=device)
-            feats[idx.to(device)] = f
+                feats[idx.to(device)] = core.backbone_forward(image).float()
     finally:
         dataset.augment = augment
-    return feats
+    return dist_utils.sum_rows(feats)
 
 
 def _tabular_tensor(dataset, device) -> torch.Tensor | None:
@@ -127,7 +156,7 @@ def _tabular_tensor(dataset, device) -> torch.Tensor | None:
     return torch.from_numpy(np.asarray(tab, dtype=np.float32)).to(device) if tab is not None else None
 
 
-def _make_optimizer(model: FusionClassifier, stage: int, cfg: TrainConfig):
+def _make_optimizer(model: nn.Module, stage: int, cfg: TrainConfig):
     if stage == 1 or not model.uses_image:
         params = [p for p in model.head_parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=cfg.stage1_lr, weight_decay=cfg.weight_decay)
@@ -139,7 +168,7 @@ def _make_optimizer(model: FusionClassifier, stage: int, cfg: TrainConfig):
     )
 
 
-def _stage_plan(model: FusionClassifier, cfg: TrainConfig) -> list[tuple[int, int]]:
+def _stage_plan(model: nn.Module, cfg: TrainConfig) -> list[tuple[int, int]]:
     """[(stage, n_epochs), ...]"""
     if not model.uses_image:
         return [(2, cfg.tabular_epochs)]
@@ -147,11 +176,15 @@ def _stage_plan(model: FusionClassifier, cfg: TrainConfig) -> list[tuple[int, in
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
+    if not dist_utils.is_main():
+        return
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
+    if not dist_utils.is_main():
+        return
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
 
@@ -184,7 +217,7 @@ def _head_epoch(model, cached, train_ds, opt, criterion, batch_size: int, gen) -
                 t = t.clone()
                 t[drop.to(t.device)] = torch.as_tensor(missing_row, dtype=t.dtype, device=t.device)
         opt.zero_grad(set_to_none=True)
-        loss = criterion(model.forward_from_backbone(cached["train"][idx], t).float(), cached["y"][idx])
+        loss = criterion(model.forward_from_backbone(cached["train"][idx], t), cached["y"][idx])
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
@@ -195,10 +228,10 @@ def _head_epoch(model, cached, train_ds, opt, criterion, batch_size: int, gen) -
 def _head_probs(model, cached) -> np.ndarray:
     model.eval()
     logits = model.forward_from_backbone(cached["val"], cached["val_tab"])
-    return torch.softmax(logits.float(), dim=1).cpu().numpy()
+    return model.probabilities(logits).double().cpu().numpy()
 
 
-def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, n_classes: int,
+def train_model(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, *, n_classes: int,
                 train_labels: np.ndarray, ckpt_dir: str | Path, resume: bool = False, seed: int = 0,
                 desc: str = "train", progress: bool = True) -> TrainResult:
     """Train ``model`` in place and leave the best-validation weights loaded."""
@@ -206,6 +239,7 @@ def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, 
 
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    distributed = dist_utils.init_distributed()
     device = select_device()
     configure_threads(cfg.threads)
     channels_last = cfg.channels_last and model.uses_image
@@ -213,8 +247,8 @@ def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, 
     if channels_last:
         model.to(memory_format=torch.channels_last)
     weights = inverse_frequency_weights(train_labels, n_classes) if cfg.class_weights == "inverse_frequency" else None
-    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
-                                    label_smoothing=cfg.label_smoothing)
+    criterion = model.make_criterion(weights.to(device) if weights is not None else None,
+                                     cfg.label_smoothing).to(device)
     ac = _Autocast(device, cfg.amp)
     plan = _stage_plan(model, cfg)
     patience = cfg.patience if model.uses_image else max(cfg.patience, 10)
@@ -265,14 +299,22 @@ def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, 
             train_ds.rng = np.random.default_rng(seed * 1000 + epoch + 7)
             model.train()
             if model.uses_image and (stage == 1 or cfg.freeze_bn):
-                _freeze_batchnorm(model.image_encoder.backbone)
+                for m in model.backbone_modules():
+                    _freeze_batchnorm(m)
             gen = torch.Generator().manual_seed(seed * 1000 + epoch)
             if cached is not None:
                 losses = _head_epoch(model, cached, train_ds, opt, criterion, cfg.batch_size, gen)
                 probs = _head_probs(model, cached)
             else:
-                loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=gen,
-                                    drop_last=len(train_ds) > cfg.batch_size)
+                if distributed:
+                    sampler = DistributedSampler(train_ds, shuffle=True, seed=seed * 1000 + epoch)
+                    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=0,
+                                        drop_last=len(sampler) > cfg.batch_size)
+                else:
+                    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=gen,
+                                        drop_last=len(train_ds) > cfg.batch_size)
+                net = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+                       if distributed else model)
                 losses = []
                 bar = tqdm(loader, desc=f"{desc} s{stage} e{epoch + 1}", disable=not progress, leave=False)
                 for step, batch in enumerate(bar):
@@ -285,7 +327,7 @@ def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, 
                     image, tab, label, _ = _to_device(batch, device, channels_last)
                     opt.zero_grad(set_to_none=True)
                     with ac.ctx():
-                        loss = criterion(_forward(model, image, tab).float(), label)
+                        loss = criterion(_forward(net, image, tab), label)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; "
                                                  "lower the learning rate or check the inputs for extreme values.")
@@ -335,12 +377,14 @@ def train_model(model: FusionClassifier, train_ds, val_ds, cfg: TrainConfig, *, 
                                     "state": dict(state)})
             if state["done"]:
                 break
+        dist_utils.barrier()
         if stage == 1 and stage1_path.exists():
             load_weights(model, stage1_path)
         if not state["done"]:
             state["stage_index"] += 1
             state["epoch_in_stage"] = 0
             state["bad_epochs"] = 0
+    dist_utils.barrier()  # rank 0 has written the best weights
     if best_path.exists():
         load_weights(model, best_path)
     model.set_backbone_trainable(True)

@@ -1,0 +1,612 @@
+"""Histology grading experiment: cases + tiles → splits → pathomics → classical ML → multiscale deep models
+(and ablations) → per-case pooling → metrics (QWK), per-centre tables, attention figures → report → bundle.
+
+It reuses the ultrasound machinery: the cases table and splits (patient-grouped stratified folds or
+leave-one-centre-out), the shared trainer (two stages, early stopping on an inner patient-grouped validation
+split, resume, DDP under torchrun), the classical estimators, ``evaluate`` and the report, and the bundle format.
+
+Stack → case pooling is the **mean of the stacks' class probabilities**. Why not attention pooling: a grade is a
+property of the whole tumour and the label is the same for every region of the case, so a learned attention
+over regions has to be fitted from a few dozen or hundred cases and mostly learns which region happened to
+separate the training cases; the mean is permutation-invariant, independent of how many stacks a case has,
+needs no parameters and degrades gracefully when stacks are dropped. Which regions drove a prediction is still
+visible: the per-stack probabilities and attention weights are saved (``stacks_<model>.csv``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from breastfusion.config import Config, config_to_yaml, save_config
+from breastfusion.data.cases import CASE_ID, CENTER, LABEL, PATIENT_ID, read_cases, write_cases
+from breastfusion.data.tiles import STACK_ID, mag_column, read_tiles, stack_table
+from breastfusion.errors import ConfigError, DataError
+from breastfusion.features.tabular import TabularPreprocessor
+from breastfusion.training import distributed as dist_utils
+from breastfusion.utils import atomic_path, seed_everything, write_json
+
+log = logging.getLogger(__name__)
+
+VARIANT_DESCRIPTIONS = {
+    "multiscale": "CNN + ViT at every magnification, cross-scale attention, pathomics fused",
+    "cnn": "ablation: CNN only (every magnification, cross-scale attention, pathomics)",
+    "vit": "ablation: ViT only (every magnification, cross-scale attention, pathomics)",
+    "single_scale": "ablation: highest magnification only (CNN + ViT, self-attention, pathomics)",
+    "no_pathomics": "ablation: CNN + ViT at every magnification without the pathomics vector",
+}
+
+
+def variant_spec(variant: str, cfg: Config) -> tuple[dict[str, str], list[float], bool]:
+    """(backbones, magnifications, uses pathomics) of a model variant."""
+    hc = cfg.histology
+    backbones = dict(hc.backbones)
+    mags = [float(m) for m in hc.magnifications]
+    if variant in ("cnn", "vit"):
+        if variant not in backbones:
+            raise ConfigError(f"variant '{variant}' needs histology.backbones to have a '{variant}' entry "
+                              f"(has {sorted(backbones)}).")
+        backbones = {variant: backbones[variant]}
+    if variant == "single_scale":
+        mags = [max(mags)]
+    return backbones, mags, variant != "no_pathomics"
+
+
+_WARNED: set[str] = set()
+
+
+def build_backbones(backbones: dict[str, str], cfg: Config, size: int):
+    """timm backbones with the configured weight policy; returns (modules, norms, weight sources)."""
+    from breastfusion.models.pretrained import backbone_data_config, create_backbone
+
+    mode = cfg.histology.pretrained
+    modules, norms, sources = {}, {}, {}
+    for key, name in backbones.items():
+        kwargs = _backbone_kwargs(name, size)
+        if mode == "none":
+            m, ws = create_backbone(name, pretrained=False, **kwargs)
+        else:
+            try:
+                m, ws = create_backbone(name, pretrained=True, **kwargs)
+            except ConfigError as exc:
+                if mode == "require":
+                    raise
+                if name not in _WARNED:
+                    _WARNED.add(name)
+                    log.warning("%s starts from RANDOM weights: %s (histology.pretrained: if_available; set "
+                                "'require' to make this an error)", name, str(exc).split(":", 1)[-1].split(";")[0].strip())
+                m, ws = create_backbone(name, pretrained=False, quiet=True, **kwargs)
+        d = backbone_data_config(m)
+        modules[key], norms[key], sources[key] = m, (d["mean"], d["std"]), f"{name}: {ws.kind}"
+    return modules, norms, sources
+
+
+def _backbone_kwargs(name: str, size: int) -> dict:
+    """Transformers are built for the tile size (timm resamples position embeddings of pretrained weights)."""
+    base = name.split(".")[0]
+    return {"img_size": size} if base.startswith(("vit_", "deit_", "deit3_", "eva", "beit")) else {}
+
+
+def make_grader(n_classes: int, modules: dict, norms: dict, n_scales: int, n_tabular: int, cfg: Config):
+    from breastfusion.models.multiscale import MultiScaleGrader
+
+    hc, m = cfg.histology, cfg.model
+    return MultiScaleGrader(n_classes, backbones=modules, n_scales=n_scales, n_tabular=n_tabular,
+                            dim=hc.attention_dim, heads=hc.attention_heads, grid=hc.token_grid, objective=hc.objective,
+                            dropout=m.dropout, tabular_hidden=m.tabular_hidden, tabular_dim=m.tabular_dim,
+                            fusion_hidden=m.fusion_hidden, norms=norms)
+
+
+@dataclass
+class FittedGrader:
+    variant: str
+    model: torch.nn.Module
+    tabular: TabularPreprocessor | None
+    magnifications: list[float]
+    backbones: dict[str, str]
+    weight_sources: dict[str, str]
+    result: object
+
+
+def _stack_paths(stacks: pd.DataFrame, mags: list[float]) -> list[list[str]]:
+    cols = [mag_column(m) for m in mags]
+    return stacks[cols].to_numpy().tolist()
+
+
+def _tab_rows(pre: TabularPreprocessor | None, table: pd.DataFrame | None, case_ids) -> np.ndarray | None:
+    if pre is None:
+        return None
+    rows = table.reindex([str(c) for c in case_ids])
+    return pre.transform(rows, row_ids=rows.index.tolist(), source="case features")
+
+
+def fit_grader(variant: str, cases: pd.DataFrame, stacks: pd.DataFrame, table: pd.DataFrame | None,
+               classes: list[str], cfg: Config, out_dir: Path, *, resume: bool, progress: bool, cache,
+               desc: str) -> FittedGrader:
+    """Train one variant on ``cases`` (early stopping on an inner patient-grouped validation split)."""
+    from breastfusion.histology.dataset import StackAugment, StackDataset
+    from breastfusion.training.fit import inner_validation_split
+    from breastfusion.training.trainer import train_model
+
+    backbones, mags, use_path = variant_spec(variant, cfg)
+    cases = cases.reset_index(drop=True)
+    y_case = cases[LABEL].map({c: i for i, c in enumerate(classes)}).to_numpy().astype(int)
+    val = inner_validation_split(y_case, cases[PATIENT_ID].to_numpy(), cfg.train.val_fraction, cfg.seed)
+    cols = [] if table is None else [c for c in table.columns if use_path or not str(c).startswith("path_")]
+    pre = None
+    if cols:
+        pre = TabularPreprocessor(unknown_category=cfg.data.unknown_category)
+        pre.fit(table.reindex(cases.loc[~val, CASE_ID].astype(str).tolist())[cols], cols, vocabulary=table[cols])
+    label_of = dict(zip(cases[CASE_ID], y_case))
+
+    def part(mask):
+        ids = set(cases.loc[mask, CASE_ID])
+        st = stacks[stacks[CASE_ID].isin(ids)].reset_index(drop=True)
+        return st, st[CASE_ID].map(label_of).to_numpy().astype(int)
+
+    st_tr, y_tr = part(~val)
+    st_va, y_va = part(val)
+    if len(st_tr) == 0 or len(st_va) == 0:
+        raise DataError(f"{desc}: no usable stacks for training or validation.")
+    size = cache.size
+    modules, norms, sources = build_backbones(backbones, cfg, size)
+    model = make_grader(len(classes), modules, norms, len(mags), pre.n_features_out_ if pre else 0, cfg)
+    missing = pre.transform(pd.DataFrame(index=[0]))[0] if pre is not None else None
+    train_ds = StackDataset(_stack_paths(st_tr, mags), _tab_rows(pre, table, st_tr[CASE_ID]), y_tr, cache=cache,
+                            augment=StackAugment(cfg.seed, 0.05 if cfg.histology.stain_augment else 0.0)
+                            if cfg.train.augment else None,
+                            tabular_dropout=cfg.model.tabular_dropout if pre is not None else 0.0,
+                            tabular_missing_row=missing, seed=cfg.seed)
+    val_ds = StackDataset(_stack_paths(st_va, mags), _tab_rows(pre, table, st_va[CASE_ID]), y_va, cache=cache)
+    tcfg = cfg.train.model_copy(update={"channels_last": False})
+    result = train_model(model, train_ds, val_ds, tcfg, n_classes=len(classes), train_labels=y_tr, ckpt_dir=out_dir,
+                         resume=resume, seed=cfg.seed, desc=desc, progress=progress)
+    return FittedGrader(variant, model, pre, mags, backbones, sources, result)
+
+
+@torch.no_grad()
+def score_stacks(fitted: FittedGrader, stacks: pd.DataFrame, table: pd.DataFrame | None, cache,
+                 batch_size: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-stack probabilities (n, K), cross-scale attention (n, S, S) and scale weights (n, S)."""
+    from torch.utils.data import DataLoader
+
+    from breastfusion.histology.dataset import StackDataset
+
+    model = fitted.model
+    model.eval()
+    device = next(model.parameters()).device
+    ds = StackDataset(_stack_paths(stacks, fitted.magnifications), _tab_rows(fitted.tabular, table, stacks[CASE_ID]),
+                      None, cache=cache)
+    probs, cross, scale_w = [], [], []
+    for image, tab, _, _ in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        out, att = model(image.to(device), tab.to(device) if model.uses_tabular else None, return_attention=True)
+        probs.append(model.probabilities(out).double().cpu().numpy())
+        cross.append(att["cross_scale"].float().cpu().numpy())
+        scale_w.append(att["scale_weights"].float().cpu().numpy())
+    return np.concatenate(probs), np.concatenate(cross), np.concatenate(scale_w)
+
+
+def pool_cases(stacks: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """Mean of stack probabilities per case (see the module docstring for why the mean)."""
+    df = pd.DataFrame(probs, columns=[f"prob_{c}" for c in classes])
+    df[CASE_ID] = stacks[CASE_ID].to_numpy()
+    return df.groupby(CASE_ID, sort=False).mean()
+
+
+def _prediction_table(cases: pd.DataFrame, case_probs: pd.DataFrame, classes: list[str], fold, model: str) -> pd.DataFrame:
+    P = case_probs.reindex(cases[CASE_ID]).to_numpy()
+    df = pd.DataFrame({CASE_ID: cases[CASE_ID].to_numpy(), "fold": fold, LABEL: cases[LABEL].to_numpy()})
+    for j, c in enumerate(classes):
+        df[f"prob_{c}"] = P[:, j]
+    df["predicted"] = np.asarray(classes, dtype=object)[P.argmax(1)]
+    df["model"] = model
+    return df
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> Path:
+    if dist_utils.is_main():
+        with atomic_path(path) as tmp:
+            df.to_csv(tmp, index=False)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def stage_pathomics(tiles: pd.DataFrame, cfg: Config, run_dir: Path, resume: bool, progress: bool) -> pd.DataFrame | None:
+    """Case-level pathomics from the highest-magnification tiles (Dask when histology.workers > 1)."""
+    if not cfg.histology.pathomics:
+        return None
+    from breastfusion.histology.features import case_pathomics, extract_tile_pathomics
+
+    path = run_dir / "features" / "case_pathomics.parquet"
+    if resume and path.exists():
+        return pd.read_parquet(path)
+    hc = cfg.histology
+    tile_feats = extract_tile_pathomics(tiles, run_dir / "features" / "pathomics", magnification=max(hc.magnifications),
+                                       method=hc.pathomics_method, model_path=hc.nuclei_model,
+                                       n_workers=hc.workers, scheduler=hc.scheduler, progress=progress)
+    feats = case_pathomics(tile_feats)
+    feats.index = feats.index.astype(str)
+    with atomic_path(path) as tmp:
+        feats.to_parquet(tmp)
+    return feats
+
+
+def stage_deep_embeddings(stacks: pd.DataFrame, cfg: Config, run_dir: Path, resume: bool, cache,
+                          progress: bool) -> pd.DataFrame:
+    """Case-level means of the frozen (ImageNet or random, see the weight sources) backbone embeddings per
+    magnification: label-free, so computing them once on all cases leaks nothing; the classical models select
+    among them inside each fold."""
+    from breastfusion.histology.dataset import StackDataset
+    from breastfusion.training.trainer import backbone_features
+
+    path = run_dir / "features" / "deep_embeddings.parquet"
+    if resume and path.exists():
+        return pd.read_parquet(path)
+    backbones, mags, _ = variant_spec("multiscale", cfg)
+    modules, norms, _ = build_backbones(backbones, cfg, cache.size)
+    model = make_grader(2, modules, norms, len(mags), 0, cfg)
+    ds = StackDataset(_stack_paths(stacks, mags), None, None, cache=cache)
+    feats = backbone_features(model, ds, batch_size=cfg.train.batch_size, device=torch.device("cpu"),
+                              channels_last=False, progress=progress, desc="frozen embeddings").cpu().numpy()
+    n, t = len(stacks), cfg.histology.token_grid ** 2
+    feats = feats.reshape(n, len(mags), -1)
+    cols, blocks, start = [], [], 0
+    for key, mod in modules.items():
+        c = mod.num_features
+        blk = feats[:, :, start:start + t * c].reshape(n, len(mags), t, c).mean(2)  # mean over tokens
+        start += t * c
+        for si, m in enumerate(mags):
+            blocks.append(blk[:, si])
+            cols += [f"deep_{key}_{m:g}x_{i}" for i in range(c)]
+    df = pd.DataFrame(np.concatenate(blocks, 1), columns=cols)
+    df[CASE_ID] = stacks[CASE_ID].astype(str).to_numpy()
+    out = df.groupby(CASE_ID).mean()
+    if dist_utils.is_main():
+        with atomic_path(path) as tmp:
+            out.to_parquet(tmp)
+    return out
+
+
+def stage_classical(cases, table, deep, splits, classes, cfg: Config, run_dir: Path, resume: bool) -> dict:
+    from breastfusion.models.classical import fit_predict_oof
+    from breastfusion.tabular_inputs import numeric_for_classical
+
+    out = {}
+    if not cfg.experiment.classical_models:
+        return out
+    sets = {}
+    if table is not None and table.shape[1]:
+        sets[""] = numeric_for_classical(table)
+    if deep is not None:
+        base = sets.get("")
+        sets["+deep"] = deep.reindex(cases[CASE_ID]) if base is None else base.join(deep, how="left")
+    y = cases.set_index(CASE_ID)[LABEL]
+    select = None if cfg.histology.feature_selection == "none" else cfg.histology.feature_selection
+    for suffix, X in sets.items():
+        for name in cfg.experiment.classical_models:
+            key = f"{name}{suffix}"
+            path = run_dir / "predictions" / f"{key}.csv"
+            if resume and path.exists():
+                out[key] = pd.read_csv(path, dtype={CASE_ID: str})
+                continue
+            t = time.perf_counter()
+            preds = fit_predict_oof(X, y.reindex(X.index), splits, name, classes, seed=cfg.seed, select=select)
+            preds["model"] = key
+            log.info("classical %s: %.1f s", key, time.perf_counter() - t)
+            out[key] = preds
+            _write_csv(preds, path)
+    return out
+
+
+def stage_grader_cv(variant: str, cases, stacks, table, splits, classes, cfg: Config, run_dir: Path, resume: bool,
+                    progress: bool, cache) -> pd.DataFrame:
+    name = f"deep_{variant}"
+    path = run_dir / "predictions" / f"{name}.csv"
+    if resume and path.exists():
+        return pd.read_csv(path, dtype={CASE_ID: str})
+    fold_of = splits.set_index(CASE_ID)["fold"].reindex(cases[CASE_ID]).to_numpy()
+    parts, stack_parts = [], []
+    for fold in sorted(pd.unique(fold_of)):
+        fold_dir = run_dir / "deep" / name / f"fold{int(fold)}"
+        fold_path = fold_dir / "predictions.csv"
+        stack_path = fold_dir / "stacks.csv"
+        if resume and fold_path.exists() and stack_path.exists():
+            parts.append(pd.read_csv(fold_path, dtype={CASE_ID: str}))
+            stack_parts.append(pd.read_csv(stack_path, dtype={CASE_ID: str, STACK_ID: str}))
+            continue
+        test = fold_of == fold
+        fitted = fit_grader(variant, cases[~test], stacks, table, classes, cfg, fold_dir, resume=resume,
+                            progress=progress, cache=cache, desc=f"{name} fold {int(fold) + 1}")
+        test_cases = cases[test]
+        st = stacks[stacks[CASE_ID].isin(set(test_cases[CASE_ID]))].reset_index(drop=True)
+        probs, cross, scale_w = score_stacks(fitted, st, table, cache)
+        preds = _prediction_table(test_cases, pool_cases(st, probs, classes), classes, int(fold), name)
+        sp = st[[CASE_ID, STACK_ID]].copy()
+        for j, c in enumerate(classes):
+            sp[f"prob_{c}"] = probs[:, j]
+        for si, m in enumerate(fitted.magnifications):
+            sp[f"scale_weight_{m:g}x"] = scale_w[:, si]
+            for sj, m2 in enumerate(fitted.magnifications):
+                sp[f"attn_{m:g}x_to_{m2:g}x"] = cross[:, si, sj]
+        _write_csv(preds, fold_path)
+        _write_csv(sp, stack_path)
+        if dist_utils.is_main():
+            write_json(fitted.result.history, fold_dir / "history.json")
+            (fold_dir / "last.pt").unlink(missing_ok=True)
+        parts.append(preds)
+        stack_parts.append(sp)
+    preds = pd.concat(parts, ignore_index=True)
+    _write_csv(pd.concat(stack_parts, ignore_index=True), run_dir / "predictions" / f"stacks_{name}.csv")
+    _write_csv(preds, path)
+    return preds
+
+
+def per_center_table(results: dict, cases: pd.DataFrame, classes: list[str], ordinal: bool) -> pd.DataFrame:
+    """Point metrics of every model on each centre's cases (the external-validation view under LOCO)."""
+    from breastfusion.evaluation.metrics import compute_metrics
+
+    center_of = cases.set_index(CASE_ID)[CENTER]
+    rows = []
+    for name, r in results.items():
+        p = r["predictions"]
+        for c in sorted(center_of.unique()):
+            sub = p[p[CASE_ID].map(center_of) == c]
+            if len(sub) == 0:
+                continue
+            m = compute_metrics(sub, classes, ordinal=ordinal)
+            row = {"model": name, "centre": c, "n": len(sub), "macro_f1": m.get("macro_f1"),
+                   "balanced_accuracy": m.get("balanced_accuracy"), "macro_auc": m.get("macro_auc")}
+            if ordinal:
+                row["qwk"] = m.get("quadratic_weighted_kappa")
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in df.columns:
+        if df[col].dtype == float:
+            df[col] = df[col].round(3)
+    return df
+
+
+def attention_figure(stack_csv: Path, cases: pd.DataFrame, out: Path, title: str) -> Path | None:
+    """Heat map of the mean cross-scale attention and bar chart of mean scale weights per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not stack_csv.exists():
+        return None
+    sp = pd.read_csv(stack_csv, dtype={CASE_ID: str})
+    mags = [c.removeprefix("scale_weight_") for c in sp.columns if c.startswith("scale_weight_")]
+    if not mags:
+        return None
+    label = sp[CASE_ID].map(cases.set_index(CASE_ID)[LABEL])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    M = np.array([[sp[f"attn_{a}_to_{b}"].mean() for b in mags] for a in mags])
+    im = axes[0].imshow(M, cmap="viridis", vmin=0)
+    axes[0].set_xticks(range(len(mags)), mags)
+    axes[0].set_yticks(range(len(mags)), mags)
+    axes[0].set_xlabel("attended scale (keys)")
+    axes[0].set_ylabel("querying scale")
+    axes[0].set_title("mean cross-scale attention")
+    for i in range(len(mags)):
+        for j in range(len(mags)):
+            axes[0].text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, ax=axes[0], fraction=0.046)
+    classes = sorted(label.dropna().unique())
+    width = 0.8 / max(1, len(classes))
+    for k, c in enumerate(classes):
+        vals = [sp.loc[label == c, f"scale_weight_{m}"].mean() for m in mags]
+        axes[1].bar(np.arange(len(mags)) + k * width, vals, width, label=str(c))
+    axes[1].set_xticks(np.arange(len(mags)) + width * (len(classes) - 1) / 2, mags)
+    axes[1].set_ylabel("mean scale weight")
+    axes[1].set_title("scale pooling weights by true class")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return out
+
+
+def fit_final_grader(cases, stacks, table, classes, cfg: Config, run_dir: Path, *, resume, progress, cache,
+                     synthetic: bool, metrics: dict | None, clinical_cols: list[str], pathomics_cols: list[str]) -> Path:
+    from breastfusion.inference.bundle import save_bundle
+
+    fitted = fit_grader("multiscale", cases, stacks, table, classes, cfg, run_dir / "deep" / "final_multiscale",
+                        resume=resume, progress=progress, cache=cache, desc="final multiscale")
+    hc = cfg.histology
+    model_meta = {"kind": "multiscale", "backbones": fitted.backbones,
+                  "backbone_kwargs": {k: _backbone_kwargs(n, cache.size) for k, n in fitted.backbones.items()},
+                  "magnifications": fitted.magnifications, "token_grid": hc.token_grid, "attention_dim": hc.attention_dim,
+                  "attention_heads": hc.attention_heads, "objective": hc.objective,
+                  "n_tabular": fitted.tabular.n_features_out_ if fitted.tabular is not None else 0,
+                  "tabular_dim": cfg.model.tabular_dim, "tabular_hidden": cfg.model.tabular_hidden,
+                  "fusion_hidden": cfg.model.fusion_hidden, "dropout": cfg.model.dropout,
+                  "norms": {k: [list(map(float, fitted.model.get_buffer(f"mean_{k}").flatten())),
+                                list(map(float, fitted.model.get_buffer(f"std_{k}").flatten()))]
+                            for k in fitted.backbones}}
+    normalizer = getattr(cache, "normalizer", None)
+    image_meta = {"size": cache.size, "range": "0-1 RGB", "pooling": hc.pooling,
+                  "stain_normalization": normalizer.to_dict() if normalizer is not None else None}
+    feature_meta = {"clinical_columns": clinical_cols,
+                    "pathomics": {"method": hc.pathomics_method, "columns": pathomics_cols} if pathomics_cols else None}
+    training = {"n_cases": int(len(cases)), "n_stacks": int(stacks[CASE_ID].isin(set(cases[CASE_ID])).sum()),
+                "best_epoch": fitted.result.best_epoch, "inner_val_macro_f1": fitted.result.best_val_macro_f1,
+                "seconds": round(fitted.result.seconds, 1), "weights_init": fitted.weight_sources,
+                "class_counts": {c: int((cases[LABEL] == c).sum()) for c in classes}}
+    path = run_dir / "bundles" / "multiscale"
+    if dist_utils.is_main():
+        save_bundle(path, fitted.model, classes=classes, model_meta=model_meta, image_meta=image_meta,
+                    tabular=fitted.tabular, feature_meta=feature_meta, config_yaml=config_to_yaml(cfg),
+                    synthetic=synthetic, training=training,
+                    metrics={"cross_validation": metrics} if metrics else {})
+        (run_dir / "deep" / "final_multiscale" / "last.pt").unlink(missing_ok=True)
+    dist_utils.barrier()
+    return path
+
+
+# -------------------------------------------------------------------------------------------------- run
+
+
+def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+                cases: pd.DataFrame | None = None, tiles: pd.DataFrame | None = None):
+    """Run the histology experiment described by ``cfg`` (``task: histology``) into ``run_dir``."""
+    from breastfusion.data.synthetic import is_synthetic
+    from breastfusion.evaluation.metrics import evaluate, to_jsonable
+    from breastfusion.evaluation.report import write_report
+    from breastfusion.histology.dataset import TileCache
+    from breastfusion.pipeline import RunResult, resolve_classes, stage_splits
+    from breastfusion.tabular_inputs import clinical_columns, tabular_table
+
+    t_start = time.perf_counter()
+    dist_utils.init_distributed()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    hc = cfg.histology
+    if cases is None:
+        if not cfg.data.source:
+            raise DataError("No cases table: set data.source to the histology cases table (CSV/Parquet).")
+        cases = read_cases(cfg.data.source, require_images=False)
+    if tiles is None:
+        if not hc.tiles:
+            raise DataError("No tiles table: set histology.tiles (columns case_id, stack_id, magnification, image_path).")
+        tiles = read_tiles(hc.tiles, cases)
+    classes = resolve_classes(cases, cfg)
+    synthetic = is_synthetic(cases)
+    timings: dict[str, float] = {}
+    normalizer = None
+    if hc.stain_normalization != "none":
+        from breastfusion.histology.stain import StainNormalizer
+
+        if not hc.stain_target:
+            raise ConfigError("histology.stain_normalization needs histology.stain_target (an H&E image).")
+        normalizer = StainNormalizer(hc.stain_normalization, target=hc.stain_target)
+    cache = TileCache(cfg.image.size, normalizer)
+
+    stacks = stack_table(tiles, hc.magnifications)
+    with dist_utils.main_first():
+        r = resume or not dist_utils.is_main()
+        t = time.perf_counter()
+        ok = cache.usable(_stack_paths(stacks, hc.magnifications))
+        if (~ok).any():
+            log.warning("%d stack(s) dropped: unreadable tiles (see the warnings above)", int((~ok).sum()))
+        stacks = stacks[ok].reset_index(drop=True)
+        no_stack = ~cases[CASE_ID].isin(set(stacks[CASE_ID]))
+        if no_stack.any():
+            log.warning("%d case(s) have no usable stack and are left out: %s", int(no_stack.sum()),
+                        ", ".join(cases.loc[no_stack, CASE_ID].head(5)))
+            cases = cases[~no_stack].reset_index(drop=True)
+        timings["decode_s"] = time.perf_counter() - t
+        if dist_utils.is_main():
+            save_config(cfg, run_dir / "config.yaml")
+            write_cases(cases, run_dir / "cases.csv")
+        splits = stage_splits(cases, None, cfg, run_dir, r)
+        t = time.perf_counter()
+        pathomics = stage_pathomics(tiles[tiles[CASE_ID].isin(set(cases[CASE_ID]))], cfg, run_dir, r, progress)
+        timings["pathomics_s"] = time.perf_counter() - t
+        deep_emb = None
+        if cfg.experiment.classical_models and hc.deep_features_for_classical:
+            t = time.perf_counter()
+            deep_emb = stage_deep_embeddings(stacks, cfg, run_dir, r, cache, progress)
+            timings["embeddings_s"] = time.perf_counter() - t
+        columns = clinical_columns(cases, cfg.data.tabular_columns)
+        table = tabular_table(cases, columns, pathomics)
+        if table.shape[1] == 0:
+            table = None
+        t = time.perf_counter()
+        predictions = stage_classical(cases, table, deep_emb, splits, classes, cfg, run_dir, r)
+        timings["classical_s"] = time.perf_counter() - t
+
+    for variant in hc.variants:
+        t = time.perf_counter()
+        predictions[f"deep_{variant}"] = stage_grader_cv(variant, cases, stacks, table, splits, classes, cfg, run_dir,
+                                                         resume, progress, cache)
+        timings[f"deep_{variant}_s"] = time.perf_counter() - t
+
+    ordinal = hc.ordinal_metrics
+    results = {}
+    for name, preds in predictions.items():
+        preds = preds.merge(cases[[CASE_ID, PATIENT_ID]], on=CASE_ID, how="left")
+        results[name] = {"predictions": preds,
+                         "metrics": evaluate(preds, classes, n_boot=cfg.experiment.n_boot, seed=cfg.seed,
+                                             group_col=PATIENT_ID, ordinal=ordinal)}
+        if name.startswith("deep_"):
+            results[name]["description"] = VARIANT_DESCRIPTIONS.get(name.removeprefix("deep_"))
+    metrics = {name: to_jsonable(r["metrics"]) for name, r in results.items()}
+    centres = per_center_table(results, cases, classes, ordinal)
+
+    bundle = None
+    if hc.variants and cfg.experiment.final_models:
+        t = time.perf_counter()
+        bundle = fit_final_grader(cases, stacks, table, classes, cfg, run_dir, resume=resume, progress=progress,
+                                  cache=cache, synthetic=synthetic, metrics=metrics.get("deep_multiscale"),
+                                  clinical_cols=columns,
+                                  pathomics_cols=list(pathomics.columns) if pathomics is not None else [])
+        timings["final_multiscale_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_start
+    if not dist_utils.is_main():
+        return RunResult(run_dir=run_dir, metrics=metrics, report=None, bundle=bundle)
+
+    figures = {}
+    for variant in hc.variants:
+        f = attention_figure(run_dir / "predictions" / f"stacks_deep_{variant}.csv", cases,
+                             run_dir / "report" / "figures" / f"attention_{variant}.png",
+                             f"deep_{variant}: out-of-fold test stacks")
+        if f is not None:
+            figures[f"Cross-scale attention and scale weights: deep_{variant}"] = f
+    _write_csv(centres, run_dir / "per_centre_metrics.csv")
+    write_json({"classes": classes, "synthetic_data": synthetic, "timings": timings, "models": metrics,
+                "per_centre": centres.to_dict(orient="records")}, run_dir / "metrics.json")
+    notes = []
+    if synthetic:
+        notes.append("Every case in this run is SYNTHETIC procedural tissue: the numbers show the software works, "
+                     "not how a model grades patients.")
+    notes.append(f"Splits: {cfg.cv.strategy}, seed {cfg.seed}; a patient never spans two folds. "
+                 + ("Each fold holds out one centre: the per-centre table is external validation. "
+                    if cfg.cv.strategy == "leave_one_center_out" else "")
+                 + "Deep models stop early on an inner patient-grouped validation split of the training folds. "
+                 "Case prediction = mean of its stacks' probabilities. CIs: cluster bootstrap over patients.")
+    if hc.feature_selection != "none" and cfg.experiment.classical_models:
+        notes.append("Classical models select features (LASSO) inside each training fold; '+deep' models add "
+                     "case-mean frozen-backbone embeddings per magnification to pathomics and clinical features.")
+    weights = {}
+    for v in hc.variants:
+        weights.update(build_weight_note(v, cfg))
+    summary = {
+        "cases": len(cases), "stacks": len(stacks), "magnifications": [f"{m:g}x" for m in hc.magnifications],
+        "classes": {c: int((cases[LABEL] == c).sum()) for c in classes},
+        "patients": int(cases[PATIENT_ID].nunique()), "centres": sorted(cases[CENTER].unique().tolist()),
+        "backbone weights": weights, "per-centre metrics": centres,
+        "timings (s)": {k: round(v, 1) for k, v in timings.items()},
+    }
+    report = write_report(run_dir / "report", title=f"breastfusion grading — {cfg.name}", model_results=results,
+                          dataset_summary=summary, config_text=config_to_yaml(cfg), notes=notes, synthetic=synthetic,
+                          extra_figures=figures)
+    return RunResult(run_dir=run_dir, metrics=metrics, report=report, bundle=bundle)
+
+
+def build_weight_note(variant: str, cfg: Config) -> dict[str, str]:
+    from breastfusion.models.pretrained import hub_reachable
+
+    backbones, _, _ = variant_spec(variant, cfg)
+    offline = {"tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"}
+    out = {}
+    for key, name in backbones.items():
+        if cfg.histology.pretrained == "none":
+            out[name] = "random (pretrained: none)"
+        elif name.split(".")[0] in offline:
+            out[name] = "ImageNet (offline package or hub)"
+        else:
+            out[name] = "ImageNet from the hub" if hub_reachable(1.0) else "random: hub unreachable here"
+    return out
