@@ -19,8 +19,16 @@ def cpu_model() -> str:
 
 
 def machine_description() -> str:
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f", GPU {torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+    except ImportError:
+        pass
     return (f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
-            f"Python {platform.python_version()}")
+            f"Python {platform.python_version()}{gpu}")
 
 
 def peak_rss_mb() -> float:

@@ -79,8 +79,10 @@ def build_backbones(backbones: dict[str, str], cfg: Config, size: int):
                     raise
                 if name not in _WARNED:
                     _WARNED.add(name)
-                    log.warning("%s starts from RANDOM weights: %s (histology.pretrained: if_available; set "
-                                "'require' to make this an error)", name, str(exc).split(":", 1)[-1].split(";")[0].strip())
+                    log.warning("%s starts from RANDOM weights: no pretrained weights are reachable here (hub "
+                                "offline or unreachable, no offline package). histology.pretrained: require makes "
+                                "this an error.", name)
+                    log.debug("weight resolution for %s: %s", name, exc)
                 m, ws = create_backbone(name, pretrained=False, quiet=True, **kwargs)
         d = backbone_data_config(m)
         modules[key], norms[key], sources[key] = m, (d["mean"], d["std"]), f"{name}: {ws.kind}"
@@ -362,7 +364,9 @@ def per_center_table(results: dict, cases: pd.DataFrame, classes: list[str], ord
             if len(sub) == 0:
                 continue
             m = compute_metrics(sub, classes, ordinal=ordinal)
-            row = {"model": name, "centre": c, "n": len(sub), "macro_f1": m.get("macro_f1"),
+            # a centre often holds one class only: accuracy stays meaningful there, macro-F1 and AUC do not
+            row = {"model": name, "centre": c, "n": len(sub), "classes_present": int(sub[LABEL].nunique()),
+                   "accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1"),
                    "balanced_accuracy": m.get("balanced_accuracy"), "macro_auc": m.get("macro_auc")}
             if ordinal:
                 row["qwk"] = m.get("quadratic_weighted_kappa")

@@ -1,0 +1,686 @@
+"""Calibrated probabilities (temperature scaling) and split-conformal prediction sets.
+
+Two small, JSON-serialisable post-hoc calibrators that work on the probabilities a model already outputs
+(bundles store softmax outputs, so everything here starts from probabilities; logits are accepted too):
+
+* :class:`TemperatureScaler` fits one temperature ``T > 0`` by minimising the negative log-likelihood on a
+  calibration set: ``softmax(log(p) / T)``. ``T > 1`` softens over-confident probabilities, ``T < 1``
+  sharpens under-confident ones. The arg-max (the predicted class) never changes.
+* :class:`ConformalClassifier` turns probabilities into *prediction sets* that contain the true class with
+  probability at least ``1 - alpha`` (marginally, over exchangeable cases) by split-conformal calibration:
+  a conformity score is computed for each calibration case's true class and the finite-sample quantile
+  ``ceil((n + 1)(1 - alpha)) / n`` of those scores is the threshold. Three scores:
+
+  - ``"lac"`` (least ambiguous set-valued classifier, Sadinle et al. 2019): ``1 - p_y``. Smallest sets on
+    average, but coverage can be uneven across classes.
+  - ``"aps"`` (adaptive prediction sets, Romano, Sesia & Candès 2020): the probability mass of the classes
+    ranked above ``y`` plus ``p_y`` (times ``U ~ Uniform(0, 1)`` when ``randomized``). Sets grow with the
+    model's uncertainty.
+  - ``"raps"`` (regularised APS, Angelopoulos et al. 2021): APS plus ``lam * max(0, rank(y) - k_reg)``,
+    which penalises long tails of unlikely classes.
+
+  The default is *non-randomised* (``randomized=False``) so that the same input always gives the same
+  set. Non-randomised APS/RAPS are still valid (coverage ``>= 1 - alpha``) but conservative: the whole
+  mass of the last class included counts, and the top class is always included, so empirical coverage is
+  usually somewhat *above* ``1 - alpha`` and sets are larger than the randomised version's. The randomised
+  version is close to exact ``1 - alpha`` (still forced to hold the top class, so never empty).
+
+Every set holds at least one class: the top class is added when the threshold would leave the set empty.
+
+For tables of out-of-fold predictions (``case_id, fold, label, prob_<class>..., predicted, model``)
+:func:`calibrate_predictions` fits both calibrators cross-fold (each fold is calibrated on the *other*
+folds' out-of-fold predictions only), :func:`coverage_report` summarises coverage, set sizes and
+calibration error, and :func:`plot_reliability_before_after` draws the reliability diagrams.
+
+Caveat: the coverage guarantee assumes the calibration cases and the new cases are exchangeable (same
+population, same scanner mix, same model). Cross-fold calibration pools out-of-fold predictions of
+slightly different fold models, which is exchangeable only approximately; a shift in the case mix
+(another hospital) voids the guarantee until the calibrators are refitted on that population.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
+
+from breastfusion.errors import DataError
+from breastfusion.evaluation.metrics import (
+    SUM_TOLERANCE,
+    _as_class_name,
+    _expected_calibration_error,
+    _prepare,
+)
+
+CALPROB_PREFIX = "calprob_"
+SET_SEPARATOR = "|"
+METHODS = ("aps", "raps", "lac")
+#: Probabilities are clipped to this before taking logs (exact zeros occur, e.g. random forests).
+LOG_EPS = 1e-12
+#: Bounds of the temperature search (on log T).
+T_BOUNDS = (1e-2, 1e2)
+#: Slack when comparing a test score with the calibrated threshold (float round-off of cumulative sums).
+_SCORE_TOL = 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_scores(X, name: str = "probs", *, from_logits: bool = False, n_classes: int | None = None) -> np.ndarray:
+    """A finite (n, K) float array; probabilities must lie in [0, 1] and sum to 1 per row."""
+    try:
+        A = np.asarray(X, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{name} must be a numeric (n_cases, n_classes) array: {e}") from None
+    if A.ndim != 2:
+        raise DataError(f"{name} must be a 2-D (n_cases, n_classes) array; got shape {A.shape}.")
+    if A.shape[0] == 0:
+        raise DataError(f"{name} is empty: no cases to calibrate on or to transform.")
+    if A.shape[1] < 2:
+        raise DataError(f"{name} must have at least two class columns; got {A.shape[1]}.")
+    if n_classes is not None and A.shape[1] != n_classes:
+        raise DataError(f"{name} has {A.shape[1]} class columns but the calibrator was fitted on {n_classes}.")
+    bad = ~np.isfinite(A)
+    if bad.any():
+        i, k = (int(v) for v in np.argwhere(bad)[0])
+        rows = int(bad.any(axis=1).sum())
+        raise DataError(
+            f"{name}, row index {i} (0-based), class column {k}: value is {A[i, k]!r}; every "
+            f"{'logit' if from_logits else 'probability'} must be a finite number ({rows} such row(s))."
+        )
+    if not from_logits:
+        out = (A < -SUM_TOLERANCE) | (A > 1 + SUM_TOLERANCE)
+        if out.any():
+            i, k = (int(v) for v in np.argwhere(out)[0])
+            raise DataError(
+                f"{name}, row index {i} (0-based), class column {k}: probability {A[i, k]!r} is outside [0, 1]"
+                " (pass from_logits=True for logits)."
+            )
+        sums = A.sum(axis=1)
+        off = np.abs(sums - 1.0) > SUM_TOLERANCE
+        if off.any():
+            i = int(np.flatnonzero(off)[0])
+            raise DataError(
+                f"{name}, row index {i} (0-based): probabilities sum to {sums[i]:.6g}, not 1 ({int(off.sum())} "
+                "such row(s)); pass softmax probabilities over all classes (or from_logits=True for logits)."
+            )
+        A = np.clip(A, 0.0, 1.0)
+        A = A / A.sum(axis=1, keepdims=True)
+    return A
+
+
+def _check_labels(y, n: int, K: int, classes: list[str] | None, name: str = "y") -> np.ndarray:
+    """Integer class codes 0..K-1 from integer labels, or from class names when ``classes`` is given."""
+    vals = list(y.tolist() if isinstance(y, (np.ndarray, pd.Series, pd.Index)) else y)
+    if len(vals) != n:
+        raise DataError(f"{name} has {len(vals)} labels but there are {n} rows of probabilities.")
+    code = {c: k for k, c in enumerate(classes)} if classes is not None else None
+    out = np.empty(n, dtype=np.int64)
+    for i, v in enumerate(vals):
+        label = _as_class_name(v)
+        if label is None:
+            raise DataError(f"{name}, row index {i} (0-based): label is empty (NaN/None); it must name a class.")
+        if code is not None:
+            if label not in code:
+                raise DataError(
+                    f"{name}, row index {i} (0-based): unknown class '{label}'; expected one of {classes}."
+                )
+            out[i] = code[label]
+        else:
+            try:
+                k = int(label)
+            except ValueError:
+                raise DataError(
+                    f"{name}, row index {i} (0-based): label '{label}' is not an integer class index; pass "
+                    "integer labels 0..K-1 or the class names with classes=[...]."
+                ) from None
+            if not 0 <= k < K:
+                raise DataError(
+                    f"{name}, row index {i} (0-based): label {k} is outside the classes 0..{K - 1}."
+                )
+            out[i] = k
+    return out
+
+
+def _check_classes(classes, K: int) -> list[str] | None:
+    if classes is None:
+        return None
+    names = [_as_class_name(c) for c in classes]
+    if any(c is None for c in names) or len(set(names)) != len(names):
+        raise DataError(f"The class list {list(classes)} has an empty or repeated class name.")
+    if len(names) != K:
+        raise DataError(f"The class list {names} names {len(names)} classes but the probabilities have {K} columns.")
+    return names
+
+
+def _log_probs(P: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(P, LOG_EPS, 1.0))
+
+
+def _softmax(Z: np.ndarray) -> np.ndarray:
+    Z = Z - Z.max(axis=1, keepdims=True)
+    E = np.exp(Z)
+    return E / E.sum(axis=1, keepdims=True)
+
+
+def _nll(Z: np.ndarray, y: np.ndarray, T: float) -> float:
+    S = Z / T
+    return float(np.mean(logsumexp(S, axis=1) - S[np.arange(len(y)), y]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Temperature scaling
+# ---------------------------------------------------------------------------------------------------------
+
+
+class TemperatureScaler:
+    """One temperature ``T`` for all classes, fitted by minimum negative log-likelihood (Guo et al. 2017).
+
+    ``fit(probs, y)`` works from probabilities (their logs are the logits up to a per-row constant, which
+    softmax ignores) or, with ``from_logits=True``, from logits. The search is a bounded 1-D minimisation
+    over ``log T`` in ``log(T_BOUNDS)``. ``transform(probs)`` returns ``softmax(log(probs) / T)``.
+
+    Attributes after fitting: ``temperature_``, ``n_cal_``, ``nll_before_`` (at T = 1), ``nll_after_``,
+    ``classes_`` (names, when given) and ``n_classes_``.
+    """
+
+    KIND = "temperature_scaling"
+
+    def __init__(self) -> None:
+        self.temperature_: float | None = None
+        self.n_cal_: int = 0
+        self.nll_before_: float | None = None
+        self.nll_after_: float | None = None
+        self.classes_: list[str] | None = None
+        self.n_classes_: int | None = None
+
+    def fit(self, probs, y, *, classes: list[str] | None = None, from_logits: bool = False) -> TemperatureScaler:
+        A = _check_scores(probs, "probs", from_logits=from_logits)
+        n, K = A.shape
+        names = _check_classes(classes, K)
+        codes = _check_labels(y, n, K, names)
+        Z = A if from_logits else _log_probs(A)
+        lo, hi = (math.log(b) for b in T_BOUNDS)
+        res = minimize_scalar(lambda t: _nll(Z, codes, math.exp(t)), bounds=(lo, hi), method="bounded",
+                              options={"xatol": 1e-6})
+        T = float(math.exp(res.x))
+        before, after = _nll(Z, codes, 1.0), _nll(Z, codes, T)
+        if before <= after:  # T = 1 is at least as good (e.g. an already calibrated model): keep it
+            T, after = 1.0, before
+        self.temperature_, self.n_cal_ = T, int(n)
+        self.nll_before_, self.nll_after_ = before, after
+        self.classes_, self.n_classes_ = names, int(K)
+        return self
+
+    @property
+    def fitted(self) -> bool:
+        return self.temperature_ is not None
+
+    def _require_fitted(self) -> None:
+        if not self.fitted:
+            raise DataError("TemperatureScaler is not fitted: call fit(probs, y) first (or from_dict).")
+
+    def transform(self, probs, *, from_logits: bool = False) -> np.ndarray:
+        """Temperature-scaled probabilities, shape (n, K), rows summing to 1."""
+        self._require_fitted()
+        A = _check_scores(probs, "probs", from_logits=from_logits, n_classes=self.n_classes_)
+        Z = A if from_logits else _log_probs(A)
+        return _softmax(Z / self.temperature_)
+
+    def fit_transform(self, probs, y, **kw) -> np.ndarray:
+        from_logits = kw.get("from_logits", False)
+        return self.fit(probs, y, **kw).transform(probs, from_logits=from_logits)
+
+    def nll(self, probs, y, *, from_logits: bool = False) -> float:
+        """Mean negative log-likelihood of the labels ``y`` (integer codes, or names if fitted with classes)."""
+        self._require_fitted()
+        A = _check_scores(probs, "probs", from_logits=from_logits, n_classes=self.n_classes_)
+        codes = _check_labels(y, len(A), A.shape[1], self.classes_)
+        return _nll(A if from_logits else _log_probs(A), codes, self.temperature_)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe description (plain floats/ints/strings) for a bundle's ``bundle.json``."""
+        self._require_fitted()
+        return {"kind": self.KIND, "temperature": float(self.temperature_), "n_cal": int(self.n_cal_),
+                "nll_before": float(self.nll_before_), "nll_after": float(self.nll_after_),
+                "classes": list(self.classes_) if self.classes_ is not None else None,
+                "n_classes": int(self.n_classes_)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TemperatureScaler:
+        if not isinstance(d, dict) or d.get("kind") != cls.KIND:
+            raise DataError(f"Not a temperature-scaling description (expected kind '{cls.KIND}'): {d!r:.200}")
+        try:
+            T = float(d["temperature"])
+            K = int(d["n_classes"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"Temperature-scaling description is missing or has a bad 'temperature'/'n_classes': {e}") from None
+        if not (math.isfinite(T) and T > 0):
+            raise DataError(f"Temperature-scaling description has temperature {T!r}; it must be a finite number > 0.")
+        self = cls()
+        self.temperature_, self.n_classes_ = T, K
+        self.n_cal_ = int(d.get("n_cal", 0))
+        self.nll_before_ = d.get("nll_before")
+        self.nll_after_ = d.get("nll_after")
+        self.classes_ = _check_classes(d.get("classes"), K)
+        return self
+
+    def __repr__(self) -> str:
+        t = "unfitted" if not self.fitted else f"T={self.temperature_:.4f}, n_cal={self.n_cal_}"
+        return f"TemperatureScaler({t})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Split-conformal prediction sets
+# ---------------------------------------------------------------------------------------------------------
+
+
+def min_calibration_size(alpha: float) -> int:
+    """Smallest calibration set for which the finite-sample quantile exists: ``ceil((n+1)(1-alpha)) <= n``."""
+    _check_alpha(alpha)
+    n = max(1, math.ceil((1 - alpha) / alpha - 1e-9))
+    while _rank(n, alpha) > n:  # guard against float round-off in the closed form
+        n += 1
+    while n > 1 and _rank(n - 1, alpha) <= n - 1:
+        n -= 1
+    return n
+
+
+def _rank(n: int, alpha: float) -> int:
+    """1-based rank of the calibration score used as threshold: ceil((n + 1)(1 - alpha))."""
+    return math.ceil((n + 1) * (1 - alpha) - 1e-9)
+
+
+def _check_alpha(alpha) -> float:
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        raise DataError(f"alpha must be a number in (0, 1); got {alpha!r}.") from None
+    if not (0 < a < 1):
+        raise DataError(f"alpha must be in (0, 1) (target coverage 1 - alpha); got {alpha!r}.")
+    return a
+
+
+class ConformalClassifier:
+    """Split-conformal prediction sets over the classes (see the module docstring for the scores).
+
+    Parameters: ``method`` ("aps", "raps" or "lac"), ``alpha`` (miscoverage; target coverage ``1 - alpha``),
+    ``k_reg`` and ``lam`` (RAPS penalty ``lam * max(0, rank - k_reg)``, rank 1 = top class), ``randomized``
+    (APS/RAPS tie-breaking with ``U ~ Uniform(0, 1)``; off by default for deterministic sets) and ``seed``
+    (for the randomised version; fitting and prediction draw from separate streams of it).
+
+    ``fit(probs_cal, y_cal)`` stores ``qhat_``, the ``ceil((n+1)(1-alpha))``-th smallest calibration
+    score; ``predict_sets(probs)`` returns a boolean (n, K) matrix, True where the class is in the set.
+    """
+
+    KIND = "split_conformal"
+
+    def __init__(self, method: str = "aps", alpha: float = 0.1, k_reg: int = 1, lam: float = 0.01,
+                 randomized: bool = False, seed: int = 0) -> None:
+        if method not in METHODS:
+            raise DataError(f"Unknown conformal method {method!r}; expected one of {list(METHODS)}.")
+        self.method = method
+        self.alpha = _check_alpha(alpha)
+        if int(k_reg) != k_reg or k_reg < 0:
+            raise DataError(f"k_reg must be a non-negative integer; got {k_reg!r}.")
+        self.k_reg = int(k_reg)
+        if not (math.isfinite(float(lam)) and lam >= 0):
+            raise DataError(f"lam must be a finite number >= 0; got {lam!r}.")
+        self.lam = float(lam)
+        self.randomized = bool(randomized)
+        self.seed = int(seed)
+        self.qhat_: float | None = None
+        self.n_cal_: int = 0
+        self.classes_: list[str] | None = None
+        self.n_classes_: int | None = None
+
+    # -- scores -----------------------------------------------------------------------------------------
+
+    def _score_matrix(self, P: np.ndarray, U: np.ndarray | None) -> np.ndarray:
+        """Conformity score of every (case, class) pair, shape (n, K); larger = less conforming."""
+        if self.method == "lac":
+            return 1.0 - P
+        n, K = P.shape
+        order = np.argsort(-P, axis=1, kind="stable")  # ties: lower class index ranks first
+        rank = np.empty_like(order)
+        rank[np.arange(n)[:, None], order] = np.arange(K)[None, :]  # 0-based rank of each class
+        cum_sorted = np.cumsum(np.take_along_axis(P, order, axis=1), axis=1)
+        cum_incl = np.take_along_axis(cum_sorted, rank, axis=1)  # mass of classes ranked at or above
+        above = cum_incl - P
+        S = above + (P if U is None else U[:, None] * P)
+        if self.method == "raps":
+            S = S + self.lam * np.maximum(0, rank + 1 - self.k_reg)
+        return S
+
+    def _uniforms(self, n: int, stream: int) -> np.ndarray | None:
+        if not self.randomized or self.method == "lac":
+            return None
+        return np.random.default_rng([self.seed, stream]).uniform(size=n)
+
+    def scores(self, probs, y) -> np.ndarray:
+        """Conformity scores of the true classes ``y`` (those the threshold is the quantile of), shape (n,)."""
+        P = _check_scores(probs, "probs_cal", n_classes=self.n_classes_)
+        codes = _check_labels(y, len(P), P.shape[1], self.classes_, "y_cal")
+        S = self._score_matrix(P, self._uniforms(len(P), 0))
+        return S[np.arange(len(P)), codes]
+
+    # -- fit / predict ----------------------------------------------------------------------------------
+
+    def fit(self, probs_cal, y_cal, *, classes: list[str] | None = None) -> ConformalClassifier:
+        P = _check_scores(probs_cal, "probs_cal")
+        n, K = P.shape
+        need = min_calibration_size(self.alpha)
+        if n < need:
+            raise DataError(
+                f"The calibration set has {n} case(s); split-conformal sets at alpha={self.alpha:g} (coverage "
+                f"{1 - self.alpha:.0%}) need at least {need} calibration cases (ceil((n+1)(1-alpha)) <= n). "
+                "Use more calibration cases or a larger alpha."
+            )
+        self.classes_ = _check_classes(classes, K)
+        codes = _check_labels(y_cal, n, K, self.classes_, "y_cal")
+        S = self._score_matrix(P, self._uniforms(n, 0))[np.arange(n), codes]
+        k = _rank(n, self.alpha)
+        self.qhat_ = float(np.partition(S, k - 1)[k - 1])
+        self.n_cal_, self.n_classes_ = int(n), int(K)
+        return self
+
+    @property
+    def fitted(self) -> bool:
+        return self.qhat_ is not None
+
+    def predict_sets(self, probs) -> np.ndarray:
+        """Boolean (n, K): True where the class is in the case's prediction set. Never an empty row."""
+        if not self.fitted:
+            raise DataError("ConformalClassifier is not fitted: call fit(probs_cal, y_cal) first (or from_dict).")
+        P = _check_scores(probs, "probs", n_classes=self.n_classes_)
+        S = self._score_matrix(P, self._uniforms(len(P), 1))
+        sets = S <= self.qhat_ + _SCORE_TOL
+        top = np.argsort(-P, axis=1, kind="stable")[:, 0]
+        sets[np.arange(len(P)), top] = True
+        return sets
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe description (plain floats/ints/strings) for a bundle's ``bundle.json``."""
+        if not self.fitted:
+            raise DataError("ConformalClassifier is not fitted: nothing to serialise.")
+        return {"kind": self.KIND, "method": self.method, "alpha": float(self.alpha), "k_reg": int(self.k_reg),
+                "lam": float(self.lam), "randomized": bool(self.randomized), "seed": int(self.seed),
+                "qhat": float(self.qhat_), "n_cal": int(self.n_cal_), "n_classes": int(self.n_classes_),
+                "classes": list(self.classes_) if self.classes_ is not None else None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ConformalClassifier:
+        if not isinstance(d, dict) or d.get("kind") != cls.KIND:
+            raise DataError(f"Not a split-conformal description (expected kind '{cls.KIND}'): {d!r:.200}")
+        try:
+            self = cls(method=d["method"], alpha=d["alpha"], k_reg=d.get("k_reg", 1), lam=d.get("lam", 0.01),
+                       randomized=d.get("randomized", False), seed=d.get("seed", 0))
+            qhat = float(d["qhat"])
+            K = int(d["n_classes"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"Split-conformal description is missing or has a bad field: {e}") from None
+        if not math.isfinite(qhat):
+            raise DataError(f"Split-conformal description has qhat {qhat!r}; it must be finite.")
+        self.qhat_, self.n_classes_ = qhat, K
+        self.n_cal_ = int(d.get("n_cal", 0))
+        self.classes_ = _check_classes(d.get("classes"), K)
+        return self
+
+    def __repr__(self) -> str:
+        q = "unfitted" if not self.fitted else f"qhat={self.qhat_:.4f}, n_cal={self.n_cal_}"
+        return (f"ConformalClassifier(method={self.method!r}, alpha={self.alpha:g}, "
+                f"randomized={self.randomized}, {q})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prediction tables
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _set_strings(sets: np.ndarray, classes: list[str]) -> list[str]:
+    return [SET_SEPARATOR.join(c for c, on in zip(classes, row) if on) for row in sets]
+
+
+def calibrate_predictions(
+    preds: pd.DataFrame,
+    classes: list[str] | None = None,
+    *,
+    method: str = "aps",
+    alpha: float = 0.1,
+    by_fold: bool = True,
+    seed: int = 0,
+    k_reg: int = 1,
+    lam: float = 0.01,
+    randomized: bool = False,
+) -> pd.DataFrame:
+    """Temperature-scaled probabilities and conformal prediction sets for a prediction table.
+
+    With ``by_fold=True`` (out-of-fold predictions of a cross-validation) each fold is calibrated on the
+    *other* folds' rows only (cross-conformal style): a temperature is fitted on them, then a
+    :class:`ConformalClassifier` on their temperature-scaled probabilities, and both are applied to the
+    fold. A fold's own labels are never used for its calibration, so the coverage measured on the result
+    is an honest estimate. Every row needs a fold (>= 0) and there must be at least two folds.
+
+    With ``by_fold=False`` one temperature and one threshold are fitted on all rows and applied to the same
+    rows (in-sample): use it to fit calibrators on a dedicated calibration table; the coverage measured on
+    that same table is optimistic.
+
+    Returns a copy of ``preds`` (same index and row order) with ``calprob_<class>`` for every class,
+    ``set`` (the classes in the set, in class order, joined with ``'|'``), ``set_size`` and ``refer``
+    (True when the set holds more than one class: the model cannot single out one class at this
+    coverage). ``result.attrs["calibration"]`` holds the settings and, per fold, the temperature, the
+    threshold and the number of calibration cases.
+    """
+    prep = _prepare(preds, classes)
+    classes = prep.classes
+    bad = [c for c in classes if SET_SEPARATOR in c]
+    if bad:
+        raise DataError(f"Class name {bad[0]!r} contains '{SET_SEPARATOR}', which separates the classes of a set.")
+    ConformalClassifier(method=method, alpha=alpha, k_reg=k_reg, lam=lam)  # validate settings early
+    n, K = prep.n, prep.K
+    calP = np.empty((n, K))
+    sets = np.zeros((n, K), dtype=bool)
+    per_fold: list[dict[str, Any]] = []
+
+    def fit_apply(cal: np.ndarray, target: np.ndarray, fold_seed: int, fold) -> None:
+        ts = TemperatureScaler().fit(prep.P[cal], prep.y[cal])
+        cp = ConformalClassifier(method=method, alpha=alpha, k_reg=k_reg, lam=lam, randomized=randomized,
+                                 seed=fold_seed)
+        try:
+            cp.fit(ts.transform(prep.P[cal]), prep.y[cal])
+        except DataError as e:
+            where = "the table" if fold is None else f"the folds other than fold {fold}"
+            raise DataError(f"Calibrating on {where}: {e}") from None
+        calP[target] = ts.transform(prep.P[target])
+        sets[target] = cp.predict_sets(calP[target])
+        per_fold.append({"fold": fold, "n_cal": int(cal.sum()), "n": int(target.sum()),
+                         "temperature": ts.temperature_, "qhat": cp.qhat_})
+
+    if by_fold:
+        folds = prep.folds
+        if not np.isfinite(folds).all():
+            i = int(np.flatnonzero(~np.isfinite(folds))[0])
+            raise DataError(
+                f"Row {i + 2} (case '{prep.case_ids[i]}') has no fold (missing 'fold' column, -1 or empty): "
+                "cross-fold calibration needs every row's fold; pass by_fold=False for a single table."
+            )
+        uniq = np.unique(folds)
+        if len(uniq) < 2:
+            raise DataError(
+                f"Cross-fold calibration needs at least two folds; the table has {len(uniq)} "
+                f"(fold {int(uniq[0])}). Pass by_fold=False to calibrate on the table itself."
+            )
+        for f in uniq:
+            target = folds == f
+            fit_apply(~target, target, seed + int(f), int(f))
+    else:
+        everything = np.ones(n, dtype=bool)
+        fit_apply(everything, everything, seed, None)
+
+    out = preds.copy()
+    for k, c in enumerate(classes):
+        out[CALPROB_PREFIX + c] = calP[:, k]
+    out["set"] = _set_strings(sets, classes)
+    out["set_size"] = sets.sum(axis=1).astype(int)
+    out["refer"] = out["set_size"].to_numpy() > 1
+    out.attrs["calibration"] = {
+        "method": method, "alpha": float(alpha), "target_coverage": 1 - float(alpha), "by_fold": bool(by_fold),
+        "randomized": bool(randomized), "k_reg": int(k_reg), "lam": float(lam), "seed": int(seed),
+        "classes": list(classes), "folds": per_fold,
+    }
+    return out
+
+
+def _calibrated_matrix(df: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    cols = [CALPROB_PREFIX + c for c in classes]
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise DataError(f"The table has no '{missing[0]}' column: run calibrate_predictions first.")
+    return df[cols].to_numpy(dtype=float)
+
+
+def _parse_sets(df: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    if "set" not in df.columns:
+        raise DataError("The table has no 'set' column: run calibrate_predictions first.")
+    code = {c: k for k, c in enumerate(classes)}
+    M = np.zeros((len(df), len(classes)), dtype=bool)
+    for i, s in enumerate(df["set"].tolist()):
+        if not isinstance(s, str) or not s:
+            raise DataError(f"Row {i + 2}: prediction set {s!r} is empty.")
+        for name in s.split(SET_SEPARATOR):
+            if name not in code:
+                raise DataError(f"Row {i + 2}: prediction set {s!r} names unknown class '{name}'; expected {classes}.")
+            M[i, code[name]] = True
+    return M
+
+
+def coverage_report(df: pd.DataFrame, classes: list[str] | None = None) -> dict[str, Any]:
+    """Coverage and calibration summary of a :func:`calibrate_predictions` result (JSON-friendly dict).
+
+    Keys: ``n``, ``classes``, ``accuracy`` (top-1 accuracy of ``prob_``: since every set holds the top class,
+    coverage can never fall below it), ``coverage`` (fraction of cases whose true class is in the set),
+    ``mean_set_size``, ``refer_rate`` (sets with more than one class), ``set_size_distribution``
+    (size -> fraction), ``singleton_rate`` and ``singleton_accuracy`` (accuracy among single-class sets),
+    ``ece_before`` / ``ece_after`` (top-label ECE, 10 bins, of ``prob_`` and ``calprob_``), ``nll_before`` /
+    ``nll_after``, ``per_class`` (class -> n, coverage, mean_set_size), ``per_fold`` (when there are folds)
+    and the calibration settings from ``df.attrs`` (``method``, ``alpha``, ``target_coverage``, ...) when
+    present.
+    """
+    base = df[[c for c in df.columns if not str(c).startswith(CALPROB_PREFIX)]]
+    prep = _prepare(base, classes)
+    classes = prep.classes
+    calP = _calibrated_matrix(df, classes)
+    if not np.isfinite(calP).all():
+        i = int(np.flatnonzero(~np.isfinite(calP).all(axis=1))[0])
+        raise DataError(f"Row {i + 2} (case '{prep.case_ids[i]}'): calibrated probabilities are not finite.")
+    M = _parse_sets(df.reset_index(drop=True), classes)
+    y = prep.y
+    idx = np.arange(prep.n)
+    covered = M[idx, y]
+    size = M.sum(axis=1)
+    eps = 1e-15
+    nll_b = float(-np.mean(np.log(np.clip(prep.P[idx, y], eps, 1.0))))
+    nll_a = float(-np.mean(np.log(np.clip(calP[idx, y], eps, 1.0))))
+    single = size == 1
+    per_class = {}
+    for k, c in enumerate(classes):
+        m = y == k
+        per_class[c] = {"n": int(m.sum()),
+                        "coverage": float(covered[m].mean()) if m.any() else float("nan"),
+                        "mean_set_size": float(size[m].mean()) if m.any() else float("nan")}
+    sizes, counts = np.unique(size, return_counts=True)
+    out: dict[str, Any] = {}
+    settings = df.attrs.get("calibration") if isinstance(df.attrs, dict) else None
+    if settings:
+        out.update({k: settings[k] for k in ("method", "alpha", "target_coverage", "by_fold", "randomized")
+                    if k in settings})
+        out["calibrators"] = settings.get("folds", [])
+    out.update({
+        "n": prep.n,
+        "classes": list(classes),
+        "accuracy": float((prep.P.argmax(axis=1) == y).mean()),
+        "coverage": float(covered.mean()),
+        "mean_set_size": float(size.mean()),
+        "refer_rate": float((size > 1).mean()),
+        "set_size_distribution": {int(s): float(c / prep.n) for s, c in zip(sizes, counts)},
+        "singleton_rate": float(single.mean()),
+        "singleton_accuracy": float((M[single].argmax(axis=1) == y[single]).mean()) if single.any() else float("nan"),
+        "ece_before": _expected_calibration_error(prep.P, y),
+        "ece_after": _expected_calibration_error(calP, y),
+        "nll_before": nll_b,
+        "nll_after": nll_a,
+        "per_class": per_class,
+    })
+    if np.isfinite(prep.folds).any():
+        rows = []
+        for f in np.unique(prep.folds[np.isfinite(prep.folds)]):
+            m = prep.folds == f
+            rows.append({"fold": int(f), "n": int(m.sum()), "coverage": float(covered[m].mean()),
+                         "mean_set_size": float(size[m].mean())})
+        out["per_fold"] = rows
+    return out
+
+
+def plot_reliability_before_after(
+    df: pd.DataFrame,
+    classes: list[str] | None,
+    path: str | Path,
+    n_bins: int = 10,
+    title: str | None = "Reliability before / after temperature scaling",
+) -> Path:
+    """Top-label reliability diagrams of ``prob_`` (left) and ``calprob_`` (right) side by side, ECE in the
+    legends, with the confidence histograms below. PNG, written atomically; returns the path."""
+    from breastfusion.evaluation.plots import _COLORS, _new_figure, _save, _short
+
+    base = df[[c for c in df.columns if not str(c).startswith(CALPROB_PREFIX)]]
+    prep = _prepare(base, classes)
+    calP = _calibrated_matrix(df, prep.classes)
+    edges = np.linspace(0, 1, n_bins + 1)
+
+    def curve(P):
+        conf = P.max(axis=1)
+        hit = (P.argmax(axis=1) == prep.y).astype(float)
+        b = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+        cnt = np.bincount(b, minlength=n_bins)
+        ok = cnt > 0
+        mp = np.bincount(b, weights=conf, minlength=n_bins)[ok] / cnt[ok]
+        fr = np.bincount(b, weights=hit, minlength=n_bins)[ok] / cnt[ok]
+        return conf, mp, fr
+
+    fig = _new_figure(10.4, 6.4)
+    gs = fig.add_gridspec(2, 2, height_ratios=[3.2, 1], hspace=0.08, wspace=0.18)
+    temps = [f["temperature"] for f in (df.attrs.get("calibration") or {}).get("folds", [])]
+    tlabel = ""
+    if temps:
+        tlabel = f" (T = {temps[0]:.2f})" if len(temps) == 1 else f" (T = {min(temps):.2f}\u2013{max(temps):.2f})"
+    for j, (P, name, color) in enumerate([(prep.P, "before", _COLORS[0]),
+                                          (calP, "after temperature scaling" + tlabel, _COLORS[1])]):
+        ax = fig.add_subplot(gs[0, j])
+        axh = fig.add_subplot(gs[1, j], sharex=ax)
+        conf, mp, fr = curve(P)
+        ece = _expected_calibration_error(P, prep.y, n_bins)
+        ax.plot([0, 1], [0, 1], ls="--", lw=1, color="#999999", label="perfect calibration")
+        ax.bar(mp, fr - mp, bottom=mp, width=0.6 / n_bins, color=color, alpha=0.25, label="gap")
+        ax.plot(mp, fr, marker="s", ms=5, lw=2.0, color=color, label=f"top-label (ECE {ece:.3f})")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(_short(name, 50), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8.5, framealpha=0.9)
+        ax.tick_params(labelbottom=False)
+        if j == 0:
+            ax.set_ylabel("Observed accuracy")
+            axh.set_ylabel("cases")
+        axh.hist(conf, bins=edges, color="#555555", alpha=0.8)
+        axh.set_xlim(-0.02, 1.02)
+        axh.set_xlabel("Top-label confidence")
+        axh.grid(alpha=0.3)
+    if title:
+        fig.suptitle(f"{_short(title, 70)} (n={prep.n})", fontsize=11)
+    return _save(fig, path)
