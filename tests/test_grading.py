@@ -124,3 +124,37 @@ def test_ddp_gloo_two_processes_train_identical_replicas(tmp_path):
     assert r0["world"] == r1["world"] == 2
     assert r0["checksum"] == pytest.approx(r1["checksum"], rel=1e-6)  # DDP kept the replicas identical
     assert (tmp_path / "ckpt" / "best.safetensors").exists()
+
+
+def test_grading_bundle_scores_new_cases_and_skips_bad_ones(cohort, tmp_path, monkeypatch):
+    """Train a small bundle, then `breastfusion predict` on a tiles table with a corrupt tile and a case lacking
+    a magnification: the good cases are scored, the bad case is listed with a reason, stacks get attention."""
+    from breastfusion.cli import main
+    from breastfusion.histology.grading import run_grading
+
+    monkeypatch.setenv("BREASTFUSION_OFFLINE", "1")
+    cfg = load_config(None, TINY + [f"data.source={cohort / 'cases.csv'}", f"histology.tiles={cohort / 'tiles.csv'}",
+                                    "cv.n_splits=3", "histology.variants=[cnn]", "experiment.classical_models=[]",
+                                    "histology.backbones={cnn: tf_efficientnet_lite0}"])
+    r = run_grading(cfg, tmp_path / "run", progress=False)
+    tiles = pd.read_csv(cohort / "tiles.csv", dtype={"case_id": str, "stack_id": str})
+    tiles["image_path"] = [str((cohort / p).resolve()) for p in tiles["image_path"]]
+    ids = sorted(tiles["case_id"].unique())[:3]
+    new = tiles[tiles["case_id"].isin(ids)].copy()
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"not a png")
+    first = new.index[(new["case_id"] == ids[0]) & (new["stack_id"] == "0")][0]
+    new.loc[first, "image_path"] = str(bad)                                     # one stack of case 0 unreadable
+    new = new[~((new["case_id"] == ids[1]) & (new["magnification"] == 10))]     # case 1 lacks 10x entirely
+    new.to_csv(tmp_path / "new_tiles.csv", index=False)
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(r.bundle), str(tmp_path / "new_tiles.csv"), "--out", str(out), "--quiet"]) == 0
+    preds = pd.read_csv(out, dtype={"case_id": str})
+    assert sorted(preds["case_id"]) == sorted([ids[0], ids[2]])
+    assert preds.loc[preds["case_id"] == ids[0], "n_stacks"].item() == 1
+    probs = preds[[c for c in preds.columns if c.startswith("prob_")]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    skipped = pd.read_csv(str(out) + ".skipped.csv", dtype={"case_id": str})
+    assert skipped["case_id"].tolist() == [ids[1]] and "10x" in skipped["reason"].item()
+    stacks = pd.read_csv(tmp_path / "preds.stacks.csv")
+    assert "scale_weight_40x" in stacks.columns and len(stacks) == 3

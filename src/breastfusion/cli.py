@@ -70,14 +70,72 @@ def cmd_train(args) -> int:
 def cmd_predict(args) -> int:
     from breastfusion.inference.predictor import Predictor, write_predictions
 
-    predictor = Predictor.load(args.bundle, model=args.model, batch_size=args.batch_size)
-    preds = predictor.predict(args.input, progress=not args.quiet)
-    out, skipped = write_predictions(preds, predictor.last_skipped, args.out)
+    predictor = Predictor.load(args.bundle, model=args.model, batch_size=args.batch_size, backend=args.backend)
+    if hasattr(predictor, "last_stacks"):  # histology grading bundle: tiles in, cases out
+        from breastfusion.utils import atomic_path
+
+        preds = predictor.predict(args.input, cases=args.cases, progress=not args.quiet)
+        out, skipped = write_predictions(preds, predictor.last_skipped, args.out)
+        stacks_path = Path(args.out).with_name(Path(args.out).stem + ".stacks.csv")
+        with atomic_path(stacks_path) as tmp:
+            predictor.last_stacks.to_csv(tmp, index=False)
+        print(f"per-stack probabilities and attention → {stacks_path}")
+    else:
+        preds = predictor.predict(args.input, progress=not args.quiet)
+        out, skipped = write_predictions(preds, predictor.last_skipped, args.out)
     print(f"scored {len(preds)} case(s) → {out}")
     if skipped:
         print(f"skipped {len(predictor.last_skipped)} case(s), reasons in {skipped}", file=sys.stderr)
     if predictor.bundle.synthetic:
         print("note: this bundle was trained on SYNTHETIC data", file=sys.stderr)
+    return 0
+
+
+
+def cmd_export(args) -> int:
+    """ONNX export of a bundle's network, checked against PyTorch (ONNX Runtime on CPU)."""
+    import json
+
+    from breastfusion.inference.onnx_export import export_onnx
+
+    out = export_onnx(args.bundle, args.out, opset=args.opset, check=not args.no_check)
+    entry = json.loads((Path(args.bundle) / "bundle.json").read_text())["onnx"]
+    ins = ", ".join(f"{i['name']} {tuple(i['shape'])}" for i in entry["inputs"])
+    print(f"ONNX model (opset {entry['opset']}): {out}\n  inputs: {ins}\n  sha256: {entry['sha256']}")
+    if entry.get("parity"):
+        print(f"  parity: max |p_torch - p_onnx| = {entry['parity']['max_abs_prob_diff']:.2e} "
+              f"(< {entry['parity']['atol']:g})")
+    else:
+        print("  parity: not checked (--no-check)")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    """Grad-CAM / Grad-CAM++ / occlusion maps, modality deltas and tabular SHAP for a bundle's predictions."""
+    from breastfusion.explain.runner import explain_bundle
+
+    res = explain_bundle(args.bundle, args.input, args.out, methods=args.method, top_k=args.top_k, cases=args.cases,
+                         background=args.background, background_size=args.background_size,
+                         max_cases=args.max_cases, max_stacks=args.max_stacks, shap_method=args.shap_method,
+                         n_permutations=args.permutations, threads=args.threads,
+                         occlusion_patch=args.occlusion_patch, progress=not args.quiet)
+    print(f"explained {len(res.table)} case(s) → {res.csv}\n  figures: {len(res.figures)} in {Path(args.out)}")
+    if res.shap_summary:
+        print(f"  SHAP summary: {res.shap_summary}")
+    if res.timings:
+        print("  seconds per item: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(res.timings.items())))
+    if len(res.skipped):
+        print(f"skipped {len(res.skipped)} case(s), reasons in {Path(args.out) / 'skipped.csv'}", file=sys.stderr)
+    return 0 if len(res.table) else 2
+
+
+def cmd_serve(args) -> int:
+    """The web service (REST API + web page) for one bundle, with uvicorn, until interrupted."""
+    from breastfusion.serve.app import serve
+
+    serve(args.bundle, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level,
+          max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, timeout_s=args.timeout,
+          max_concurrency=args.max_concurrency, threads=args.threads)
     return 0
 
 
@@ -131,7 +189,10 @@ def cmd_nuclei_segment(args) -> int:
     if args.method == "learned":
         if not args.model:
             raise ConfigError("--method learned needs --model PATH (a model file from 'breastfusion nuclei train').")
-        from breastfusion.histology.nuclei.learned import load_nuclei_model, segment_nuclei_learned
+        from breastfusion.histology.nuclei.learned import (
+            load_nuclei_model,
+            segment_nuclei_learned,
+        )
 
         _set_threads(args.threads)
         model = load_nuclei_model(args.model, device=args.device)
@@ -185,7 +246,10 @@ def _set_threads(threads: int | None) -> None:
 
 def cmd_nuclei_train(args) -> int:
     """Train the learned nuclei segmenter on an annotated folder (resumable) and write one safetensors model file."""
-    from breastfusion.histology.nuclei.learned import load_annotated_dir, train_nuclei_model
+    from breastfusion.histology.nuclei.learned import (
+        load_annotated_dir,
+        train_nuclei_model,
+    )
 
     _set_threads(args.threads)
     data = load_annotated_dir(args.annotated_dir, strict=not args.skip_unannotated)
@@ -263,14 +327,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("predict", help="score an image, a folder of images or a cases table with a bundle")
+    p = sub.add_parser("predict", help="score an image, a folder of images or a cases table with a bundle "
+                                       "(histology bundles: a tiles table or a `breastfusion tile` output)")
     p.add_argument("bundle")
     p.add_argument("input")
+    p.add_argument("--cases", help="histology: cases table with the clinical columns the bundle expects")
     p.add_argument("--out", required=True, help="CSV or Parquet file")
     p.add_argument("--model", help="a classical model stored in the bundle (e.g. lgbm) instead of the deep model")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="deep model forward pass: torch, or onnx (ONNX Runtime on CPU; needs 'breastfusion export')")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a bundle's network to ONNX (checked against PyTorch) for --backend onnx")
+    p.add_argument("bundle")
+    p.add_argument("--out", help="ONNX file to write (default: BUNDLE/model.onnx)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--no-check", action="store_true", help="skip the PyTorch / ONNX Runtime parity check")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("explain", help="Grad-CAM, occlusion, modality deltas and tabular SHAP of a bundle's "
+                                       "predictions (PNGs, explanations.csv, shap_summary.png)")
+    p.add_argument("bundle")
+    p.add_argument("input", help="image, folder of images or cases table (ultrasound bundles); tiles table, "
+                                 "`breastfusion tile` output or folder of tiles (histology bundles)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--method", default="all", help="gradcam, gradcam++, occlusion, a comma list, or all (default)")
+    p.add_argument("--top-k", type=int, default=10, help="tabular features listed per case (default 10)")
+    p.add_argument("--cases", help="histology: cases table with the clinical columns the bundle expects")
+    p.add_argument("--background", help="SHAP background: a cases table (a sample of training cases); "
+                                        "default: the 'no tabular data' row")
+    p.add_argument("--background-size", type=int, default=32, help="background rows sampled (default 32)")
+    p.add_argument("--shap-method", choices=["auto", "exact", "permutation", "shap"], default="auto",
+                   help="auto: exact for <= 10 input columns, else permutation sampling; shap: the shap package")
+    p.add_argument("--permutations", type=int, default=64, help="SHAP permutations (default 64)")
+    p.add_argument("--max-cases", type=int, help="explain only the first N cases")
+    p.add_argument("--max-stacks", type=int, default=4, help="histology: stacks explained per case (default 4)")
+    p.add_argument("--occlusion-patch", type=int, help="occlusion patch side in pixels (default: a quarter of the "
+                                                       "image side; stride half a patch)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("serve", help="web service for a bundle: REST API (/predict, /health, /docs) and a web page")
+    p.add_argument("bundle")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each loads the bundle)")
+    p.add_argument("--max-upload-mb", type=float, default=10, help="largest accepted file (default 10 MiB)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image, width x height")
+    p.add_argument("--timeout", type=float, default=30, help="seconds one prediction may take (504 after)")
+    p.add_argument("--max-concurrency", type=int, default=4, help="predictions computed at once per worker")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: every core)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("tile", help="tile a whole slide into concentric multi-magnification stacks (resumable)")
     p.add_argument("slide")
@@ -303,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(instance labels), optionally binary_masks/<stem>.png (foreground only)")
     q.add_argument("--out", required=True, help="model file to write (e.g. nuclei.safetensors)")
     g = q.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int, help="optimiser steps (default 1500)")
+    g.add_argument("--steps", type=int, help="optimiser steps (default 1500; one step of 8 crops of 256 px takes "
+                                             "about 4 s on one CPU core, so on a CPU try --crop 128 --steps 600)")
     g.add_argument("--epochs", type=float, help="passes over the training pixels instead of --steps")
     q.add_argument("--mpp", type=float, default=0.25, help="microns per pixel of the training images (0.25 ≈ 40x)")
     q.add_argument("--work-mpp", type=float, help="working resolution of the network in µm/px (default 0.5)")

@@ -88,7 +88,8 @@ class ExperimentConfig(_Strict):
     final_models: list[Literal["fusion", "image", "tabular"]] = Field(
         default_factory=lambda: ["fusion"],
         description="Deep models to train on all cases and save as bundles (bundles/<name>); [] for none. "
-                    "A fusion or tabular entry falls back to image-only when the cases have no tabular data.")
+                    "A fusion or tabular entry falls back to image-only when the cases have no tabular data. "
+                    "With task: histology any entry means 'train the multiscale bundle' (bundles/multiscale).")
     n_boot: int = Field(1000, ge=0)
 
 

@@ -105,7 +105,9 @@ class StackDataset(Dataset):
         tiles = [self.cache.get(p) for p in self.stacks[i]]
         if self.augment is not None:
             tiles = self.augment(tiles)
-        image = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).float().div_(255.0)
+        # contiguous NCHW: a permuted (channels-last) view would give channels-last gradients, which DDP's
+        # buckets do not expect (a warning and slower all-reduce)
+        image = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
         if self.tabular is not None:
             tab = self.tabular[i]
             if self.tabular_dropout > 0 and self.tabular_missing_row is not None and self.rng.random() < self.tabular_dropout:

@@ -59,10 +59,14 @@ def cases_from_input(path: str | Path) -> pd.DataFrame:
 
 class Predictor:
     """Class probabilities from a bundle. ``Predictor.load(path).predict(input)`` returns a DataFrame with
-    ``case_id, image_path, prob_<class>..., predicted`` (and ``label`` when the input had one)."""
+    ``case_id, image_path, prob_<class>..., predicted`` (and ``label`` when the input had one).
+
+    ``backend="onnx"`` runs the deep model's forward pass in ONNX Runtime (CPU, ``threads`` intra-op threads)
+    from the bundle's ``model.onnx`` (``breastfusion export BUNDLE``; see :mod:`breastfusion.inference.onnx_export`);
+    a classical ``model`` ignores it."""
 
     def __init__(self, bundle: Bundle, *, model: str | None = None, batch_size: int = 32, threads: int | None = None,
-                 io_workers: int = 2):
+                 io_workers: int = 2, backend: str = "torch"):
         from breastfusion.training.trainer import configure_threads, select_device
 
         self.bundle = bundle
@@ -83,6 +87,14 @@ class Predictor:
         self.model_name = bundle.meta["model"]["variant"]
         if model is not None and model != self.model_name:
             self._load_classical(model)
+        if backend not in ("torch", "onnx"):
+            raise DataError(f"Unknown backend '{backend}'; use 'torch' or 'onnx'.")
+        self.backend = backend
+        self.onnx = None
+        if backend == "onnx" and self.classical is None:
+            from breastfusion.inference.onnx_export import OnnxModel
+
+            self.onnx = OnnxModel(bundle, threads=torch.get_num_threads())
 
     def _load_classical(self, name: str) -> None:
         from breastfusion.errors import BundleError
@@ -97,8 +109,20 @@ class Predictor:
         self.model_name = name
 
     @classmethod
-    def load(cls, path: str | Path, **kwargs) -> "Predictor":
-        return cls(load_bundle(path), **kwargs)
+    def load(cls, path: str | Path, **kwargs):
+        """A Predictor, or a :class:`~breastfusion.inference.grading.GradingPredictor` for a histology bundle."""
+        bundle = load_bundle(path)
+        if bundle.meta["model"].get("kind") == "multiscale":
+            from breastfusion.inference.grading import GradingPredictor
+
+            if kwargs.get("model"):
+                raise DataError(f"Bundle '{path}' is a histology grading bundle; it holds no classical model "
+                                f"'{kwargs['model']}' (leave out --model).")
+            if kwargs.pop("backend", "torch") != "torch":
+                raise DataError(f"Bundle '{path}' is a histology grading bundle; it is scored with the torch "
+                                f"backend only (leave out --backend).")
+            return GradingPredictor(bundle, **{k: v for k, v in kwargs.items() if k != "model"})
+        return cls(bundle, **kwargs)
 
     @property
     def classes(self) -> list[str]:
@@ -173,8 +197,11 @@ class Predictor:
         x_img = None
         if images is not None:
             x = torch.from_numpy(np.stack(images)).float().div_(255.0).unsqueeze(1)
-            x_img = ((x.expand(-1, 3, -1, -1) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-            x_img = x_img.to(self.device)
+            x_img = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+        if self.onnx is not None:
+            return self.onnx(x_img.contiguous().numpy() if x_img is not None else None, tab)
+        if x_img is not None:
+            x_img = x_img.contiguous(memory_format=torch.channels_last).to(self.device)
         x_tab = torch.from_numpy(tab).to(self.device) if tab is not None else None
         return torch.softmax(self.model(x_img, x_tab).float(), dim=1).cpu().numpy()
 

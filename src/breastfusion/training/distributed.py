@@ -90,3 +90,13 @@ def sum_rows(t: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def broadcast_object(obj):
+    """Rank 0's value of a picklable object on every rank (control-flow decisions such as early stopping must
+    agree across ranks, or the next collective deadlocks; floating-point results may differ in the last bits)."""
+    if world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj

@@ -366,6 +366,9 @@ def train_model(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, *, n_class
                     state["stage1_bad"] += 1
             state["epoch_in_stage"] += 1
             state["global_epoch"] += 1
+            if distributed:
+                # every rank follows rank 0's bookkeeping (best epoch, patience counters, stop decisions)
+                state = dist_utils.broadcast_object(state)
             if stage == 2 and state["bad_epochs"] >= patience:
                 log.info("%s: early stop at epoch %d (best %d, val macro-F1 %.3f)", desc, epoch + 1,
                          state["best_epoch"], state["best_f1"])

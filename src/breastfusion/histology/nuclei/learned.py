@@ -13,7 +13,7 @@ Method
 ------
 The tile is resampled from its pixel size ``mpp`` (µm per pixel) to the model's working resolution ``work_mpp``
 (default 0.5 µm/px ≈ 20x: nuclei stay 10-20 px wide while the CPU cost drops fourfold compared with 40x). A
-small U-Net (default widths 16-32-64-128, ~0.5 M weights, trained from scratch) predicts two maps:
+small U-Net (default widths 16-32-64-128, 0.45 M weights, trained from scratch) predicts two maps:
 
 * ``foreground``: probability that a pixel belongs to a nucleus;
 * ``distance``: each nucleus's Euclidean distance to its own outline, normalised to 1 at its centre and 0 outside,
@@ -68,7 +68,7 @@ import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ _META_KEY = "breastfusion.nuclei"
 _CKPT_KEY = "breastfusion.nuclei.checkpoint"
 OUTPUTS = ("foreground", "distance")
 DEFAULT_CHANNELS = (16, 32, 64, 128)
-DEFAULT_POSTPROCESS = {"fg_threshold": 0.5, "marker_threshold": 0.5, "min_area_um2": 3.0, "max_hole_um2": 15.0}
+DEFAULT_POSTPROCESS = {"fg_threshold": 0.5, "marker_threshold": 0.4, "min_area_um2": 3.0, "max_hole_um2": 15.0}
 DEFAULT_WINDOW = {"window": 768, "overlap": 64}
 _IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 # Per-channel input normalisation (ImageNet statistics); part of format version 1.
@@ -221,7 +221,7 @@ def _resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _work_shape(h: int, w: int, scale: float) -> tuple[int, int]:
-    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    return max(1, round(h * scale)), max(1, round(w * scale))
 
 
 # ------------------------------------------------------------------------------------------------ model file
@@ -274,7 +274,7 @@ def _read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], d
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except Exception as exc:  # safetensors raises its own error types for corrupt or foreign files
         raise BundleError(f"Cannot read {what.lower()} '{path}': not a valid safetensors file, or corrupt/truncated "
                           f"({type(exc).__name__}: {str(exc)[:200]}).") from exc
@@ -353,7 +353,7 @@ def load_nuclei_model(path: str | Path, *, device: str | torch.device | None = "
     if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
         raise BundleError(f"Nuclei model '{path}' holds non-finite weights.")
     dev = _pick_device(device)
-    net.to(dev).eval()
+    net.to(dev, memory_format=torch.channels_last).eval()  # NHWC: ~15% faster convolutions on CPU
     return NucleiModel(net=net, meta=meta, path=path, device=dev)
 
 
@@ -391,7 +391,8 @@ def _sliding_logits(net: NucleiUNet, img: np.ndarray, window: int, overlap: int,
     weight = np.outer(_ramp(wh, overlap), _ramp(ww, overlap))
     for y in _positions(ht, wh, overlap):
         for x in _positions(wt, ww, overlap):
-            out = net(x_all[..., y : y + wh, x : x + ww].to(device)).float().cpu().numpy()[0]
+            win = x_all[..., y : y + wh, x : x + ww].to(device).contiguous(memory_format=torch.channels_last)
+            out = net(win).float().cpu().numpy()[0]
             acc[:, y : y + wh, x : x + ww] += out * weight
             wsum[y : y + wh, x : x + ww] += weight
     acc /= wsum
@@ -413,8 +414,12 @@ def _check_mpp(mpp: Any) -> float:
 
 
 def predict_nuclei_maps(rgb_uint8: np.ndarray, model: NucleiModel | str | Path, *, mpp: float = 0.25,
-                        window: int | None = None, overlap: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Foreground probability and normalised distance maps (float32, (H, W), on the input grid)."""
+                        window: int | None = None, overlap: int | None = None,
+                        tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground probability and normalised distance maps (float32, (H, W), on the input grid).
+
+    ``tta``: average the logits over the image and its three flips (4x the network time).
+    """
     model = _as_model(model)
     mpp = _check_mpp(mpp)
     rgb = _as_rgb_uint8(rgb_uint8, "image to segment")
@@ -427,21 +432,30 @@ def predict_nuclei_maps(rgb_uint8: np.ndarray, model: NucleiModel | str | Path, 
     x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div_(255.0)
     x = _resize(x, hw)[0].permute(1, 2, 0).numpy()
     inf = model.meta["inference"]
-    logits = _sliding_logits(model.net, x, inf["window"] if window is None else int(window),
-                             inf["overlap"] if overlap is None else int(overlap), model.device)
+    win = inf["window"] if window is None else int(window)
+    ov = inf["overlap"] if overlap is None else int(overlap)
+    logits = None
+    views = ((False, False), (True, False), (False, True), (True, True)) if tta else ((False, False),)
+    for fy, fx in views:
+        axes = [a for a, f in ((0, fy), (1, fx)) if f]
+        xv = np.ascontiguousarray(np.flip(x, axes)) if axes else x
+        out = _sliding_logits(model.net, xv, win, ov, model.device)
+        out = np.flip(out, [a + 1 for a in axes]) if axes else out
+        logits = out if logits is None else logits + out
+    logits = logits / len(views)
     t = _resize(torch.from_numpy(np.ascontiguousarray(logits))[None], (h, w))[0]
     prob = torch.sigmoid(t).numpy()
     return prob[0].astype(np.float32), prob[1].astype(np.float32)
 
 
 def nuclei_from_maps(foreground: np.ndarray, distance: np.ndarray, *, mpp: float = 0.25, fg_threshold: float = 0.5,
-                     marker_threshold: float = 0.5, min_area_um2: float = 3.0, max_hole_um2: float = 15.0) -> np.ndarray:
+                     marker_threshold: float = 0.4, min_area_um2: float = 3.0, max_hole_um2: float = 15.0) -> np.ndarray:
     """Marker-controlled watershed of predicted maps into an int32 instance label image (0 = background)."""
     mpp = _check_mpp(mpp)
     px2 = 1.0 / (mpp * mpp)
     fg = np.asarray(foreground) > fg_threshold
     if max_hole_um2 > 0:
-        fg = _fill_small_holes(fg, int(round(max_hole_um2 * px2)))
+        fg = _fill_small_holes(fg, round(max_hole_um2 * px2))
     if not fg.any():
         return np.zeros(fg.shape, dtype=np.int32)
     dist = np.asarray(distance, dtype=np.float32)
@@ -451,24 +465,25 @@ def nuclei_from_maps(foreground: np.ndarray, distance: np.ndarray, *, mpp: float
     if missed.any():
         extra = ndi.label(missed)[0]
         labels = np.where(missed, extra + labels.max(), labels)
-    labels = _drop_small(labels, int(round(min_area_um2 * px2)))
+    labels = _drop_small(labels, round(min_area_um2 * px2))
     labels, _, _ = segmentation.relabel_sequential(labels)
     return labels.astype(np.int32)
 
 
 def segment_nuclei_learned(rgb_uint8: np.ndarray, model: NucleiModel | str | Path, *, mpp: float = 0.25,
-                           window: int | None = None, overlap: int | None = None, **postprocess) -> np.ndarray:
+                           window: int | None = None, overlap: int | None = None, tta: bool = False,
+                           **postprocess) -> np.ndarray:
     """Segment nuclei in an H&E RGB image of any size with a learned model; int32 labels, 0 = background, 1..n.
 
     ``model``: a :class:`NucleiModel` or a model file path. ``mpp``: the image's µm per pixel (0.25 ≈ 40x). The
     model's stored post-processing thresholds apply unless overridden (``fg_threshold``, ``marker_threshold``,
-    ``min_area_um2``, ``max_hole_um2``).
+    ``min_area_um2``, ``max_hole_um2``). ``tta``: flip test-time augmentation (4x the network time).
     """
     model = _as_model(model)
     bad = sorted(set(postprocess) - set(DEFAULT_POSTPROCESS))
     if bad:
         raise ValueError(f"Unknown post-processing parameter(s) {bad}; known: {sorted(DEFAULT_POSTPROCESS)}.")
-    fg, dist = predict_nuclei_maps(rgb_uint8, model, mpp=mpp, window=window, overlap=overlap)
+    fg, dist = predict_nuclei_maps(rgb_uint8, model, mpp=mpp, window=window, overlap=overlap, tta=tta)
     return nuclei_from_maps(fg, dist, mpp=mpp, **{**model.postprocess, **postprocess})
 
 
@@ -630,6 +645,7 @@ def train_nuclei_model(
     stain_sigma: tuple[float, float] = (0.05, 0.05),
     dist_weight: float = 1.0,
     extra_foreground: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    extra_weight: float = 0.3,
     postprocess: dict | None = None,
     device: str | torch.device | None = "cpu",
     progress: bool = True,
@@ -641,7 +657,9 @@ def train_nuclei_model(
 
     ``images``: uint8 (or [0, 1] float) RGB arrays at ``mpp`` µm/px; ``instance_masks``: int label images of the
     same (H, W) (0 = background, 1..n nuclei). ``extra_foreground``: (image, binary mask) pairs that supervise only
-    the foreground output. Length of training: ``steps`` optimiser steps, or ``epochs`` passes over the training
+    the foreground output; ``extra_weight`` is the share of crops drawn from them (default 0.3, at most their
+    share of the pixels), so that the distance output, which only the instance tiles teach, keeps most of the
+    crops. Within each group crops are drawn from tiles in proportion to their area. Length of training: ``steps`` optimiser steps, or ``epochs`` passes over the training
     pixels (at the working resolution, ``batch_size`` crops of ``crop`` x ``crop`` per step); default 1500 steps.
     ``crop`` is in pixels at the working resolution ``work_mpp`` (multiple of 8 for the default 4 levels).
     ``resume``: continue from ``<out_path>.ckpt`` when it was made with the same data and settings.
@@ -664,6 +682,8 @@ def train_nuclei_model(
         raise ConfigError(f"'steps' must be a positive integer; got {steps!r}.")
     if epochs is not None:
         _positive("epochs", epochs)
+    if isinstance(extra_weight, bool) or not (isinstance(extra_weight, numbers.Real) and 0.0 <= extra_weight < 1.0):
+        raise ConfigError(f"'extra_weight' must be in [0, 1); got {extra_weight!r}.")
     sa, sb = (float(s) for s in stain_sigma)
     if not (0.0 <= sa < 1.0 and sb >= 0.0):
         raise ConfigError(f"'stain_sigma' must be (alpha half-width in [0, 1), beta half-width >= 0); got {stain_sigma!r}.")
@@ -691,7 +711,8 @@ def train_nuclei_model(
 
     settings = {"format": FORMAT, "channels": list(channels), "crop": int(crop), "batch_size": int(batch_size),
                 "lr": lr, "weight_decay": float(weight_decay), "seed": int(seed), "mpp": mpp, "work_mpp": work_mpp,
-                "stain_sigma": [sa, sb], "dist_weight": float(dist_weight), "steps": steps, "epochs": epochs}
+                "stain_sigma": [sa, sb], "dist_weight": float(dist_weight), "steps": steps, "epochs": epochs,
+                "extra_weight": extra_weight}
     fingerprint = _fingerprint(settings, [a for pair in zip(rgbs, labels_list) for a in pair]
                                + [a for pair in extra for a in pair])
 
@@ -706,6 +727,11 @@ def train_nuclei_model(
         tiles.append(_prepare_tile(rgb, m.astype(np.float32), None, scale, crop))
     area = np.array([t.valid.sum() for t in tiles], dtype=np.float64)
     probs = area / area.sum()
+    n = len(rgbs)
+    share = min(float(extra_weight), float(probs[n:].sum()))
+    if extra:
+        probs[:n] = area[:n] / area[:n].sum() * (1.0 - share)
+        probs[n:] = area[n:] / area[n:].sum() * share
     if steps is None:
         steps = max(1, math.ceil((epochs or 0) * area.sum() / (batch_size * crop * crop))) if epochs else 1500
     log.info("nuclei training: %d instance tile(s) (%d nuclei), %d foreground-only tile(s), %d steps of %d x %d² "
@@ -713,7 +739,7 @@ def train_nuclei_model(
              batch_size, crop, work_mpp, dev, time.perf_counter() - t_prep)
 
     torch.manual_seed(seed)
-    net = NucleiUNet(channels).to(dev)
+    net = NucleiUNet(channels).to(dev, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     start, elapsed, history = 0, 0.0, []
     if resume and ckpt_path.exists():
@@ -745,6 +771,7 @@ def train_nuclei_model(
             x, tg = x.to(dev, non_blocking=True), tg.to(dev, non_blocking=True)
             if sa > 0 or sb > 0:
                 x = _hed_augment(x, alpha.to(dev), beta.to(dev))
+            x = x.contiguous(memory_format=torch.channels_last)
             cur_lr = _lr_at(step, steps, lr)
             for g in opt.param_groups:
                 g["lr"] = cur_lr
@@ -780,7 +807,7 @@ def train_nuclei_model(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "breastfusion_version": _version(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "architecture": {"name": "unet", "channels": list(channels), "outputs": list(OUTPUTS),
                          "input": "RGB in [0, 1], ImageNet mean/std normalisation"},
         "mpp": mpp,
@@ -790,7 +817,8 @@ def train_nuclei_model(
         "inference": dict(DEFAULT_WINDOW),
         "training": {"steps": steps, "crop": int(crop), "batch_size": int(batch_size), "lr": lr,
                      "weight_decay": float(weight_decay), "seed": int(seed), "stain_sigma": [sa, sb],
-                     "dist_weight": float(dist_weight), "instance_tiles": len(rgbs), "nuclei": int(n_nuclei),
+                     "dist_weight": float(dist_weight), "extra_weight": extra_weight,
+                     "instance_tiles": len(rgbs), "nuclei": int(n_nuclei),
                      "foreground_only_tiles": len(extra), "seconds": round(elapsed, 1), "device": str(dev),
                      "final_loss": history[-1]["loss"] if history else None, "fingerprint": fingerprint,
                      "loss_history": history[:: max(1, math.ceil(len(history) / 50))]},
@@ -823,7 +851,7 @@ class AnnotatedTile:
 
     @property
     def n_nuclei(self) -> int | None:
-        return None if self.labels is None else int(len(np.unique(self.labels[self.labels > 0])))
+        return None if self.labels is None else len(np.unique(self.labels[self.labels > 0]))
 
 
 @dataclass
@@ -851,7 +879,11 @@ def load_annotated_dir(directory: str | Path, *, strict: bool = True) -> Annotat
     usable remains.
     """
     from breastfusion.data.images import read_image, read_mask
-    from breastfusion.histology.nuclei.annotations import polygons_to_instances, read_imagescope_xml, read_instance_mask
+    from breastfusion.histology.nuclei.annotations import (
+        polygons_to_instances,
+        read_imagescope_xml,
+        read_instance_mask,
+    )
 
     root = Path(directory)
     if not root.is_dir():
