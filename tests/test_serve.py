@@ -1,0 +1,353 @@
+"""`breastfusion serve`: the FastAPI app on a tiny SYNTHETIC bundle (random weights), through FastAPI's
+TestClient, and the web page in a real headless Chromium (Playwright driving the system browser)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")  # python-multipart: FastAPI's form parser
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+CLASSES = ["benign", "malignant", "normal"]
+SIZE = 48
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_bundle(path: Path, *, calibration: dict | None = None) -> Path:
+    """A SYNTHETIC fusion bundle with random weights: test_efficientnet at 48 px, three clinical fields."""
+    import timm
+    import torch
+
+    from breastfusion.features.tabular import TabularPreprocessor
+    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.models.fusion import FusionClassifier
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"age": rng.uniform(30, 80, 40).round(),
+                          "density": rng.choice(["A", "B", "C", "D"], 40),
+                          "family_history": rng.choice(["yes", "no"], 40)})
+    pre = TabularPreprocessor().fit(table)
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
+    dims = dict(image_dim=16, tabular_dim=8, tabular_hidden=16, fusion_hidden=16, dropout=0.1)
+    model = FusionClassifier(len(CLASSES), variant="fusion", backbone=backbone, n_tabular=pre.n_features_out_, **dims)
+    save_bundle(path, model, classes=CLASSES,
+                model_meta={"variant": "fusion", "backbone": "test_efficientnet", "n_tabular": pre.n_features_out_, **dims},
+                image_meta={"size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
+                            "color": "gray_to_rgb"},
+                tabular=pre, feature_meta={"clinical_columns": list(table.columns), "radiomics": None},
+                config_yaml="", synthetic=True)
+    if calibration is not None:
+        meta = json.loads((path / "bundle.json").read_text())
+        meta["calibration"] = calibration
+        (path / "bundle.json").write_text(json.dumps(meta))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("serve") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def client(bundle):
+    from breastfusion.serve import create_app
+
+    with TestClient(create_app(bundle, max_upload_mb=1, max_pixels=2_000_000, max_concurrency=2)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def png() -> bytes:
+    rng = np.random.default_rng(1)
+    return _png(rng.integers(0, 255, (90, 120), dtype=np.uint8))
+
+
+def _post(client, png, data=None, **kw):
+    return client.post("/predict", files={"image": ("x.png", png, "image/png")}, data=data or {}, **kw)
+
+
+def test_health_fields_page_and_openapi(client):
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["classes"] == CLASSES and h["synthetic"] is True
+    assert h["bundle"] == "bundle" and h["version"] and h["calibrated"] is False
+    fields = {f["name"]: f for f in client.get("/schema/fields").json()["fields"]}
+    assert set(fields) == {"age", "density", "family_history"}
+    assert fields["age"]["type"] == "number" and fields["density"]["categories"] == ["A", "B", "C", "D"]
+    assert fields["family_history"]["type"] == "boolean"
+    page = client.get("/")
+    assert page.status_code == 200 and "predict-form" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert client.get("/static/app.js").status_code == 200
+    spec = client.get("/openapi.json").json()
+    body_ref = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    body = spec["components"]["schemas"][body_ref.rsplit("/", 1)[-1]]
+    assert body["properties"]["density"]["enum"] == ["A", "B", "C", "D"] and "image" in body["required"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_predict_form_fields_and_json_clinical_agree_with_batch_predictor(client, bundle, png, tmp_path):
+    from breastfusion.inference.predictor import Predictor
+
+    r = _post(client, png, {"age": "61", "density": "C", "family_history": "yes"})
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert set(res["probabilities"]) == set(CLASSES)
+    assert abs(sum(res["probabilities"].values()) - 1) < 1e-5
+    assert res["predicted"] == max(res["probabilities"], key=res["probabilities"].get)
+    assert res["prediction_set"] == [res["predicted"]] and res["calibrated"] is False and res["refer"] is None
+    assert res["synthetic_model"] is True and any("SYNTHETIC" in w for w in res["warnings"])
+    assert res["explanation_png_base64"] is None and r.headers["cache-control"] == "no-store"
+    r2 = _post(client, png, {"clinical": json.dumps({"age": 61, "density": "C", "family_history": True})})
+    assert r2.status_code == 200, r2.text
+    assert r2.json()["probabilities"] == pytest.approx(res["probabilities"], abs=1e-6)
+    # the same case through the batch Predictor (image from a file, clinical columns in the table)
+    (tmp_path / "x.png").write_bytes(png)
+    cases = pd.DataFrame({"case_id": ["x"], "image_path": [str(tmp_path / "x.png")], "age": [61],
+                          "density": ["C"], "family_history": ["yes"]})
+    batch = Predictor.load(bundle).predict(cases)
+    for c in CLASSES:
+        assert res["probabilities"][c] == pytest.approx(float(batch[f"prob_{c}"].iloc[0]), abs=1e-5)
+    # missing fields are allowed (imputed) and said
+    r3 = _post(client, png)
+    assert r3.status_code == 200 and any("not given" in w for w in r3.json()["warnings"])
+
+
+def test_explanation_overlay_is_a_png(client, png):
+    r = _post(client, png, {"age": "50"}, params={"explain": "true"})
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert res["explanation_method"] in ("input_gradient_saliency", "gradcam")
+    img = Image.open(io.BytesIO(base64.b64decode(res["explanation_png_base64"])))
+    assert img.format == "PNG" and img.mode == "RGB" and min(img.size) >= SIZE
+    r2 = _post(client, png, {"explain": "true"})
+    assert r2.status_code == 200 and r2.json()["explanation_png_base64"]
+
+
+@pytest.mark.parametrize("payload, status, needle", [
+    (b"", 422, "empty"),
+    (b"this is not an image at all", 415, "not a recognised image"),
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", 415, "not a recognised image"),
+])
+def test_bad_image_bytes_are_4xx(client, payload, status, needle):
+    r = client.post("/predict", files={"image": ("scan.png", payload, "image/png")})
+    assert r.status_code == status, r.text
+    assert needle in r.json()["detail"] and r.json()["field"] == "image"
+
+
+def test_truncated_and_bomb_images(client, png):
+    r = client.post("/predict", files={"image": ("t.png", png[: len(png) // 2], "image/png")})
+    assert r.status_code == 422 and "corrupt or truncated" in r.json()["detail"]
+    # a valid PNG header claiming 30000 x 30000 pixels (900 MP): refused on the header, nothing decoded
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b"")
+    r = client.post("/predict", files={"image": ("bomb.png", bomb, "image/png")})
+    assert r.status_code == 413 and "pixels" in r.json()["detail"]
+    big = _png(np.zeros((1500, 1500), np.uint8))  # 2.25 MP > max_pixels=2 MP, small file
+    r = client.post("/predict", files={"image": ("big.png", big, "image/png")})
+    assert r.status_code == 413 and "limit is 2000000" in r.json()["detail"]
+
+
+def test_too_big_upload_is_413_while_reading(client):
+    blob = os.urandom(int(1.5 * (1 << 20)))  # 1.5 MiB > max_upload_mb=1 (body still under the body limit)
+    r = client.post("/predict", files={"image": ("big.png", blob, "image/png")})
+    assert r.status_code == 413 and r.json()["field"] == "image"
+    # declared Content-Length over the body limit: refused before the body is read
+    r = client.post("/predict", files={"image": ("big.png", os.urandom(4 << 20), "image/png")})
+    assert r.status_code == 413 and "larger than the limit" in r.json()["detail"]
+    # chunked body without Content-Length: counted while streaming and cut off
+    boundary = "bfboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode()
+
+    def stream():
+        yield head
+        for _ in range(8):
+            yield b"\0" * (1 << 20)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = client.post("/predict", content=stream(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413, r.text
+
+
+@pytest.mark.parametrize("data, field, needle", [
+    ({"tumour_size": "12"}, "tumour_size", "Unknown clinical field 'tumour_size'"),
+    ({"age": "old"}, "age", "not a number"),
+    ({"age": "inf"}, "age", "not a finite number"),
+    ({"density": "Z"}, "density", "unknown category 'Z'"),
+    ({"family_history": "maybe"}, "family_history", "not a yes/no value"),
+    ({"clinical": "{not json"}, "clinical", "not valid JSON"),
+    ({"clinical": "[1, 2]"}, "clinical", "JSON object"),
+    ({"clinical": json.dumps({"age": {"v": 1}})}, "age", "must be a number"),
+    ({"clinical": json.dumps({"age": 50}), "age": "50"}, "age", "both"),
+    ({"clinical": json.dumps({"bmi": 22})}, "bmi", "Unknown clinical field 'bmi'"),
+])
+def test_bad_clinical_values_are_422_naming_the_field(client, png, data, field, needle):
+    r = _post(client, png, data)
+    assert r.status_code == 422, r.text
+    assert needle in r.json()["detail"] and r.json()["field"] == field
+
+
+def test_missing_image_and_wrong_types_are_422(client):
+    r = client.post("/predict", data={"age": "50"})
+    assert r.status_code == 422 and r.json()["field"] == "image"
+    r = client.post("/predict", data={"image": "not a file"})
+    assert r.status_code == 422
+    r = client.post("/predict", json={"age": 50})
+    assert r.status_code == 422
+
+
+def test_concurrent_requests_all_succeed(client, png):
+    def one(i):
+        return _post(client, png, {"age": str(40 + i), "density": "ABCD"[i % 4]})
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(one, range(24)))
+    assert [r.status_code for r in responses] == [200] * 24
+    assert client.get("/health").json()["in_flight"] == 0
+
+
+def test_timeout_is_504(bundle, png):
+    from breastfusion.serve import create_app
+
+    with TestClient(create_app(bundle, timeout_s=1e-4)) as c:
+        r = c.post("/predict", files={"image": ("x.png", png, "image/png")}, params={"explain": "true"})
+    assert r.status_code == 504 and "longer than" in r.json()["detail"]
+
+
+def test_calibrated_bundle_returns_conformal_set_and_refer(tmp_path, png):
+    from breastfusion.evaluation.calibration import ConformalClassifier, TemperatureScaler
+    from breastfusion.serve import create_app
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([1, 1, 1], size=200)
+    y = rng.integers(0, 3, 200)
+    ts = TemperatureScaler().fit(probs, y, classes=None)
+    cp = ConformalClassifier(method="aps", alpha=0.1).fit(ts.transform(probs), y)
+    path = make_bundle(tmp_path / "cal", calibration={"temperature": ts.to_dict(), "conformal": cp.to_dict()})
+    with TestClient(create_app(path)) as c:
+        h = c.get("/health").json()
+        assert h["calibrated"] is True and h["calibration"]["target_coverage"] == pytest.approx(0.9)
+        res = c.post("/predict", files={"image": ("x.png", png, "image/png")}).json()
+    assert res["calibrated"] is True and res["predicted"] in res["prediction_set"]
+    assert res["refer"] is (len(res["prediction_set"]) > 1)
+    assert res["model_probabilities"] and abs(sum(res["probabilities"].values()) - 1) < 1e-6
+    # random labels: the 90% set must hold more than one class, so the case is referred
+    assert len(res["prediction_set"]) >= 2 and res["refer"] is True
+
+
+def test_bad_calibration_entry_fails_at_startup(tmp_path):
+    from breastfusion.errors import BundleError
+    from breastfusion.serve import create_app
+
+    path = make_bundle(tmp_path / "badcal", calibration={"something": 1})
+    with pytest.raises(BundleError, match="calibration"):
+        create_app(path)
+
+
+def test_cli_serve_parses_and_rejects_a_missing_bundle(tmp_path, capsys):
+    from breastfusion.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "b", "--port", "9000", "--workers", "2"])
+    assert (args.bundle, args.host, args.port, args.workers) == ("b", "127.0.0.1", 9000, 2)
+    assert main(["serve", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ real browser
+
+
+def _chromium() -> str | None:
+    for name in (os.environ.get("BREASTFUSION_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.fixture(scope="module")
+def live_server(bundle):
+    import uvicorn
+
+    from breastfusion.serve import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(bundle), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_web_page_in_headless_chromium(live_server, png, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium, or set BREASTFUSION_CHROMIUM)")
+    (tmp_path / "scan.png").write_bytes(png)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(live_server + "/")
+            page.wait_for_selector("body[data-ready=true]", timeout=15_000)
+            assert page.is_visible("#synthetic-banner") and "SYNTHETIC" in page.inner_text("#synthetic-banner")
+            page.set_input_files("#image", str(tmp_path / "scan.png"))
+            page.fill("[name=age]", "57")
+            page.select_option("[name=density]", "B")
+            page.check("#explain")
+            page.click("#submit")
+            page.wait_for_selector("#probabilities .row", timeout=30_000)
+            rows = page.locator("#probabilities .row")
+            assert rows.count() == len(CLASSES)
+            pcts = [float(t.strip("%")) for t in page.locator("#probabilities .pct").all_inner_texts()]
+            assert sum(pcts) == pytest.approx(100, abs=0.5)
+            assert page.inner_text("#predicted") in CLASSES
+            assert "Prediction set" in page.inner_text("#set-line")
+            page.wait_for_selector("#overlay-figure:not([hidden])", timeout=10_000)
+            assert page.get_attribute("#overlay", "src").startswith("data:image/png;base64,")
+            # a bad value shows the server's message, naming the field
+            page.fill("[name=age]", "")
+            page.evaluate("document.querySelector('[name=age]').type = 'text'")
+            page.fill("[name=age]", "old")
+            page.click("#submit")
+            page.wait_for_selector("#error:not([hidden])", timeout=15_000)
+            assert "age" in page.inner_text("#error") and "422" in page.inner_text("#error")
+            assert not errors, errors
+        finally:
+            browser.close()
