@@ -115,3 +115,24 @@ def test_bundle_carries_classical_models_for_prediction(run, tmp_path):
     np.testing.assert_allclose(out.filter(like="prob_").sum(axis=1), 1.0, atol=1e-6)
     with pytest.raises(BundleError, match="no model 'xgb'.*lgbm"):
         Predictor.load(result.bundle, model="xgb")
+
+
+def test_bundle_is_calibrated_with_prediction_sets_and_a_model_card(run):
+    """The final bundle stores temperature + conformal settings fitted on out-of-fold predictions; prediction
+    outputs gain the set and a refer flag; MODEL_CARD.md is written and marks synthetic data."""
+    _, result = run
+    meta = load_bundle(result.bundle).meta
+    cal = meta["calibration"]
+    assert cal["target_coverage"] == pytest.approx(0.9) and cal["temperature"]["temperature"] > 0
+    assert cal["conformal"]["method"] == "lac"
+    card = (result.bundle / "MODEL_CARD.md").read_text()
+    assert card.startswith("> **SYNTHETIC DATA.**") and "Calibration and deferral" in card and "macro_f1" in card
+    root = result.run_dir.parent
+    out = Predictor.load(result.bundle).predict(root / "cohort" / "cases.csv")
+    assert {"prediction_set", "set_size", "refer", "calibrated"} <= set(out.columns)
+    for _, row in out.iterrows():
+        members = row["prediction_set"].split("|")
+        assert row["predicted"] in members and len(members) == row["set_size"]
+        assert row["refer"] == (row["set_size"] > 1)
+    probs = out[[c for c in out.columns if c.startswith("prob_")]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-6)

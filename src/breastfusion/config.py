@@ -91,6 +91,9 @@ class ExperimentConfig(_Strict):
                     "A fusion or tabular entry falls back to image-only when the cases have no tabular data. "
                     "With task: histology any entry means 'train the multiscale bundle' (bundles/multiscale).")
     n_boot: int = Field(1000, ge=0)
+    conformal_method: Literal["lac", "aps", "raps"] = Field(
+        "lac", description="Prediction sets stored in the bundle (fitted on out-of-fold CV predictions).")
+    conformal_alpha: float = Field(0.1, gt=0, lt=0.5, description="Target coverage of prediction sets = 1 - alpha.")
 
 
 class HistologyConfig(_Strict):

@@ -246,12 +246,26 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
 
         name = DEEP_NAMES[variant]
         t = time.perf_counter()
+        calibration = None
+        if name in results:
+            from breastfusion.evaluation.calibration import fit_bundle_calibration
+
+            try:
+                calibration = fit_bundle_calibration(results[name]["predictions"], classes,
+                                                     method=cfg.experiment.conformal_method,
+                                                     alpha=cfg.experiment.conformal_alpha)
+            except DataError as exc:  # e.g. too few cases for the requested coverage
+                log.warning("bundle %s left uncalibrated: %s", name, exc)
         bundles[name] = fit_final_bundle(variant, cases, table, classes, cfg, run_dir, resume=resume,
                                          progress=progress, cache=cache, synthetic=synthetic,
                                          metrics=metrics.get(name), radiomics_used=radiomics is not None,
                                          clinical_cols=columns,
                                          classical={"files": classical_files, "features": classical_features,
-                                                    "metrics": {k: metrics[k] for k in classical_files}})
+                                                    "metrics": {k: metrics[k] for k in classical_files}},
+                                         calibration=calibration,
+                                         data_meta={"audit": audit_summary,
+                                                    "splits": f"{cfg.cv.strategy}, {cfg.cv.n_splits} folds, seed {cfg.seed}, "
+                                                              "patients and near-duplicate groups kept together"})
         timings[f"final_{name}_s"] = time.perf_counter() - t
     bundle = next(iter(bundles.values()), None)
 

@@ -684,3 +684,33 @@ def plot_reliability_before_after(
     if title:
         fig.suptitle(f"{_short(title, 70)} (n={prep.n})", fontsize=11)
     return _save(fig, path)
+
+
+def fit_bundle_calibration(preds: pd.DataFrame, classes: list[str], *, method: str = "lac",
+                           alpha: float = 0.1) -> dict[str, Any]:
+    """Temperature + split-conformal threshold for a deployable bundle, fitted on the cross-validation
+    out-of-fold predictions of the same model recipe (every case predicted by a model that did not see it).
+
+    The bundle's final model is trained on all cases, so this is the usual cross-conformal approximation:
+    it assumes the final model's scores behave like the fold models' scores. Returns a JSON-safe dict stored
+    as ``bundle.json['calibration']`` and applied by :func:`apply_bundle_calibration`."""
+    P = preds[[f"prob_{c}" for c in classes]].to_numpy(dtype=float)
+    y = preds["label"].astype(str).to_numpy()
+    ts = TemperatureScaler().fit(P, y, classes=list(classes))
+    Pc = ts.transform(P)
+    cc = ConformalClassifier(method=method, alpha=alpha).fit(Pc, y, classes=list(classes))
+    sets = cc.predict_sets(Pc)
+    idx = np.array([list(classes).index(v) for v in y])
+    return {"temperature": ts.to_dict(), "conformal": cc.to_dict(), "target_coverage": 1 - alpha,
+            "fitted_on": f"{len(P)} out-of-fold cross-validation predictions",
+            "in_sample_coverage": float(sets[np.arange(len(y)), idx].mean()),
+            "mean_set_size": float(sets.sum(1).mean())}
+
+
+def apply_bundle_calibration(probs: np.ndarray, calibration: dict, classes: list[str]):
+    """(calibrated probabilities, prediction-set strings, set sizes, refer flags) for raw probabilities."""
+    ts = TemperatureScaler.from_dict(calibration["temperature"])
+    cc = ConformalClassifier.from_dict(calibration["conformal"])
+    Pc = ts.transform(probs)
+    sets = cc.predict_sets(Pc)
+    return Pc, _set_strings(sets, list(classes)), sets.sum(1), sets.sum(1) > 1

@@ -78,8 +78,13 @@ def _build_multiscale(meta: dict):
 
 def save_bundle(path: str | Path, model: FusionClassifier, *, classes: list[str], model_meta: dict, image_meta: dict,
                 tabular: TabularPreprocessor | None, feature_meta: dict, config_yaml: str, synthetic: bool,
-                training: dict | None = None, metrics: dict | None = None, extra_files: dict[str, Path] | None = None) -> Path:
-    """Write a bundle folder atomically (built in a temporary folder, then renamed into place)."""
+                training: dict | None = None, metrics: dict | None = None, extra_files: dict[str, Path] | None = None,
+                calibration: dict | None = None, data_meta: dict | None = None, name: str | None = None) -> Path:
+    """Write a bundle folder atomically (built in a temporary folder, then renamed into place), with its model
+    card (``MODEL_CARD.md``). ``calibration``: temperature + conformal settings (see
+    :func:`breastfusion.evaluation.calibration.fit_bundle_calibration`); ``data_meta``: audit and split summary."""
+    from breastfusion.inference.model_card import CARD, model_card
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():
@@ -94,8 +99,10 @@ def save_bundle(path: str | Path, model: FusionClassifier, *, classes: list[str]
             "tabular": tabular.to_dict() if tabular is not None else None, "features": feature_meta,
             "synthetic_data": bool(synthetic), "versions": library_versions(),
             "training": training or {}, "metrics": metrics or {},
+            "calibration": calibration, "data": data_meta or {}, "name": name or path.name,
         }
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        (tmp / CARD).write_text(model_card(json.loads(json.dumps(meta, default=str))), encoding="utf-8")
         (tmp / "config.yaml").write_text(config_yaml)
         for name, src in (extra_files or {}).items():
             dst = tmp / name

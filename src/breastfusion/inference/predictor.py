@@ -256,6 +256,16 @@ class Predictor:
             [{CASE_ID: cid, IMAGE_PATH: cases.loc[cases[CASE_ID] == cid, IMAGE_PATH].iloc[0], "reason": r}
              for cid, r in skipped.items()], columns=[CASE_ID, IMAGE_PATH, "reason"])
         ok = ~cases[CASE_ID].isin(skipped).to_numpy()
+        cal = self.bundle.meta.get("calibration") if self.classical is None else None
+        sets = None
+        if cal and ok.any():
+            from breastfusion.evaluation.calibration import apply_bundle_calibration
+
+            # temperature-scaled probabilities (argmax unchanged) and the conformal prediction set
+            Pc, set_str, set_size, refer = apply_bundle_calibration(probs[ok], cal, self.classes)
+            probs = probs.copy()
+            probs[ok] = Pc
+            sets = (set_str, set_size, refer)
         out = pd.DataFrame({CASE_ID: cases[CASE_ID], IMAGE_PATH: cases[IMAGE_PATH]})
         if LABEL in cases.columns:
             out[LABEL] = cases[LABEL]
@@ -264,6 +274,9 @@ class Predictor:
         out = out[ok].reset_index(drop=True)
         out["predicted"] = np.asarray(self.classes, dtype=object)[probs[ok].argmax(1)] if ok.any() else []
         out["model"] = self.model_name
+        if sets is not None:
+            out["prediction_set"], out["set_size"], out["refer"] = sets
+            out["calibrated"] = True
         if self.bundle.synthetic:
             out["synthetic_model"] = True
         return out

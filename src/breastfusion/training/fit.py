@@ -120,7 +120,8 @@ def score_cases(fitted: FittedModel, cases: pd.DataFrame, table: pd.DataFrame | 
 def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None, classes: list[str], cfg: Config,
                      run_dir: Path, *, resume: bool, progress: bool, cache: ImageCache | None, synthetic: bool,
                      metrics: dict | None, radiomics_used: bool, clinical_cols: list[str],
-                     classical: dict | None = None) -> Path:
+                     classical: dict | None = None, calibration: dict | None = None,
+                     data_meta: dict | None = None) -> Path:
     """Train the deployable model on every case (inner validation for early stopping) and save a bundle."""
     from breastfusion.inference.bundle import save_bundle
 
@@ -148,6 +149,7 @@ def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | No
     path = save_bundle(run_dir / "bundles" / name, fitted.model, classes=classes, model_meta=model_meta(variant, cfg, n_tab),
                        image_meta=image_meta, tabular=fitted.tabular, feature_meta=feature_meta,
                        config_yaml=config_to_yaml(cfg), synthetic=synthetic, training=training,
-                       metrics={"cross_validation": metrics} if metrics else {}, extra_files=extra_files)
+                       metrics={"cross_validation": metrics} if metrics else {}, extra_files=extra_files,
+                       calibration=calibration, data_meta=data_meta, name=f"{cfg.name}-{name}")
     (run_dir / "deep" / f"final_{name}" / "last.pt").unlink(missing_ok=True)
     return path
