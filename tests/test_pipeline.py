@@ -136,3 +136,21 @@ def test_bundle_is_calibrated_with_prediction_sets_and_a_model_card(run):
         assert row["refer"] == (row["set_size"] > 1)
     probs = out[[c for c in out.columns if c.startswith("prob_")]].to_numpy()
     assert np.allclose(probs.sum(1), 1, atol=1e-6)
+
+
+def test_calibrate_adds_sets_and_card_to_an_existing_bundle(run, tmp_path):
+    import shutil
+
+    _, result = run
+    b = tmp_path / "old_bundle"
+    shutil.copytree(result.bundle, b)
+    meta = json.loads((b / "bundle.json").read_text())
+    meta["calibration"] = None  # as a bundle made before calibration existed
+    (b / "bundle.json").write_text(json.dumps(meta))
+    (b / "MODEL_CARD.md").unlink()
+    weights = (b / "model.safetensors").read_bytes()
+    assert main(["calibrate", str(b), str(result.run_dir / "predictions" / "fusion.csv"), "--method", "aps",
+                 "--alpha", "0.2"]) == 0
+    cal = load_bundle(b).meta["calibration"]
+    assert cal["conformal"]["method"] == "aps" and cal["target_coverage"] == pytest.approx(0.8)
+    assert (b / "MODEL_CARD.md").exists() and (b / "model.safetensors").read_bytes() == weights

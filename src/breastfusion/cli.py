@@ -139,6 +139,24 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    """Fit temperature scaling + split-conformal sets for an existing bundle from out-of-fold predictions."""
+    import pandas as pd
+
+    from breastfusion.evaluation.calibration import fit_bundle_calibration
+    from breastfusion.inference.bundle import read_bundle_meta
+    from breastfusion.inference.model_card import refresh_bundle
+
+    meta = read_bundle_meta(args.bundle)
+    preds = pd.read_csv(args.predictions, dtype={"case_id": str, "label": str})
+    cal = fit_bundle_calibration(preds, meta["classes"], method=args.method, alpha=args.alpha)
+    refresh_bundle(args.bundle, calibration=cal)
+    print(f"calibrated {args.bundle}: T = {cal['temperature']['temperature']:.3f}, {cal['conformal']['method']} sets "
+          f"for coverage {cal['target_coverage']:.2f} (mean set size {cal['mean_set_size']:.2f} on "
+          f"{cal['fitted_on']}); model card: {Path(args.bundle) / 'MODEL_CARD.md'}")
+    return 0
+
+
 def cmd_synthetic(args) -> int:
     from breastfusion.data.synthetic import make_synthetic_cohort
 
@@ -452,6 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved configuration (defaults, a YAML file, overrides)")
     _common_config_args(p)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("calibrate", help="add temperature scaling + conformal prediction sets (and a model card) "
+                                         "to an existing bundle, from out-of-fold predictions of its recipe")
+    p.add_argument("bundle")
+    p.add_argument("predictions", help="out-of-fold predictions, e.g. RUN/predictions/fusion.csv")
+    p.add_argument("--method", choices=["lac", "aps", "raps"], default="lac")
+    p.add_argument("--alpha", type=float, default=0.1, help="1 - target coverage of the prediction sets")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("synthetic", help="write a SYNTHETIC cohort: ultrasound + clinical, or H&E grading stacks")
     p.add_argument("out")

@@ -96,3 +96,22 @@ def model_card(meta: dict[str, Any]) -> str:
               "categories) are rejected or flagged where detectable, not everywhere.", "",
               "## Versions", "", f"- {meta.get('versions', {})}", ""]
     return "\n".join(lines)
+
+
+def refresh_bundle(bundle_path, *, calibration: dict | None = None) -> None:
+    """Add (or replace) calibration in an existing bundle's bundle.json and regenerate its model card, atomically.
+    Weights are untouched: an old bundle gains these without retraining."""
+    import json
+    from pathlib import Path
+
+    from breastfusion.inference.bundle import META, read_bundle_meta
+    from breastfusion.utils import atomic_path
+
+    path = Path(bundle_path)
+    meta = read_bundle_meta(path)
+    if calibration is not None:
+        meta["calibration"] = calibration
+    with atomic_path(path / META) as tmp:
+        Path(tmp).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    with atomic_path(path / CARD) as tmp:
+        Path(tmp).write_text(model_card(meta), encoding="utf-8")
