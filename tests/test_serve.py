@@ -18,10 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("multipart")  # python-multipart: FastAPI's form parser
-from fastapi.testclient import TestClient  # noqa: E402
-from PIL import Image  # noqa: E402
+pytest.importorskip("fastapi", reason="fastapi is not installed: pip install -e . (a dependency of breastfusion serve)")
+from fastapi.testclient import TestClient
+from PIL import Image
 
 CLASSES = ["benign", "malignant", "normal"]
 SIZE = 48
@@ -33,8 +32,9 @@ def _png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_bundle(path: Path, *, calibration: dict | None = None) -> Path:
-    """A SYNTHETIC fusion bundle with random weights: test_efficientnet at 48 px, three clinical fields."""
+def make_bundle(path: Path, *, calibration: dict | None = None, radiomics: bool = False) -> Path:
+    """A SYNTHETIC fusion bundle with random weights: test_efficientnet at 48 px, three clinical fields (and the
+    lesion radiomics columns, fitted on random values, with ``radiomics=True``)."""
     import timm
     import torch
 
@@ -46,6 +46,13 @@ def make_bundle(path: Path, *, calibration: dict | None = None) -> Path:
     table = pd.DataFrame({"age": rng.uniform(30, 80, 40).round(),
                           "density": rng.choice(["A", "B", "C", "D"], 40),
                           "family_history": rng.choice(["yes", "no"], 40)})
+    rad_meta = None
+    if radiomics:
+        from breastfusion.features.radiomics import RADIOMICS_VERSION, radiomics_columns
+
+        rad_cols = radiomics_columns()
+        table = table.join(pd.DataFrame(rng.normal(size=(40, len(rad_cols))), columns=rad_cols))
+        rad_meta = {"version": RADIOMICS_VERSION, "columns": rad_cols}
     pre = TabularPreprocessor().fit(table)
     torch.manual_seed(0)
     backbone = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
@@ -55,7 +62,8 @@ def make_bundle(path: Path, *, calibration: dict | None = None) -> Path:
                 model_meta={"variant": "fusion", "backbone": "test_efficientnet", "n_tabular": pre.n_features_out_, **dims},
                 image_meta={"size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
                             "color": "gray_to_rgb"},
-                tabular=pre, feature_meta={"clinical_columns": list(table.columns), "radiomics": None},
+                tabular=pre, feature_meta={"clinical_columns": ["age", "density", "family_history"],
+                                           "radiomics": rad_meta},
                 config_yaml="", synthetic=True)
     if calibration is not None:
         meta = json.loads((path / "bundle.json").read_text())
@@ -103,6 +111,7 @@ def test_health_fields_page_and_openapi(client):
     body_ref = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
     body = spec["components"]["schemas"][body_ref.rsplit("/", 1)[-1]]
     assert body["properties"]["density"]["enum"] == ["A", "B", "C", "D"] and "image" in body["required"]
+    assert body["properties"]["image"]["format"] == "binary" and body["additionalProperties"] is False
     assert client.get("/docs").status_code == 200
 
 
@@ -204,6 +213,8 @@ def test_too_big_upload_is_413_while_reading(client):
     ({"family_history": "maybe"}, "family_history", "not a yes/no value"),
     ({"clinical": "{not json"}, "clinical", "not valid JSON"),
     ({"clinical": "[1, 2]"}, "clinical", "JSON object"),
+    ({"clinical": '{"age": ' + "9" * 5000 + "}"}, "clinical", "not valid JSON"),
+    ({"clinical": "[" * 50000 + "]" * 50000}, "clinical", "not valid JSON"),
     ({"clinical": json.dumps({"age": {"v": 1}})}, "age", "must be a number"),
     ({"clinical": json.dumps({"age": 50}), "age": "50"}, "age", "both"),
     ({"clinical": json.dumps({"bmi": 22})}, "bmi", "Unknown clinical field 'bmi'"),
@@ -242,7 +253,10 @@ def test_timeout_is_504(bundle, png):
 
 
 def test_calibrated_bundle_returns_conformal_set_and_refer(tmp_path, png):
-    from breastfusion.evaluation.calibration import ConformalClassifier, TemperatureScaler
+    from breastfusion.evaluation.calibration import (
+        ConformalClassifier,
+        TemperatureScaler,
+    )
     from breastfusion.serve import create_app
 
     rng = np.random.default_rng(0)
@@ -260,6 +274,33 @@ def test_calibrated_bundle_returns_conformal_set_and_refer(tmp_path, png):
     assert res["model_probabilities"] and abs(sum(res["probabilities"].values()) - 1) < 1e-6
     # random labels: the 90% set must hold more than one class, so the case is referred
     assert len(res["prediction_set"]) >= 2 and res["refer"] is True
+
+
+def test_lesion_mask_feeds_radiomics(tmp_path):
+    from breastfusion.serve import create_app
+
+    path = make_bundle(tmp_path / "rad", radiomics=True)
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 255, (80, 100), dtype=np.uint8)
+    mask = np.zeros((80, 100), np.uint8)
+    mask[20:50, 30:70] = 255
+    with TestClient(create_app(path)) as c:
+        fields = c.get("/schema/fields").json()
+        assert fields["accepts_mask"] is True and [f["name"] for f in fields["fields"]] == ["age", "density",
+                                                                                            "family_history"]
+        files = {"image": ("x.png", _png(img), "image/png"), "mask": ("m.png", _png(mask), "image/png")}
+        with_mask = c.post("/predict", files=files)
+        without = c.post("/predict", files={"image": ("x.png", _png(img), "image/png")})
+        wrong = c.post("/predict", files={"image": ("x.png", _png(img), "image/png"),
+                                          "mask": ("m.png", _png(mask[:40]), "image/png")})
+        rad_field = c.post("/predict", files={"image": ("x.png", _png(img), "image/png")},
+                           data={"rad_mask_available": "1"})
+    assert with_mask.status_code == 200 and without.status_code == 200
+    assert not any("mask" in w for w in with_mask.json()["warnings"])
+    assert any("No lesion mask" in w for w in without.json()["warnings"])
+    assert with_mask.json()["probabilities"] != without.json()["probabilities"]
+    assert wrong.status_code == 422 and wrong.json()["field"] == "mask"
+    assert rad_field.status_code == 422 and "Unknown clinical field 'rad_mask_available'" in rad_field.json()["detail"]
 
 
 def test_bad_calibration_entry_fails_at_startup(tmp_path):

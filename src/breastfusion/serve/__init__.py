@@ -7,4 +7,4 @@ port=...)`` runs it. Scoring from uploaded bytes lives in :mod:`breastfusion.ser
 from breastfusion.serve.app import create_app, serve
 from breastfusion.serve.engine import InputError, ServeModel
 
-__all__ = ["create_app", "serve", "ServeModel", "InputError"]
+__all__ = ["InputError", "ServeModel", "create_app", "serve"]

@@ -331,7 +331,7 @@ def create_app(bundle_path: str | Path, *, max_upload_mb: float = 10, max_pixels
             fut = executor().submit(fn, *args, **kwargs)
             try:
                 return await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 fut.cancel()  # still queued: dropped; already running: finishes in the background
                 raise HTTPException(504, detail=f"The prediction took longer than {timeout_s:g} s.") from None
         finally:
@@ -395,6 +395,15 @@ def create_app(bundle_path: str | Path, *, max_upload_mb: float = 10, max_pixels
             body = None
         if body is not None:
             props = body.setdefault("properties", {})
+            # Multipart parts are never JSON null: describe the wire format (files as binary parts, with a
+            # filename; the rest as text) instead of FastAPI's `anyOf [..., null]` for optional parameters.
+            for name, plain in (("image", {"type": "string", "format": "binary",
+                                           "contentMediaType": "application/octet-stream"}),
+                                ("mask", {"type": "string", "format": "binary",
+                                          "contentMediaType": "application/octet-stream"}),
+                                ("clinical", {"type": "string"}), ("explain", {"type": "boolean"})):
+                if name in props:
+                    props[name] = {**plain, "description": props[name].get("description", "")}
             for f in engine.fields:
                 if f.name not in RESERVED_FIELDS:
                     props[f.name] = f.json_schema()

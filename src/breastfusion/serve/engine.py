@@ -18,7 +18,6 @@ import io
 import logging
 import math
 import threading
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,24 +101,24 @@ def decode_image(data: bytes, *, what: str = "image", max_pixels: int) -> Decode
 
     Raises :class:`InputError`: 422 for an empty, corrupt or truncated file, 415 for bytes that are not an
     image in :data:`ALLOWED_FORMATS`, 413 for more than ``max_pixels`` pixels (checked on the header,
-    before any pixel is decoded, so a decompression bomb costs nothing)."""
+    before any pixel is decoded, so a decompression bomb costs nothing; PIL's own ``MAX_IMAGE_PIXELS`` check,
+    2x its limit, also answers 413)."""
     if not data:
         raise InputError(f"'{what}' is an empty file.", status=422, field=what)
     out_warnings: list[str] = []
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
-            w, h = img.size
-            if w <= 0 or h <= 0:
-                raise InputError(f"'{what}' has no pixels (size {w}x{h}).", status=422, field=what)
-            if w * h > max_pixels:
-                raise InputError(f"'{what}' is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels.",
-                                 status=413, field=what)
-            if getattr(img, "n_frames", 1) > 1:
-                out_warnings.append(f"'{what}' has {img.n_frames} frames; only the first is used.")
-            img.load()
-            arr = _to_array(img)
+        # (no warnings.catch_warnings here: it is not thread-safe; the explicit pixel check below comes first)
+        img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+        w, h = img.size
+        if w <= 0 or h <= 0:
+            raise InputError(f"'{what}' has no pixels (size {w}x{h}).", status=422, field=what)
+        if w * h > max_pixels:
+            raise InputError(f"'{what}' is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels.",
+                             status=413, field=what)
+        if getattr(img, "n_frames", 1) > 1:
+            out_warnings.append(f"'{what}' has {img.n_frames} frames; only the first is used.")
+        img.load()
+        arr = _to_array(img)
     except InputError:
         raise
     except UnidentifiedImageError:
@@ -199,7 +198,10 @@ def load_calibration(entry: Any, classes: list[str], bundle: Path):
     cannot deliver it is refused at startup rather than served uncalibrated)."""
     if not entry:
         return None, None
-    from breastfusion.evaluation.calibration import ConformalClassifier, TemperatureScaler
+    from breastfusion.evaluation.calibration import (
+        ConformalClassifier,
+        TemperatureScaler,
+    )
 
     ts_d = _find_kind(entry, TemperatureScaler.KIND)
     cp_d = _find_kind(entry, ConformalClassifier.KIND)
@@ -277,6 +279,7 @@ class ServeModel:
         # predictions running in other threads on the shared network never fire (or see) its hooks.
         self._gradcam_model = None
         self._gradcam_lock = threading.Lock()
+        self._radiomics_lock = threading.Lock()
 
     # -- description ------------------------------------------------------------------------------------
 
@@ -358,7 +361,7 @@ class ServeModel:
         if clinical_json is not None and clinical_json.strip():
             try:
                 obj = json.loads(clinical_json)
-            except (json.JSONDecodeError, RecursionError) as exc:
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, and ints past Python's 4300-digit limit
                 raise InputError(f"Field 'clinical' is not valid JSON: {str(exc)[:200]}.", field="clinical") from None
             if not isinstance(obj, dict):
                 raise InputError("Field 'clinical' must be a JSON object {field: value}.", field="clinical")
@@ -384,10 +387,9 @@ class ServeModel:
                                 + ".")
         for f in self.fields:
             v = values[f.name]
-            if f.kind == "numeric" and v is not None and f.sd:
-                if abs(v - (f.mean or 0.0)) / f.sd > WARN_Z:
-                    out_warnings.append(f"Field '{f.name}' = {v:g} is far outside the training data "
-                                        f"(median {f.median:.4g}); the prediction may be unreliable.")
+            if f.kind == "numeric" and v is not None and f.sd and abs(v - (f.mean or 0.0)) / f.sd > WARN_Z:
+                out_warnings.append(f"Field '{f.name}' = {v:g} is far outside the training data "
+                                    f"(median {f.median:.4g}); the prediction may be unreliable.")
         return values, out_warnings
 
     @staticmethod
@@ -443,7 +445,11 @@ class ServeModel:
             return None
         row: dict[str, Any] = {k: v for k, v in values.items()}
         if self.radiomics:
-            from breastfusion.features.radiomics import MASK_AVAILABLE, extract_arrays, radiomics_columns
+            from breastfusion.features.radiomics import (
+                MASK_AVAILABLE,
+                extract_arrays,
+                radiomics_columns,
+            )
 
             if mask_bytes is not None and gray is not None:
                 m = decode_image(mask_bytes, what="mask", max_pixels=self.max_pixels)
@@ -453,7 +459,8 @@ class ServeModel:
                 mk = m.gray
                 mask = mk > 0.5 * max(float(mk.max()), 1e-6) if mk.max() > 0 else np.zeros(mk.shape, dtype=bool)
                 try:
-                    rad = extract_arrays(gray * np.float32(255.0), [mask], source="uploaded image")
+                    with self._radiomics_lock:  # one shared PyRadiomics extractor, not documented as thread-safe
+                        rad = extract_arrays(gray * np.float32(255.0), [mask], source="uploaded image")
                 except DataError as exc:
                     raise InputError(f"'mask': {exc}", field="mask") from None
             else:
