@@ -54,6 +54,8 @@ def test_grading_leave_one_centre_out_end_to_end(cohort, tmp_path, monkeypatch):
     assert "SYNTHETIC" in html and "Cross-scale attention" in html
     b = load_bundle(r.bundle)
     assert b.meta["model"]["kind"] == "multiscale" and b.meta["synthetic_data"] is True
+    card = (r.bundle / "MODEL_CARD.md").read_text()
+    assert card.startswith("> **SYNTHETIC DATA.**") and "Multiscale histology grader" in card
     assert b.meta["training"]["weights_init"]["vit"].endswith("random")
     x = torch.rand(1, 3, 3, 32, 32)
     tab = torch.zeros(1, b.meta["model"]["n_tabular"])
@@ -131,6 +133,7 @@ def test_grading_bundle_scores_new_cases_and_skips_bad_ones(cohort, tmp_path, mo
     a magnification: the good cases are scored, the bad case is listed with a reason, stacks get attention."""
     from breastfusion.cli import main
     from breastfusion.histology.grading import run_grading
+    from breastfusion.inference.bundle import load_bundle
 
     monkeypatch.setenv("BREASTFUSION_OFFLINE", "1")
     cfg = load_config(None, TINY + [f"data.source={cohort / 'cases.csv'}", f"histology.tiles={cohort / 'tiles.csv'}",
@@ -158,3 +161,5 @@ def test_grading_bundle_scores_new_cases_and_skips_bad_ones(cohort, tmp_path, mo
     assert skipped["case_id"].tolist() == [ids[1]] and "10x" in skipped["reason"].item()
     stacks = pd.read_csv(tmp_path / "preds.stacks.csv")
     assert "scale_weight_40x" in stacks.columns and len(stacks) == 3
+    if load_bundle(r.bundle).meta.get("calibration"):  # 9 cases suffice for 90 % sets; then every row has its set
+        assert preds["prediction_set"].notna().all() and set(preds["refer"]) <= {True, False}

@@ -105,7 +105,7 @@ def stage_classical(table: pd.DataFrame, cases: pd.DataFrame, splits: pd.DataFra
                     run_dir: Path, resume: bool) -> tuple[dict[str, pd.DataFrame], dict[str, Path], list[str]]:
     """Out-of-fold predictions of each classical model, then the same model fitted on every case (saved with
     skops for the bundle). Returns (predictions, model files, feature names)."""
-    from breastfusion.models.classical import fit_predict_oof, make_classical, save_classical
+    from breastfusion.models.classical import adapt_to_size, fit_predict_oof, make_classical, save_classical
     from breastfusion.tabular_inputs import numeric_for_classical
 
     if table is None or table.shape[1] == 0 or not cfg.experiment.classical_models:
@@ -124,7 +124,7 @@ def stage_classical(table: pd.DataFrame, cases: pd.DataFrame, splits: pd.DataFra
             log.info("classical %s: %.1f s", name, time.perf_counter() - t0)
             _write_csv(out[name], path)
         if not (resume and model_path.exists()):
-            save_classical(make_classical(name, seed=cfg.seed).fit(X, y), model_path)
+            save_classical(adapt_to_size(make_classical(name, seed=cfg.seed), len(X)).fit(X, y), model_path)
         files[name] = model_path
     return out, files, list(X.columns)
 

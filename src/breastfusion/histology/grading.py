@@ -423,7 +423,8 @@ def attention_figure(stack_csv: Path, cases: pd.DataFrame, out: Path, title: str
 
 
 def fit_final_grader(cases, stacks, table, classes, cfg: Config, run_dir: Path, *, resume, progress, cache,
-                     synthetic: bool, metrics: dict | None, clinical_cols: list[str], pathomics_cols: list[str]) -> Path:
+                     synthetic: bool, metrics: dict | None, clinical_cols: list[str], pathomics_cols: list[str],
+                     calibration: dict | None = None, data_meta: dict | None = None) -> Path:
     from breastfusion.inference.bundle import save_bundle
 
     fitted = fit_grader("multiscale", cases, stacks, table, classes, cfg, run_dir / "deep" / "final_multiscale",
@@ -453,7 +454,8 @@ def fit_final_grader(cases, stacks, table, classes, cfg: Config, run_dir: Path, 
         save_bundle(path, fitted.model, classes=classes, model_meta=model_meta, image_meta=image_meta,
                     tabular=fitted.tabular, feature_meta=feature_meta, config_yaml=config_to_yaml(cfg),
                     synthetic=synthetic, training=training,
-                    metrics={"cross_validation": metrics} if metrics else {})
+                    metrics={"cross_validation": metrics} if metrics else {}, calibration=calibration,
+                    data_meta=data_meta, name=f"{cfg.name}-multiscale")
         (run_dir / "deep" / "final_multiscale" / "last.pt").unlink(missing_ok=True)
     dist_utils.barrier()
     return path
@@ -553,7 +555,21 @@ def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
     bundle = None
     if hc.variants and cfg.experiment.final_models:
         t = time.perf_counter()
+        calibration = None
+        if "deep_multiscale" in results:
+            from breastfusion.evaluation.calibration import fit_bundle_calibration
+
+            try:
+                calibration = fit_bundle_calibration(results["deep_multiscale"]["predictions"], classes,
+                                                     method=cfg.experiment.conformal_method,
+                                                     alpha=cfg.experiment.conformal_alpha)
+            except DataError as exc:  # too few cases for the requested coverage
+                log.warning("multiscale bundle left uncalibrated: %s", exc)
         bundle = fit_final_grader(cases, stacks, table, classes, cfg, run_dir, resume=resume, progress=progress,
+                                  calibration=calibration,
+                                  data_meta={"splits": f"{cfg.cv.strategy}, seed {cfg.seed}, patients kept together",
+                                             "stacks": int(len(stacks)),
+                                             "magnifications": [float(m) for m in hc.magnifications]},
                                   cache=cache, synthetic=synthetic, metrics=metrics.get("deep_multiscale"),
                                   clinical_cols=columns,
                                   pathomics_cols=list(pathomics.columns) if pathomics is not None else [])

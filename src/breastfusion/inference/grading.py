@@ -141,9 +141,17 @@ class GradingPredictor:
         out.insert(1, "n_stacks", n_st.reindex(out[CASE_ID]).to_numpy())
         if cases is not None and LABEL in cases.columns:
             out.insert(1, LABEL, out[CASE_ID].map(cases.set_index(CASE_ID)[LABEL]))
-        out["predicted"] = (np.asarray(self.classes, dtype=object)[out[[f"prob_{c}" for c in self.classes]].to_numpy().argmax(1)]
+        prob_cols = [f"prob_{c}" for c in self.classes]
+        out["predicted"] = (np.asarray(self.classes, dtype=object)[out[prob_cols].to_numpy().argmax(1)]
                             if len(out) else [])
         out["model"] = self.model_name
+        cal = self.bundle.meta.get("calibration")
+        if cal and len(out):
+            from breastfusion.evaluation.calibration import apply_bundle_calibration
+
+            Pc, sets, size, refer = apply_bundle_calibration(out[prob_cols].to_numpy(dtype=float), cal, self.classes)
+            out[prob_cols] = Pc
+            out["prediction_set"], out["set_size"], out["refer"], out["calibrated"] = sets, size, refer, True
         if self.bundle.synthetic:
             out["synthetic_model"] = True
         return out

@@ -188,6 +188,15 @@ def make_classical(name: str, *, class_weight: str | dict | None = "balanced", s
     return Pipeline(steps)
 
 
+def adapt_to_size(model: Pipeline, n_train: int) -> Pipeline:
+    """Shrink LightGBM's minimum leaf size on small training sets (it otherwise predicts a constant below
+    ~30 cases); a no-op for the other estimators and for cohorts of 80 cases or more."""
+    est = model.named_steps.get("model")
+    if est is not None and type(est).__name__ == "LGBMClassifier":
+        model.set_params(model__min_child_samples=int(min(10, max(2, n_train // 8))))
+    return model
+
+
 def predict_proba_frame(model, X, classes: list[str]) -> pd.DataFrame:
     """Probabilities as ``prob_<class>`` columns in the order of ``classes`` (a class the model never saw gets 0)."""
     proba = model.predict_proba(X)
@@ -269,7 +278,7 @@ def fit_predict_oof(
         train_labels = y[~test]
         if train_labels.nunique() < 2:
             raise DataError(f"Fold {fold!r}: the other folds hold only class(es) {sorted(train_labels.unique())}; cannot fit.")
-        model = clone(template).fit(X[~test], train_labels)
+        model = adapt_to_size(clone(template), int((~test).sum())).fit(X[~test], train_labels)
         parts.append(predict_proba_frame(model, X[test], classes))
     proba = pd.concat(parts).reindex(X.index)
     table = pd.DataFrame({"case_id": X.index.to_numpy(), "fold": folds.to_numpy(), "label": y.to_numpy()})
