@@ -142,25 +142,27 @@ def validate_cases(
     return df
 
 
+def read_table(path: str | Path, what: str, dtype: dict) -> pd.DataFrame:
+    """Read a CSV / TSV / Parquet table; errors name the file and say what it was meant to be."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what.capitalize()} not found: '{path}'.")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+        if suffix in (".csv", ".tsv", ".txt"):
+            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=dtype, keep_default_na=True)
+    except Exception as exc:  # pandas raises many types for bad files
+        raise DataError(f"Cannot read {what} '{path}': {exc}") from exc
+    raise DataError(f"{what.capitalize()} '{path}' must be .csv, .tsv or .parquet.")
+
+
 def read_cases(path: str | Path, **validate_kwargs) -> pd.DataFrame:
     """Load a cases table (CSV or Parquet); image and mask paths are resolved relative to the table."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Cases table not found: '{path}'.")
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            df = pd.read_parquet(path)
-        elif path.suffix.lower() in (".csv", ".tsv", ".txt"):
-            df = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",",
-                             dtype={CASE_ID: str, PATIENT_ID: str, CENTER: str, LABEL: str,
-                                    IMAGE_PATH: str, MASK_PATH: str},
-                             keep_default_na=True)
-        else:
-            raise DataError(f"Cases table '{path}' must be .csv, .tsv or .parquet.")
-    except DataError:
-        raise
-    except Exception as exc:  # pandas raises many types for bad files
-        raise DataError(f"Cannot read cases table '{path}': {exc}") from exc
+    df = read_table(path, "cases table", {CASE_ID: str, PATIENT_ID: str, CENTER: str, LABEL: str,
+                                          IMAGE_PATH: str, MASK_PATH: str})
     root = path.parent
     if IMAGE_PATH in df.columns:
         df[IMAGE_PATH] = [_resolve(v, root) for v in df[IMAGE_PATH]]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from breastfusion.data.cases import CASE_ID, IMAGE_PATH, _relativize, _resolve
+from breastfusion.data.cases import CASE_ID, IMAGE_PATH, _relativize, _resolve, read_table
 from breastfusion.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -80,15 +80,7 @@ def validate_tiles(tiles: pd.DataFrame, cases: pd.DataFrame | None = None, *, ch
 def read_tiles(path: str | Path, cases: pd.DataFrame | None = None, **kwargs) -> pd.DataFrame:
     """Load a tiles table (CSV or Parquet); tile paths are resolved relative to the table."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Tiles table not found: '{path}'.")
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            df = pd.read_parquet(path)
-        else:
-            df = pd.read_csv(path, dtype={CASE_ID: str, STACK_ID: str, IMAGE_PATH: str})
-    except Exception as exc:  # pandas raises many types for bad files
-        raise DataError(f"Cannot read tiles table '{path}': {exc}") from exc
+    df = read_table(path, "tiles table", {CASE_ID: str, STACK_ID: str, IMAGE_PATH: str})
     if IMAGE_PATH in df.columns:
         df[IMAGE_PATH] = [_resolve(v, path.parent) for v in df[IMAGE_PATH]]
     kwargs.setdefault("source", f"tiles table '{path}'")

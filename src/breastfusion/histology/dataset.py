@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from breastfusion.data.images import read_image
 from breastfusion.errors import DataError
+from breastfusion.training.data import tabular_item
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +109,4 @@ class StackDataset(Dataset):
         # contiguous NCHW: a permuted (channels-last) view would give channels-last gradients, which DDP's
         # buckets do not expect (a warning and slower all-reduce)
         image = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
-        if self.tabular is not None:
-            tab = self.tabular[i]
-            if self.tabular_dropout > 0 and self.tabular_missing_row is not None and self.rng.random() < self.tabular_dropout:
-                tab = self.tabular_missing_row
-            tab = torch.from_numpy(np.asarray(tab, dtype=np.float32))
-        else:
-            tab = torch.zeros(0)
-        label = int(self.labels[i]) if self.labels is not None else -1
-        return image, tab, label, i
+        return image, tabular_item(self, i), int(self.labels[i]) if self.labels is not None else -1, i

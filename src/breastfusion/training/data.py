@@ -110,12 +110,16 @@ class CasesDataset(Dataset):
 
     def __getitem__(self, i: int):
         image = self.image_tensor(i) if self.image_paths is not None else torch.zeros(0)
-        if self.tabular is not None:
-            tab = self.tabular[i]
-            if self.tabular_dropout > 0 and self.tabular_missing_row is not None and self.rng.random() < self.tabular_dropout:
-                tab = self.tabular_missing_row
-            tab = torch.from_numpy(np.asarray(tab, dtype=np.float32))
-        else:
-            tab = torch.zeros(0)
-        label = int(self.labels[i]) if self.labels is not None else -1
-        return image, tab, label, i
+        return image, tabular_item(self, i), int(self.labels[i]) if self.labels is not None else -1, i
+
+
+def tabular_item(ds, i: int) -> torch.Tensor:
+    """Row ``i`` of a dataset's encoded tabular matrix as a tensor (empty when there is none). In training,
+    with probability ``ds.tabular_dropout`` the row is replaced by the "all missing" row, so the model learns
+    to score cases whose tabular part is absent."""
+    if ds.tabular is None:
+        return torch.zeros(0)
+    tab = ds.tabular[i]
+    if ds.tabular_dropout > 0 and ds.tabular_missing_row is not None and ds.rng.random() < ds.tabular_dropout:
+        tab = ds.tabular_missing_row
+    return torch.from_numpy(np.asarray(tab, dtype=np.float32))
