@@ -174,12 +174,17 @@ def read_cases(path: str | Path, **validate_kwargs) -> pd.DataFrame:
 
 def write_cases(cases: pd.DataFrame, path: str | Path) -> Path:
     """Write a cases table (CSV or Parquet, by suffix) with paths relative to it, atomically."""
+    return write_table(cases, path, (IMAGE_PATH, MASK_PATH))
+
+
+def write_table(table: pd.DataFrame, path: str | Path, path_columns: tuple[str, ...]) -> Path:
+    """Write a table (CSV or Parquet, by suffix) atomically, with ``path_columns`` made relative to it."""
     from breastfusion.utils import atomic_path
 
     path = Path(path)
-    df = cases.copy()
+    df = table.copy()
     root = path.parent
-    for col in (IMAGE_PATH, MASK_PATH):
+    for col in path_columns:
         if col in df.columns:
             df[col] = [_relativize(v, root) for v in df[col]]
     with atomic_path(path) as tmp:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from breastfusion.data.cases import CASE_ID, IMAGE_PATH, _relativize, _resolve, read_table
+from breastfusion.data.cases import CASE_ID, IMAGE_PATH, _resolve, read_table, write_table
 from breastfusion.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -89,17 +89,7 @@ def read_tiles(path: str | Path, cases: pd.DataFrame | None = None, **kwargs) ->
 
 def write_tiles(tiles: pd.DataFrame, path: str | Path) -> Path:
     """Write a tiles table with paths relative to it, atomically."""
-    from breastfusion.utils import atomic_path
-
-    path = Path(path)
-    df = tiles.copy()
-    df[IMAGE_PATH] = [_relativize(v, path.parent) for v in df[IMAGE_PATH]]
-    with atomic_path(path) as tmp:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            df.to_parquet(tmp, index=False)
-        else:
-            df.to_csv(tmp, index=False)
-    return path
+    return write_table(tiles, path, (IMAGE_PATH,))
 
 
 def stack_table(tiles: pd.DataFrame, magnifications: list[float] | tuple[float, ...]) -> pd.DataFrame:
