@@ -187,6 +187,9 @@ def test_one_hot_columns_are_grouped_back_to_their_source_column():
     rows = pre.transform(CLINICAL)
     assert decode_values(pre, rows[1]) == {"age": "55", "birads": "4a", "palpable": "no"}
     assert decode_values(pre, rows[3])["age"] == "missing" and decode_values(pre, rows[4])["birads"] == "missing"
+    zero = TabularPreprocessor().fit(pd.DataFrame({"weeks": [0.0, 3.0, 10.0, 0.0]}))
+    enc = zero.transform(pd.DataFrame({"weeks": [0.0]})).astype(np.float32)  # float32 as the model sees it
+    assert decode_values(zero, enc[0]) == {"weeks": "0"}  # not 2.4e-07
     # a function of one one-hot column only: the whole credit goes to that column's group
     j = names.index("birads=5")
 

@@ -52,6 +52,10 @@ def test_grading_leave_one_centre_out_end_to_end(cohort, tmp_path, monkeypatch):
     assert np.allclose(stacks["attn_40x_to_40x"], 0, atol=1e-5)
     html = r.report.read_text()
     assert "SYNTHETIC" in html and "Cross-scale attention" in html
+    assert "Calibration and deferral" in html and "Explanations (final bundle: deep_multiscale)" in html
+    expl = pd.read_csv(tmp_path / "run" / "explanations" / "explanations.csv", dtype={"case_id": str})
+    assert len(expl) >= 1 and "scale_weight_40x" in expl
+    assert all((tmp_path / "run" / "explanations" / f).exists() for f in expl["figure"])
     b = load_bundle(r.bundle)
     assert b.meta["model"]["kind"] == "multiscale" and b.meta["synthetic_data"] is True
     card = (r.bundle / "MODEL_CARD.md").read_text()

@@ -43,6 +43,15 @@ def test_run_outputs(run):
         np.testing.assert_allclose(preds.filter(like="prob_").sum(axis=1), 1.0, atol=1e-5)
     html = (rd / "report" / "report.html").read_text()
     assert "SYNTHETIC DATA" in html and "image_only" in html
+    # the bundle's sections: cross-fold calibration and explained cases, as pictures
+    assert "Calibration and deferral" in html and "Explanations (final bundle: fusion)" in html
+    assert "reliability before and after temperature scaling" in html and "most confident correct" in html
+    cov = json.loads((rd / "calibration" / "coverage.json").read_text())
+    assert set(cov) == {"fusion"} and 0 <= cov["fusion"]["coverage"] <= 1
+    pngs = sorted((rd / "explanations" / "cases").glob("*.png"))
+    assert len(pngs) == 6 and html.count("data:image/png;base64") >= 6 + 2
+    expl = pd.read_csv(rd / "explanations" / "explanations.csv")
+    assert {"delta_image", "delta_tabular", "top1_feature"} <= set(expl.columns)
     # splits keep each patient inside one fold
     cases = pd.read_csv(rd / "cases.csv").merge(pd.read_csv(rd / "splits.csv"), on="case_id")
     assert cases.groupby("patient_id")["fold"].nunique().max() == 1

@@ -174,6 +174,41 @@ def prediction_table(cases: pd.DataFrame, probs: np.ndarray, classes: list[str],
 # -------------------------------------------------------------------------------------------------- run
 
 
+def bundle_sections(results: dict, bundles: dict[str, Path], classes: list[str], cfg: Config, run_dir: Path, *,
+                    source: pd.DataFrame, cases: pd.DataFrame | None = None, background: pd.DataFrame | None = None,
+                    max_stacks: int = 1) -> list:
+    """The report's sections about the deployable bundle(s): cross-fold calibration and deferral of the bundled
+    recipes, then explanations of ``cfg.experiment.explain_cases`` chosen cases with the first bundle. A section
+    that fails is replaced by a short note; the run goes on."""
+    from breastfusion.evaluation.insight import (
+        calibration_section,
+        explanation_section,
+        failed_section,
+        select_explain_cases,
+    )
+
+    sections = []
+    bundled = {name: results[name]["predictions"] for name in bundles if name in results}
+    if bundled:
+        try:
+            sections.append(calibration_section(bundled, classes, run_dir / "calibration",
+                                                method=cfg.experiment.conformal_method,
+                                                alpha=cfg.experiment.conformal_alpha, seed=cfg.seed))
+        except Exception as exc:  # noqa: BLE001 - a report section never loses the run
+            sections.append(failed_section("calibration", "Calibration and deferral", exc))
+    name, path = next(iter(bundles.items()), (None, None))
+    if cfg.experiment.explain_cases and path is not None and name in results:
+        try:
+            sel = select_explain_cases(results[name]["predictions"], classes, cfg.experiment.explain_cases)
+            sec = explanation_section(path, source, sel, run_dir / "explanations", cases=cases,
+                                      background=background, max_stacks=max_stacks, seed=cfg.seed)
+            sec.title = f"Explanations (final bundle: {name})"
+            sections.append(sec)
+        except Exception as exc:  # noqa: BLE001
+            sections.append(failed_section("explanations", "Explanations (final bundle)", exc))
+    return sections
+
+
 def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
                    cases: pd.DataFrame | None = None) -> RunResult:
     """Run the whole experiment described by ``cfg`` into ``run_dir``."""
@@ -268,6 +303,10 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
                                                               "patients and near-duplicate groups kept together"})
         timings[f"final_{name}_s"] = time.perf_counter() - t
     bundle = next(iter(bundles.values()), None)
+    t = time.perf_counter()
+    sections = bundle_sections(results, bundles, classes, cfg, run_dir, source=cases,
+                               background=table.reset_index() if table is not None else None)
+    timings["report_sections_s"] = time.perf_counter() - t
 
     timings["total_s"] = time.perf_counter() - t_start
     notes = []
@@ -288,7 +327,8 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
         "audit": audit_summary, "timings (s)": {k: round(v, 1) for k, v in timings.items()},
     }
     report = write_report(run_dir / "report", title=f"breastfusion — {cfg.name}", model_results=results,
-                          dataset_summary=summary, config_text=config_to_yaml(cfg), notes=notes, synthetic=synthetic)
+                          dataset_summary=summary, config_text=config_to_yaml(cfg), notes=notes, synthetic=synthetic,
+                          sections=sections)
     write_json({"classes": classes, "synthetic_data": synthetic, "timings": timings, "models": metrics},
                run_dir / "metrics.json")
     return RunResult(run_dir=run_dir, metrics=metrics, report=report, bundle=bundle)

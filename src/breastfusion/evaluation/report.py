@@ -258,6 +258,7 @@ def write_report(
     synthetic: bool = False,
     evaluate_kwargs: dict | None = None,
     extra_figures: dict[str, str | Path] | None = None,
+    sections: list | None = None,
 ) -> Path:
     """Write ``<out_dir>/report.html`` (self-contained) and its PNG figures in ``<out_dir>/figures/``.
 
@@ -270,7 +271,9 @@ def write_report(
     ``dataset_summary`` maps a heading to any value (number, string, list, dict, DataFrame), e.g. counts
     per class or audit findings. ``config_text`` is shown verbatim (YAML/JSON). ``notes`` are caveats shown
     near the top. ``synthetic=True`` adds a red "SYNTHETIC DATA — not a clinical result" banner.
-    ``extra_figures`` maps a caption to a PNG file to embed. Returns the path of ``report.html``.
+    ``extra_figures`` maps a caption to a PNG file to embed. ``sections`` are extra
+    :class:`~breastfusion.evaluation.insight.ReportSection` objects (paragraphs, a table, figures) shown after
+    the models, e.g. calibration and explanations of the final bundle. Returns the path of ``report.html``.
     """
     from breastfusion import __version__
 
@@ -308,6 +311,7 @@ def write_report(
 
     toc = [("notes", "Notes"), ("dataset", "Dataset"), ("comparison", "Model comparison")]
     toc += [(slugs[n], f"Model: {n}") for n in results]
+    toc += [(f"x-{sec.id}", sec.title) for sec in sections or []]
     toc += [("config", "Configuration"), ("methods", "Methods")]
     have = {"notes": bool(notes), "dataset": bool(dataset_summary), "config": bool(config_text)}
     body.append("<nav>" + "".join(f'<a href="#{_e(a)}">{_e(t)}</a>' for a, t in toc if have.get(a, True))
@@ -333,6 +337,17 @@ def write_report(
 
     for name, res in results.items():
         body.append(_model_section(name, slugs[name], res, preds[name], fig_dir, descs[name]))
+
+    for sec in sections or []:
+        part = [f'<section id="x-{_e(sec.id)}"><h2>{_e(sec.title)}</h2>']
+        part += [f"<p>{_e(p)}</p>" for p in sec.paragraphs]
+        if sec.table is not None and len(sec.table):
+            part.append(_df_table(sec.table))
+        if sec.figures:
+            part.append('<div class="figs">' + "".join(_img(Path(p), cap, cap, small=False) for p, cap in sec.figures
+                                                       if Path(p).exists()) + "</div>")
+        part.append("</section>")
+        body.append("\n".join(part))
 
     if extra_figures:
         body.append('<section id="extra"><h2>Additional figures</h2><div class="figs">'

@@ -374,7 +374,7 @@ def _explain_histology(bundle, source, out_dir: Path, *, cases, max_stacks, meth
         mod = modality_contributions(model, imgs, t_row, missing_row=miss)
         timer.add("modality", time.perf_counter() - t0)
         target = mod["target"]
-        sw, cross = [], []
+        sw, cross, stack_figs = [], [], []
         for j, (stack_id, tl) in enumerate(zip(st[STACK_ID].tolist(), tiles_u8)):
             maps: dict[str, np.ndarray] = {}
             t0 = time.perf_counter()
@@ -398,7 +398,9 @@ def _explain_histology(bundle, source, out_dir: Path, *, cases, max_stacks, meth
                                    scale_weights=res.scale_weights[0])
             timer.add("figure", time.perf_counter() - t0)
             figures.append(fig_path)
-        row = {CASE_ID: cid, "n_stacks": len(st)}
+            stack_figs.append(str(fig_path.relative_to(out_dir)))
+        row = {CASE_ID: cid, "n_stacks": len(st), "figure": stack_figs[0] if stack_figs else "",
+               "figures": ";".join(stack_figs)}
         if cases is not None and LABEL in cases.columns:
             row[LABEL] = cases.set_index(CASE_ID)[LABEL].get(cid, np.nan)
         row.update({"predicted": classes[target], "probability": mod["p_both"]})

@@ -82,6 +82,8 @@ def decode_values(pre, row: np.ndarray) -> dict[str, str]:
             out[c] = cats[int(np.argmax(block[:-1]))] if len(cats) and block[:-1].max() > 0.5 else "?"
         else:
             v = block[0] * pre.scales_[c] + pre.means_[c]
+            if abs(v) < 1e-5 * (abs(pre.scales_[c]) + abs(pre.means_[c])):
+                v = 0.0  # float32 round-off of an encoded zero, not a measured 3e-08
             out[c] = ("yes" if v > 0.5 else "no") if pre.kinds_[c] == "bool" else f"{v:.4g}"
     return out
 

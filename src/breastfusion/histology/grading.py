@@ -471,7 +471,7 @@ def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
     from breastfusion.evaluation.metrics import evaluate, to_jsonable
     from breastfusion.evaluation.report import write_report
     from breastfusion.histology.dataset import TileCache
-    from breastfusion.pipeline import RunResult, resolve_classes, stage_splits
+    from breastfusion.pipeline import RunResult, bundle_sections, resolve_classes, stage_splits
     from breastfusion.tabular_inputs import clinical_columns, tabular_table
 
     t_start = time.perf_counter()
@@ -585,6 +585,12 @@ def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
                              f"deep_{variant}: out-of-fold test stacks")
         if f is not None:
             figures[f"Cross-scale attention and scale weights: deep_{variant}"] = f
+    t = time.perf_counter()
+    sections = bundle_sections(results, {"deep_multiscale": bundle} if bundle is not None else {}, classes, cfg,
+                               run_dir, source=tiles, cases=cases,
+                               background=table.reset_index() if table is not None else None)
+    timings["report_sections_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_start
     _write_csv(centres, run_dir / "per_centre_metrics.csv")
     write_json({"classes": classes, "synthetic_data": synthetic, "timings": timings, "models": metrics,
                 "per_centre": centres.to_dict(orient="records")}, run_dir / "metrics.json")
@@ -612,7 +618,7 @@ def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
     }
     report = write_report(run_dir / "report", title=f"breastfusion grading — {cfg.name}", model_results=results,
                           dataset_summary=summary, config_text=config_to_yaml(cfg), notes=notes, synthetic=synthetic,
-                          extra_figures=figures)
+                          extra_figures=figures, sections=sections)
     return RunResult(run_dir=run_dir, metrics=metrics, report=report, bundle=bundle)
 
 
