@@ -143,9 +143,11 @@ class RssSampler(threading.Thread):
         return rss_mb(self.pid) or float("nan")
 
 
-def start_server(bundle: Path, port: int, options: dict) -> subprocess.Popen:
+def start_server(bundle: Path, port: int, options: dict, arena_max: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "BREASTFUSION_SERVE_BUNDLE": str(bundle.resolve()),
            "BREASTFUSION_SERVE_OPTIONS": json.dumps(options)}
+    if arena_max:
+        env["MALLOC_ARENA_MAX"] = str(arena_max)
     cmd = [sys.executable, "-m", "uvicorn", "--factory", "breastfusion.serve.app:app_from_env", "--host", "127.0.0.1",
            "--port", str(port), "--no-access-log", "--log-level", "warning"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -401,6 +403,37 @@ def run_schema_fuzzer(base: str, fields: list[dict], images, n: int, seed: int) 
             "server_errors": sum(v for k, v in statuses.items() if k.startswith("5"))}
 
 
+def run_soak(base: str, fields: list[dict], images, sampler, args) -> dict:
+    """Repeat the same mix of bad and good requests and read the server's RSS after each round.
+
+    Memory that an allocator keeps after the first rounds is a plateau; a leak grows every round. The slope
+    (least squares, MB per round) is fitted over the second half of the rounds, after any warm-up growth."""
+    mal = malformed_cases(images[0][0], fields, args.max_upload_mb)
+    rss = [round(sampler.now(), 1)]
+    errors, statuses = 0, {}
+    t0 = time.perf_counter()
+    for k in range(args.soak_rounds):
+        f = run_schema_fuzzer(base, fields, images, args.soak_requests, seed=1000 + k)
+        m = run_malformed(base, mal)
+        errors += f["server_errors"] + sum(1 for r in m if isinstance(r["status"], int) and r["status"] >= 500)
+        for code, n in f["statuses"].items():
+            statuses[code] = statuses.get(code, 0) + n
+        for r in m:
+            statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+        time.sleep(1.0)  # let the sampler and the server settle
+        rss.append(round(sampler.now(), 1))
+        print(f"soak round {k + 1}/{args.soak_rounds}: RSS {rss[-1]} MB", file=sys.stderr)
+    half = rss[len(rss) // 2:]
+    slope = float(np.polyfit(np.arange(len(half)), half, 1)[0]) if len(half) >= 2 else float("nan")
+    per_round = args.soak_requests + len(mal)
+    return {"rounds": args.soak_rounds, "requests_per_round": per_round, "requests": per_round * args.soak_rounds,
+            "wall_s": round(time.perf_counter() - t0, 1), "rss_mb_after_each_round": rss,
+            "slope_second_half_mb_per_round": round(slope, 2),
+            "slope_second_half_mb_per_1000_requests": round(1000 * slope / per_round, 2),
+            "statuses": dict(sorted(statuses.items())), "server_errors": errors,
+            "malloc_arena_max": args.malloc_arena_max}
+
+
 # --------------------------------------------------------------------------------------------------- main
 
 
@@ -430,6 +463,14 @@ def markdown(res: dict) -> str:
     lines += ["", "| malformed request | status |", "|---|---|"]
     for row in res["malformed"]:
         lines.append(f"| {row['case']} | {row['status']} |")
+    sk = res.get("soak")
+    if sk:
+        lines += ["", f"Soak: {sk['rounds']} rounds of {sk['requests_per_round']} fuzz + malformed requests "
+                      f"({sk['wall_s']} s, MALLOC_ARENA_MAX {sk['malloc_arena_max'] or 'unset'}), statuses "
+                      f"{sk['statuses']}, **5xx: {sk['server_errors']}**. RSS after each round (MB): "
+                      f"{sk['rss_mb_after_each_round']}; slope over the second half "
+                      f"{sk['slope_second_half_mb_per_round']} MB/round "
+                      f"({sk['slope_second_half_mb_per_1000_requests']} MB per 1000 requests)."]
     lines += ["", f"Total 5xx over fuzzing and malformed requests: **{res['total_5xx']}**; load errors: "
                   f"**{sum(r['errors'] for r in res['load'])}**."]
     return "\n".join(lines)
@@ -448,6 +489,12 @@ def main() -> int:
     ap.add_argument("--fuzz-examples", type=int, default=40, help="schemathesis --max-examples (default 40)")
     ap.add_argument("--fuzz-max-time", type=int, default=300, help="schemathesis time budget in s (default 300)")
     ap.add_argument("--fuzz-requests", type=int, default=300, help="hand-written fuzzer requests (default 300)")
+    ap.add_argument("--soak-rounds", type=int, default=0,
+                    help="after the fuzz: rounds of (fuzzer requests + every malformed case), RSS after each (default 0)")
+    ap.add_argument("--soak-requests", type=int, default=200, help="fuzzer requests per soak round (default 200)")
+    ap.add_argument("--only-soak", action="store_true", help="skip the load and fuzz phases (warm-up, then the soak)")
+    ap.add_argument("--malloc-arena-max", type=int,
+                    help="server: set MALLOC_ARENA_MAX (glibc arenas; fewer arenas hold less freed memory)")
     ap.add_argument("--out", default="runs/serve/bench.json")
     args = ap.parse_args()
 
@@ -459,7 +506,7 @@ def main() -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     t_start = time.perf_counter()
-    proc = start_server(bundle, port, options)
+    proc = start_server(bundle, port, options, args.malloc_arena_max)
     sampler = None
     try:
         health = wait_ready(base, proc)
@@ -473,7 +520,8 @@ def main() -> int:
         asyncio.run(load_phase(base, images, fields, 20, 4, seed=99))  # warm-up
         after_warmup = sampler.now()
         load = []
-        for k, c in enumerate(int(x) for x in args.concurrency.split(",")):
+        levels = [] if args.only_soak else [int(x) for x in args.concurrency.split(",") if x.strip()]
+        for k, c in enumerate(levels):
             before = sampler.now()
             r = asyncio.run(load_phase(base, images, fields, args.requests, c, seed=k))
             r["rss_before_mb"], r["rss_after_mb"] = round(before, 1), round(sampler.now(), 1)
@@ -484,15 +532,19 @@ def main() -> int:
         end_load = sampler.now()
         total_load = sum(r["requests"] for r in load)
         fuzz = []
-        st = run_schemathesis(base, args.fuzz_examples, tmp, args.fuzz_max_time)
-        if st is None:
+        st = None if args.only_soak else run_schemathesis(base, args.fuzz_examples, tmp, args.fuzz_max_time)
+        if args.only_soak:
+            pass
+        elif st is None:
             print("schemathesis is not installed: only the hand-written fuzzer runs", file=sys.stderr)
         else:
             fuzz.append(st)
-        fuzz.append(run_schema_fuzzer(base, fields, images, args.fuzz_requests, seed=0))
+        if not args.only_soak:
+            fuzz.append(run_schema_fuzzer(base, fields, images, args.fuzz_requests, seed=0))
         for f in fuzz:
             print(f"fuzz ({f['tool']}): {f['requests']} requests, statuses {f['statuses']}", file=sys.stderr)
         malformed = run_malformed(base, malformed_cases(images[0][0], fields, args.max_upload_mb))
+        soak = run_soak(base, fields, images, sampler, args) if args.soak_rounds else None
         alive = httpx.get(base + "/health").status_code == 200
         loadavg_after = [round(x, 2) for x in os.getloadavg()]
     finally:
@@ -518,11 +570,11 @@ def main() -> int:
         "load": load,
         "memory": {"after_warmup_mb": round(after_warmup, 1), "end_load_mb": round(end_load, 1), "peak_mb": peak,
                    "end_mb": samples[-1][1] if samples else None, "growth_during_load_mb": round(growth, 1),
-                   "growth_per_1000_requests_mb": round(1000 * growth / total_load, 2),
+                   "growth_per_1000_requests_mb": round(1000 * growth / total_load, 2) if total_load else None,
                    "flat": bool(growth < max(50.0, 0.1 * after_warmup)),
                    "samples_t_s_rss_mb": samples[:: max(1, len(samples) // 400)]},
-        "fuzz": fuzz, "malformed": malformed, "server_alive_after": alive,
-        "total_5xx": sum(f["server_errors"] for f in fuzz) + mal_5xx,
+        "fuzz": fuzz, "malformed": malformed, "soak": soak, "server_alive_after": alive,
+        "total_5xx": sum(f["server_errors"] for f in fuzz) + mal_5xx + (soak["server_errors"] if soak else 0),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import write_png
+from PIL import Image
 
 from breastfusion.errors import BundleError, DataError
 from breastfusion.features.tabular import TabularPreprocessor
@@ -203,15 +204,36 @@ def _multiscale_bundle(path, grid: int):
                        tabular=None, feature_meta={}, config_yaml="", synthetic=True)
 
 
-def test_multiscale_export_grid1_and_clear_refusal_otherwise(tmp_path):
+def test_multiscale_export_grid1(tmp_path):
     bundle = _multiscale_bundle(tmp_path / "ms1", grid=1)
     export_onnx(bundle)
     entry = json.loads((bundle / META).read_text())["onnx"]
     assert entry["inputs"] == [{"name": "image", "shape": ["batch", 2, 3, 32, 32], "dtype": "float32"}]
     assert [o["name"] for o in entry["outputs"]] == ["probabilities", "logits", "cross_scale", "scale_weights"]
     assert entry["parity"]["max_abs_prob_diff"] < 1e-4
-    with pytest.raises(DataError, match="torch backend"):
-        Predictor.load(bundle, backend="onnx")
-    bundle4 = _multiscale_bundle(tmp_path / "ms4", grid=4)
-    with pytest.raises(BundleError, match="token_grid 4"):
-        export_onnx(bundle4)
+
+
+def test_multiscale_grid4_exports_and_grading_predictor_runs_onnx(tmp_path):
+    """Token grid 4 on a 1x1 feature map (32 px through EfficientNet): the pooling matrices must export."""
+    from breastfusion.inference.grading import GradingPredictor
+
+    bundle = _multiscale_bundle(tmp_path / "ms4", grid=4)
+    export_onnx(bundle)
+    assert json.loads((bundle / META).read_text())["onnx"]["parity"]["max_abs_prob_diff"] < 1e-4
+    rng = np.random.default_rng(0)
+    rows = []
+    for case in ("a", "b"):
+        for stack in range(2):
+            for mag in (20, 10):
+                p = tmp_path / "tiles" / f"{case}_{stack}_{mag}.png"
+                p.parent.mkdir(exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(p)
+                rows.append({"case_id": case, "stack_id": str(stack), "magnification": mag, "image_path": str(p)})
+    tiles = pd.DataFrame(rows)
+    torch_p = Predictor.load(bundle).predict(tiles)
+    gp = Predictor.load(bundle, backend="onnx")
+    assert isinstance(gp, GradingPredictor) and gp.onnx is not None
+    onnx_p = gp.predict(tiles)
+    cols = [c for c in torch_p.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(onnx_p[cols].to_numpy(), torch_p[cols].to_numpy(), atol=1e-5)
+    assert {"scale_weight_20x", "attn_20x_to_10x"} <= set(gp.last_stacks.columns)

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class GradingPredictor:
-    def __init__(self, bundle: Bundle, *, batch_size: int = 16, threads: int | None = None, work_dir=None, **_):
+    def __init__(self, bundle: Bundle, *, batch_size: int = 16, threads: int | None = None, work_dir=None,
+                 backend: str = "torch", **_):
         from breastfusion.histology.dataset import TileCache
         from breastfusion.training.trainer import configure_threads, select_device
 
@@ -40,6 +41,14 @@ class GradingPredictor:
         self.device = select_device()
         configure_threads(threads)
         self.model = bundle.model.to(self.device).eval()
+        if backend not in ("torch", "onnx"):
+            raise DataError(f"Unknown backend '{backend}'; use 'torch' or 'onnx'.")
+        self.backend = backend
+        self.onnx = None
+        if backend == "onnx":
+            from breastfusion.inference.onnx_export import OnnxModel
+
+            self.onnx = OnnxModel(bundle, threads=torch.get_num_threads())
         self.mags = [float(m) for m in bundle.meta["model"]["magnifications"]]
         im = bundle.meta["image"]
         normalizer = None
@@ -114,6 +123,12 @@ class GradingPredictor:
         probs, cross, sw = [], [], []
         with torch.no_grad():
             for image, t, _, _ in DataLoader(ds, batch_size=self.batch_size, shuffle=False):
+                if self.onnx is not None:
+                    o = self.onnx.outputs(image.numpy(), t.numpy() if self.model.uses_tabular else None)
+                    probs.append(o["probabilities"].astype(np.float64))
+                    cross.append(o["cross_scale"])
+                    sw.append(o["scale_weights"])
+                    continue
                 out, att = self.model(image.to(self.device), t.to(self.device) if self.model.uses_tabular else None,
                                       return_attention=True)
                 probs.append(self.model.probabilities(out).double().cpu().numpy())

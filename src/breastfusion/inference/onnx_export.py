@@ -16,9 +16,10 @@ probabilities (softmax, or the ordinal probabilities of an ordinal histology mod
 * multiscale histology bundles (``model.kind == "multiscale"``): input ``image`` (batch, scales, 3, size, size)
   in [0, 1] RGB (the network normalises per backbone) and ``tabular`` when the bundle has tabular features.
   Outputs ``probabilities``, ``logits``, ``cross_scale`` (batch, scales, scales) and ``scale_weights``
-  (batch, scales). Only models with ``token_grid: 1`` export for now (the default grid of 4 pools backbone
-  features with ``adaptive_avg_pool2d`` to a size the TorchScript exporter cannot see, and the dynamo exporter
-  stops at ``int(scale_of_token.max())`` in ``CrossScaleBlock``); the grading predictor does not run ONNX yet.
+  (batch, scales). Any ``token_grid`` exports: the model pools backbone features to the token grid with two
+  constant averaging matrices (:func:`breastfusion.models.multiscale.adaptive_avg_pool`, the same bins as
+  ``adaptive_avg_pool2d``, which the TorchScript exporter refuses for grids that do not divide the feature map).
+  :class:`~breastfusion.inference.grading.GradingPredictor` runs it with ``backend="onnx"``.
 
 The batch axis is dynamic; image height and width are fixed to the bundle's input size (the Predictor always
 resizes to it, and the "same" padding of the TF-ported EfficientNets is computed for that size).
@@ -300,12 +301,6 @@ def export_onnx(bundle_path: str | Path, out_path: str | Path | None = None, *, 
     if out.is_dir():
         out = out / ONNX_FILE
     multiscale = _is_multiscale(meta)
-    if multiscale and int(meta["model"].get("token_grid", 1)) > 1 and not dynamo:
-        raise BundleError(f"ONNX export of histology bundle '{bundle_path}' (token_grid "
-                          f"{meta['model']['token_grid']}) is not supported yet: the TorchScript exporter cannot "
-                          f"pool backbone features to a token grid larger than 1 x 1 with a dynamic batch axis, and "
-                          f"the dynamo exporter stops at a data-dependent shape in the cross-scale attention. "
-                          f"Score it with the torch backend.")
     specs, out_specs = onnx_inputs(meta), onnx_outputs(meta)
     names, out_names = [s["name"] for s in specs], [s["name"] for s in out_specs]
     model = bundle.model.float().eval()
@@ -396,7 +391,14 @@ class OnnxModel:
             raise BundleError(f"Bundle '{path}': '{file}' has inputs {got}, {META} records {self.input_names}. "
                               f"Export it again with '{cmd}'.")
 
-    def __call__(self, image: np.ndarray | None, tabular: np.ndarray | None) -> np.ndarray:
+    def _feed(self, image, tabular) -> dict[str, np.ndarray]:
         given = {"image": image, "tabular": tabular}
-        feed = {n: np.ascontiguousarray(given[n], dtype=np.float32) for n in self.input_names}
-        return self.session.run([PROB_OUTPUT], feed)[0]
+        return {n: np.ascontiguousarray(given[n], dtype=np.float32) for n in self.input_names}
+
+    def __call__(self, image: np.ndarray | None, tabular: np.ndarray | None) -> np.ndarray:
+        return self.session.run([PROB_OUTPUT], self._feed(image, tabular))[0]
+
+    def outputs(self, image: np.ndarray | None, tabular: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Every output of the exported graph by name (e.g. ``cross_scale`` and ``scale_weights``)."""
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, self._feed(image, tabular)), strict=True))

@@ -118,9 +118,6 @@ class Predictor:
             if kwargs.get("model"):
                 raise DataError(f"Bundle '{path}' is a histology grading bundle; it holds no classical model "
                                 f"'{kwargs['model']}' (leave out --model).")
-            if kwargs.pop("backend", "torch") != "torch":
-                raise DataError(f"Bundle '{path}' is a histology grading bundle; it is scored with the torch "
-                                f"backend only (leave out --backend).")
             return GradingPredictor(bundle, **{k: v for k, v in kwargs.items() if k != "model"})
         return cls(bundle, **kwargs)
 

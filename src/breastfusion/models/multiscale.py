@@ -46,8 +46,30 @@ def backbone_tokens(backbone: nn.Module, x: torch.Tensor, grid: int) -> torch.Te
         f = f.transpose(1, 2).reshape(n, c, side, side)
     elif f.dim() == 4 and getattr(backbone, "output_fmt", "NCHW") == "NHWC":
         f = f.permute(0, 3, 1, 2)
-    f = F.adaptive_avg_pool2d(f.float(), grid)
+    f = adaptive_avg_pool(f.float(), grid)
     return f.flatten(2).transpose(1, 2)
+
+
+def _pool_matrix(n: int, g: int, device, dtype) -> torch.Tensor:
+    """(g, n) matrix averaging the bins of ``adaptive_avg_pool`` along one axis: bin i covers
+    [floor(i*n/g), ceil((i+1)*n/g)), exactly as PyTorch's adaptive pooling."""
+    m = torch.zeros(g, n, device=device, dtype=dtype)
+    for i in range(g):
+        a, b = (i * n) // g, -(-((i + 1) * n) // g)
+        m[i, a:b] = 1.0 / (b - a)
+    return m
+
+
+def adaptive_avg_pool(f: torch.Tensor, grid: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(f, grid)`` written as two small matrix products.
+
+    Same bins and values; unlike the ATen op it exports to ONNX for any grid and feature size (the
+    feature map's height and width are fixed by the bundle's image size, so the matrices are constants)."""
+    h, w = int(f.shape[-2]), int(f.shape[-1])
+    if h == grid and w == grid:
+        return f
+    return torch.einsum("gh,nchw,kw->ncgk", _pool_matrix(h, grid, f.device, f.dtype), f,
+                        _pool_matrix(w, grid, f.device, f.dtype))
 
 
 class CrossScaleBlock(nn.Module):
@@ -60,8 +82,9 @@ class CrossScaleBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, dim * 2), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim * 2, dim))
 
-    def forward(self, tokens: torch.Tensor, scale_of_token: torch.Tensor):
-        n_scales = int(scale_of_token.max()) + 1
+    def forward(self, tokens: torch.Tensor, scale_of_token: torch.Tensor, n_scales: int | None = None):
+        if n_scales is None:
+            n_scales = int(scale_of_token.max()) + 1
         mask = None
         if n_scales > 1:
             mask = scale_of_token[:, None] == scale_of_token[None, :]  # True = not allowed
@@ -231,9 +254,10 @@ class MultiScaleGrader(nn.Module):
     def forward_from_backbone(self, feats: torch.Tensor, tabular: torch.Tensor | None = None,
                               return_attention: bool = False):
         tokens = self._tokens_from_features(feats)
-        tokens, weights = self.cross(tokens, self.scale_of_token)
+        tokens, weights = self.cross(tokens, self.scale_of_token, self.n_scales)
         tokens = self.norm(tokens)
-        scale_vecs = torch.stack([tokens[:, self.scale_of_token == s].mean(1) for s in range(self.n_scales)], 1)
+        # a scale's tokens are contiguous (see __init__): (B, S * n_sources * T, D) → (B, S, D)
+        scale_vecs = tokens.reshape(tokens.shape[0], self.n_scales, -1, tokens.shape[-1]).mean(2)
         pooled, scale_w = self.scale_pool(scale_vecs)
         parts = [pooled]
         if self.tabular_encoder is not None:
