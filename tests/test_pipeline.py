@@ -64,9 +64,13 @@ def test_bundle_contents_and_resume_reuses_outputs(run):
     assert bundle.meta["model"]["variant"] == "fusion" and bundle.meta["features"]["radiomics"]["columns"]
     assert not list(result.bundle.glob("*.pt")) and not list(result.bundle.glob("*.pkl"))
     before = (result.run_dir / "predictions" / "fusion.csv").stat().st_mtime_ns
+    weights = (result.bundle / "model.safetensors").stat().st_mtime_ns
+    report = (result.run_dir / "report" / "report.html").stat().st_mtime_ns
     cfg = load_config(result.run_dir / "config.yaml")
     run_experiment(cfg, result.run_dir, resume=True, progress=False)
     assert (result.run_dir / "predictions" / "fusion.csv").stat().st_mtime_ns == before
+    assert (result.bundle / "model.safetensors").stat().st_mtime_ns == weights  # the finished bundle is reused
+    assert (result.run_dir / "report" / "report.html").stat().st_mtime_ns > report  # the report is rebuilt
 
 
 def test_predict_skips_bad_items_and_keeps_the_rest(run, tmp_path):

@@ -280,6 +280,10 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
         from breastfusion.training.fit import fit_final_bundle
 
         name = DEEP_NAMES[variant]
+        if resume and (run_dir / "bundles" / name / "bundle.json").exists():  # bundles are written atomically
+            log.info("resume: reusing the finished bundle %s", run_dir / "bundles" / name)
+            bundles[name] = run_dir / "bundles" / name
+            continue
         t = time.perf_counter()
         calibration = None
         if name in results:

@@ -553,7 +553,10 @@ def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
     centres = per_center_table(results, cases, classes, ordinal)
 
     bundle = None
-    if hc.variants and cfg.experiment.final_models:
+    if hc.variants and cfg.experiment.final_models and resume and (run_dir / "bundles" / "multiscale" / "bundle.json").exists():
+        log.info("resume: reusing the finished bundle %s", run_dir / "bundles" / "multiscale")
+        bundle = run_dir / "bundles" / "multiscale"  # bundles are written atomically
+    elif hc.variants and cfg.experiment.final_models:
         t = time.perf_counter()
         calibration = None
         if "deep_multiscale" in results:
