@@ -392,3 +392,19 @@ def test_web_page_in_headless_chromium(live_server, png, tmp_path):
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_malloc_arena_cap_respects_the_environment(monkeypatch):
+    import sys
+
+    from breastfusion.serve.app import limit_malloc_arenas
+
+    assert limit_malloc_arenas(None) is False
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas(2) is False  # the user's explicit setting wins
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    if sys.platform.startswith("linux"):
+        import platform
+
+        if platform.libc_ver()[0] == "glibc":
+            assert limit_malloc_arenas(2) is True
