@@ -40,11 +40,12 @@ def test_selection_covers_each_kind_and_is_exact():
                        "prob_malignant": [0.05, 0.3, 0.9, 0.1, 0.9, 0.33, 0.2],
                        "prob_normal": [0.05, 0.1, 0.05, 0.8, 0.05, 0.33, 0.6]})
     sel = select_explain_cases(df, CLASSES, 5)
-    # round robin: correct benign (a), most confident error (e), least certain (f, also an error), then
-    # correct malignant (c); no error is left, so the next least certain (b, 0.6, before g by position)
-    assert sel["case_id"].tolist() == ["a", "e", "f", "c", "b"]
+    # each class's most confident correct case (a, c, d), then the most confident error (e), then the least
+    # certain case (f, 0.34, an error too)
+    assert sel["case_id"].tolist() == ["a", "c", "d", "e", "f"]
     assert sel.set_index("case_id").loc["e", "why"] == "confident error: benign called malignant"
     assert sel.set_index("case_id").loc["f", "predicted"] == "benign"
+    assert select_explain_cases(df, CLASSES, 2)["case_id"].tolist() == ["a", "c"]
     assert select_explain_cases(df, CLASSES, 100)["case_id"].nunique() == 7  # never more than the cases
     assert len(select_explain_cases(df, CLASSES, 0)) == 0
     with pytest.raises(Exception, match="prob_normal"):

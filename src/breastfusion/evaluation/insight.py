@@ -107,8 +107,8 @@ def calibration_section(predictions: dict[str, pd.DataFrame], classes: list[str]
 # ---------------------------------------------------------------------------------------------- explanations
 
 def select_explain_cases(preds: pd.DataFrame, classes: list[str], n: int) -> pd.DataFrame:
-    """Pick up to ``n`` cases from out-of-fold predictions: per class the most confident correct case, the most
-    confident errors and the least certain cases, interleaved so that a small ``n`` still shows each kind.
+    """Pick up to ``n`` cases from out-of-fold predictions: per class the most confident correct case, then the
+    most confident errors and the least certain cases, alternating, so that a small ``n`` still shows each kind.
 
     Returns columns ``case_id, label, predicted, probability, why`` (``probability`` of the predicted class)."""
     cols = [f"prob_{c}" for c in classes]
@@ -137,6 +137,9 @@ def select_explain_cases(preds: pd.DataFrame, classes: list[str], n: int) -> pd.
     groups.append([(int(i), f"confident error: {label[i]} called {pred[i]}") for i in wrong[np.argsort(-conf[wrong])]])
     groups.append([(int(i), "least certain") for i in np.argsort(conf)])
     picked: dict[int, str] = {}
+    for i, why in per_class[:n]:  # every class first, so each one gets a picture
+        picked[i] = why
+    groups = groups[1:]
     pos = [0] * len(groups)
     while len(picked) < min(n, len(df)) and any(pos[g] < len(groups[g]) for g in range(len(groups))):
         for g in range(len(groups)):
@@ -170,6 +173,9 @@ def explanation_section(bundle, source: pd.DataFrame, selection: pd.DataFrame, o
     src = source[source[CASE_ID].astype(str).isin(set(ids))].copy()
     order = {c: i for i, c in enumerate(ids)}
     src = src.sort_values(CASE_ID, key=lambda s: s.astype(str).map(order), kind="stable")
+    for sub in ("cases", "stacks"):  # figures of an earlier run's selection would be mistaken for this one's
+        for old in (Path(out_dir) / sub).glob("*.png"):
+            old.unlink()
     if background is not None and background.index.name == CASE_ID:
         background = background.reset_index()
     res = explain_bundle(bundle, src, out_dir, methods="all", cases=cases, background=background,

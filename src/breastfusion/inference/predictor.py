@@ -81,6 +81,7 @@ class Predictor:
         self.size = int(im["size"])
         self.mean = torch.tensor(im["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(im["std"], dtype=torch.float32).view(1, 3, 1, 1)
+        self._mean_np, self._std_np = self.mean.numpy(), self.std.numpy()
         self.radiomics = (bundle.meta.get("features") or {}).get("radiomics")
         self.last_skipped: pd.DataFrame = pd.DataFrame(columns=[CASE_ID, IMAGE_PATH, "reason"])
         self.classical = None
@@ -192,11 +193,16 @@ class Predictor:
     @torch.no_grad()
     def _forward(self, images: list[np.ndarray] | None, tab: np.ndarray | None) -> np.ndarray:
         x_img = None
+        if self.onnx is not None:
+            # NumPy, not torch, for the ONNX path: a torch op here wakes torch's OpenMP threads, which then
+            # busy-wait on the cores ONNX Runtime needs (measured: 28 ms instead of 20 ms per image at batch 1).
+            if images is not None:
+                g = np.stack(images).astype(np.float32)[:, None] / np.float32(255.0)  # (B, 1, H, W)
+                x_img = (g - self._mean_np) / self._std_np  # broadcasts to (B, 3, H, W)
+            return self.onnx(x_img, tab)
         if images is not None:
             x = torch.from_numpy(np.stack(images)).float().div_(255.0).unsqueeze(1)
             x_img = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
-        if self.onnx is not None:
-            return self.onnx(x_img.contiguous().numpy() if x_img is not None else None, tab)
         if x_img is not None:
             x_img = x_img.contiguous(memory_format=torch.channels_last).to(self.device)
         x_tab = torch.from_numpy(tab).to(self.device) if tab is not None else None
