@@ -553,10 +553,12 @@ def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
     centres = per_center_table(results, cases, classes, ordinal)
 
     bundle = None
-    if hc.variants and cfg.experiment.final_models and resume and (run_dir / "bundles" / "multiscale" / "bundle.json").exists():
-        log.info("resume: reusing the finished bundle %s", run_dir / "bundles" / "multiscale")
-        bundle = run_dir / "bundles" / "multiscale"  # bundles are written atomically
-    elif hc.variants and cfg.experiment.final_models:
+    finished = run_dir / "bundles" / "multiscale"
+    want_bundle = bool(hc.variants and cfg.experiment.final_models)
+    if want_bundle and resume and (finished / "bundle.json").exists():  # bundles are written atomically
+        log.info("resume: reusing the finished bundle %s", finished)
+        bundle = finished
+    elif want_bundle:
         t = time.perf_counter()
         calibration = None
         if "deep_multiscale" in results:

@@ -41,14 +41,10 @@ class GradingPredictor:
         self.device = select_device()
         configure_threads(threads)
         self.model = bundle.model.to(self.device).eval()
-        if backend not in ("torch", "onnx"):
-            raise DataError(f"Unknown backend '{backend}'; use 'torch' or 'onnx'.")
-        self.backend = backend
-        self.onnx = None
-        if backend == "onnx":
-            from breastfusion.inference.onnx_export import OnnxModel
+        from breastfusion.inference.onnx_export import runtime_for
 
-            self.onnx = OnnxModel(bundle, threads=torch.get_num_threads())
+        self.backend = backend
+        self.onnx = runtime_for(bundle, backend)
         self.mags = [float(m) for m in bundle.meta["model"]["magnifications"]]
         im = bundle.meta["image"]
         normalizer = None

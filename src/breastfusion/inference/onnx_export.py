@@ -357,6 +357,14 @@ def export_onnx(bundle_path: str | Path, out_path: str | Path | None = None, *, 
 # ------------------------------------------------------------------------------------ the Predictor's model
 
 
+def runtime_for(bundle: Bundle, backend: str, *, load: bool = True) -> OnnxModel | None:
+    """The prediction backend of a bundle: ``None`` for ``"torch"``, its checked :class:`OnnxModel` for
+    ``"onnx"`` (when ``load``); any other name is a :class:`DataError`."""
+    if backend not in ("torch", "onnx"):
+        raise DataError(f"Unknown backend '{backend}'; use 'torch' or 'onnx'.")
+    return OnnxModel(bundle, threads=torch.get_num_threads()) if backend == "onnx" and load else None
+
+
 class OnnxModel:
     """A bundle's exported network in ONNX Runtime: ``model(image, tabular)`` → probabilities (numpy)."""
 

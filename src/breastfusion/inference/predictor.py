@@ -88,14 +88,10 @@ class Predictor:
         self.model_name = bundle.meta["model"]["variant"]
         if model is not None and model != self.model_name:
             self._load_classical(model)
-        if backend not in ("torch", "onnx"):
-            raise DataError(f"Unknown backend '{backend}'; use 'torch' or 'onnx'.")
-        self.backend = backend
-        self.onnx = None
-        if backend == "onnx" and self.classical is None:
-            from breastfusion.inference.onnx_export import OnnxModel
+        from breastfusion.inference.onnx_export import runtime_for
 
-            self.onnx = OnnxModel(bundle, threads=torch.get_num_threads())
+        self.backend = backend
+        self.onnx = runtime_for(bundle, backend, load=self.classical is None)  # a classical model needs no network
 
     def _load_classical(self, name: str) -> None:
         from breastfusion.errors import BundleError
