@@ -53,7 +53,10 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--no-randomized", action="store_true", help="skip the randomised APS/RAPS rows")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--class-conditional", choices=["no", "yes", "both"], default="no",
+                    help="one threshold per class (Mondrian) instead of one overall, or both side by side")
     args = ap.parse_args()
+    modes = {"no": [False], "yes": [True], "both": [False, True]}[args.class_conditional]
 
     paths = args.predictions or default_predictions()
     missing = [p for p in paths if not p.is_file()]
@@ -69,14 +72,16 @@ def main() -> int:
         for cov in args.coverages:
             alpha = round(1.0 - cov, 10)
             for method in args.methods:
-                for randomized in ([False] if method == "lac" or args.no_randomized else [False, True]):
+                for randomized, by_class in [(rz, bc) for rz in ([False] if method == "lac" or args.no_randomized
+                                                                 else [False, True]) for bc in modes]:
                     cal = calibrate_predictions(preds, method=method, alpha=alpha, by_fold=True, seed=args.seed,
-                                                randomized=randomized)
+                                                randomized=randomized, class_conditional=by_class)
                     r = coverage_report(cal)
                     gap = 100 * (r["coverage"] - cov)
                     rows.append({
                         "model": model, "source": str(path), "n": r["n"], "target_coverage": cov, "alpha": alpha,
-                        "method": method, "randomized": randomized, "coverage": r["coverage"],
+                        "method": method, "randomized": randomized, "class_conditional": by_class,
+                        "coverage": r["coverage"],
                         "coverage_gap_pts": gap, "within_3pts": abs(gap) <= TOLERANCE_PTS,
                         "accuracy": r["accuracy"], "mean_set_size": r["mean_set_size"],
                         "refer_rate": r["refer_rate"], "singleton_accuracy": r["singleton_accuracy"],
@@ -102,13 +107,16 @@ def main() -> int:
     }
     write_json(to_jsonable(out), args.out)
 
+    classes = list(rows[0]["per_class_coverage"]) if rows else []
     print("\n| model | target | method | coverage (gap, pts) | within ±3 | top-1 acc. | mean set size | refer rate "
-          "| ECE before → after |\n|---|---|---|---|---|---|---|---|---|")
+          "| ECE before → after | " + " | ".join(f"coverage {c}" for c in classes) + " |\n|"
+          + "---|" * (9 + len(classes)))
     for r in rows:
-        name = r["method"] + (" (randomised)" if r["randomized"] else "")
+        name = r["method"] + (" (randomised)" if r["randomized"] else "") + (", per class" if r["class_conditional"] else "")
         print(f"| {r['model']} | {r['target_coverage']:.2f} | {name} | {r['coverage']:.3f} ({r['coverage_gap_pts']:+.1f}) "
               f"| {'yes' if r['within_3pts'] else 'no'} | {r['accuracy']:.3f} | {r['mean_set_size']:.2f} | "
-              f"{r['refer_rate']:.3f} | {r['ece_before']:.3f} → {r['ece_after']:.3f} |")
+              f"{r['refer_rate']:.3f} | {r['ece_before']:.3f} → {r['ece_after']:.3f} | "
+              + " | ".join(f"{r['per_class_coverage'][c]:.3f}" for c in classes) + " |")
     for m in models:
         print(f"\n{m['model']}: per-fold temperature " + ", ".join(f"{t:.3f}" for t in m["temperatures"])
               + f"; reliability plot {m['reliability_png']}")

@@ -290,3 +290,68 @@ def test_calibrate_predictions_errors():
     assert out.attrs["calibration"]["folds"][0]["n_cal"] == 40
     with pytest.raises(DataError, match="calibrate_predictions first"):
         coverage_report(df, CLASSES)
+
+
+def _imbalanced(n: int, seed: int):
+    """SYNTHETIC 3-class data with a rare class (about 10 %) that the scores under-rate."""
+    r = np.random.default_rng(seed)
+    z = r.normal(size=(n, 3)) + np.array([1.6, 0.6, 0.0])
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    y = np.minimum((r.uniform(size=n)[:, None] > np.cumsum(p, axis=1)).sum(axis=1), 2)
+    return p, y
+
+
+def test_class_conditional_sets_cover_every_class():
+    marginal, mondrian = [], []
+    for rep in range(6):
+        p, y = _imbalanced(6000, seed=300 + rep)
+        cal, test = slice(0, 3000), slice(3000, None)
+        for out, cc in ((marginal, False), (mondrian, True)):
+            cp = ConformalClassifier("lac", alpha=0.1, class_conditional=cc).fit(p[cal], y[cal])
+            S = cp.predict_sets(p[test])
+            yt = y[test]
+            out.append([S[np.arange(len(yt)), yt][yt == k].mean() for k in range(3)])
+    marginal, mondrian = np.mean(marginal, 0), np.mean(mondrian, 0)
+    assert marginal.min() < 0.85  # average coverage hides a badly covered class
+    assert (mondrian >= 0.9 - 0.02).all() and (mondrian <= 0.9 + 0.04).all()
+
+
+def test_class_conditional_round_trip_and_small_class_error():
+    p, codes = _imbalanced(2000, seed=7)
+    y = np.array(["a", "b", "c"])[codes]
+    cp = ConformalClassifier("aps", alpha=0.1, class_conditional=True).fit(p, y, classes=["a", "b", "c"])
+    d = json.loads(json.dumps(cp.to_dict()))
+    assert d["class_conditional"] is True and len(d["qhat_per_class"]) == 3
+    back = ConformalClassifier.from_dict(d)
+    assert np.array_equal(back.predict_sets(p[:50]), cp.predict_sets(p[:50]))
+    with pytest.raises(DataError, match="per-class thresholds"):
+        ConformalClassifier.from_dict({**d, "qhat_per_class": None})
+    few = np.concatenate([np.flatnonzero(codes != 2)[:200], np.flatnonzero(codes == 2)[:5]])
+    with pytest.raises(DataError, match="'c' has 5"):
+        ConformalClassifier("lac", alpha=0.1, class_conditional=True).fit(p[few], y[few], classes=["a", "b", "c"])
+
+
+def test_calibrate_predictions_class_conditional_reports_per_class_coverage():
+    p, y = _imbalanced(3000, seed=11)
+    df = table(p, y, np.arange(3000) % 3, classes=["benign", "malignant", "normal"])
+    out = calibrate_predictions(df, method="lac", alpha=0.1, class_conditional=True)
+    rep = coverage_report(out)
+    assert rep["class_conditional"] is True
+    assert all(abs(v["coverage"] - 0.9) < 0.05 for v in rep["per_class"].values())
+
+
+def test_auto_uses_per_class_thresholds_only_with_enough_cases_of_every_class():
+    from breastfusion.evaluation.calibration import fit_bundle_calibration, resolve_class_conditional
+
+    assert resolve_class_conditional("auto", {"a": 9, "b": 40}, 0.1) is True  # 9 = the minimum at alpha 0.1
+    assert resolve_class_conditional("auto", {"a": 8, "b": 40}, 0.1) is False
+    assert resolve_class_conditional(True, {"a": 1}, 0.1) is True
+    p, y = _imbalanced(400, seed=3)
+    df = table(p, y, np.arange(400) % 4, classes=["benign", "malignant", "normal"])
+    assert fit_bundle_calibration(df, ["benign", "malignant", "normal"])["conformal"]["class_conditional"] is True
+    rare = df[(df["label"] != "normal") | (np.arange(400) < 40)]  # keeps only a handful of 'normal' cases
+    assert (rare["label"] == "normal").sum() < 9
+    cal = fit_bundle_calibration(rare, ["benign", "malignant", "normal"])
+    assert cal["conformal"]["class_conditional"] is False
+    out = calibrate_predictions(rare, method="lac", alpha=0.1, class_conditional="auto")
+    assert out.attrs["calibration"]["class_conditional"] is False

@@ -149,10 +149,12 @@ def cmd_calibrate(args) -> int:
 
     meta = read_bundle_meta(args.bundle)
     preds = pd.read_csv(args.predictions, dtype={"case_id": str, "label": str})
-    cal = fit_bundle_calibration(preds, meta["classes"], method=args.method, alpha=args.alpha)
+    cal = fit_bundle_calibration(preds, meta["classes"], method=args.method, alpha=args.alpha,
+                                 class_conditional={"auto": "auto", "yes": True, "no": False}[args.by_class])
     refresh_bundle(args.bundle, calibration=cal)
+    per = "one threshold per class" if cal["conformal"].get("class_conditional") else "one overall threshold"
     print(f"calibrated {args.bundle}: T = {cal['temperature']['temperature']:.3f}, {cal['conformal']['method']} sets "
-          f"for coverage {cal['target_coverage']:.2f} (mean set size {cal['mean_set_size']:.2f} on "
+          f"({per}) for coverage {cal['target_coverage']:.2f} (mean set size {cal['mean_set_size']:.2f} on "
           f"{cal['fitted_on']}); model card: {Path(args.bundle) / 'MODEL_CARD.md'}")
     return 0
 
@@ -477,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("predictions", help="out-of-fold predictions, e.g. RUN/predictions/fusion.csv")
     p.add_argument("--method", choices=["lac", "aps", "raps"], default="lac")
     p.add_argument("--alpha", type=float, default=0.1, help="1 - target coverage of the prediction sets")
+    p.add_argument("--by-class", choices=["auto", "yes", "no"], default="auto",
+                   help="one threshold per class (Mondrian): every class covered at 1 - alpha, not only on average; "
+                        "auto (default): when every class has enough cases")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("synthetic", help="write a SYNTHETIC cohort: ultrasound + clinical, or H&E grading stacks")

@@ -193,7 +193,8 @@ def bundle_sections(results: dict, bundles: dict[str, Path], classes: list[str],
         try:
             sections.append(calibration_section(bundled, classes, run_dir / "calibration",
                                                 method=cfg.experiment.conformal_method,
-                                                alpha=cfg.experiment.conformal_alpha, seed=cfg.seed))
+                                                alpha=cfg.experiment.conformal_alpha, seed=cfg.seed,
+                                                class_conditional=cfg.experiment.conformal_class_conditional))
         except Exception as exc:  # noqa: BLE001 - a report section never loses the run
             sections.append(failed_section("calibration", "Calibration and deferral", exc))
     name, path = next(iter(bundles.items()), (None, None))
@@ -292,7 +293,8 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
             try:
                 calibration = fit_bundle_calibration(results[name]["predictions"], classes,
                                                      method=cfg.experiment.conformal_method,
-                                                     alpha=cfg.experiment.conformal_alpha)
+                                                     alpha=cfg.experiment.conformal_alpha,
+                                                     class_conditional=cfg.experiment.conformal_class_conditional)
             except DataError as exc:  # e.g. too few cases for the requested coverage
                 log.warning("bundle %s left uncalibrated: %s", name, exc)
         bundles[name] = fit_final_bundle(variant, cases, table, classes, cfg, run_dir, resume=resume,

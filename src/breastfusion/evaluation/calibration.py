@@ -40,6 +40,7 @@ slightly different fold models, which is exchangeable only approximately; a shif
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ from breastfusion.evaluation.metrics import (
     _expected_calibration_error,
     _prepare,
 )
+
+log = logging.getLogger(__name__)
 
 CALPROB_PREFIX = "calprob_"
 SET_SEPARATOR = "|"
@@ -293,6 +296,20 @@ def min_calibration_size(alpha: float) -> int:
     return n
 
 
+def resolve_class_conditional(setting, class_counts, alpha: float, where: str = "the calibration cases") -> bool:
+    """``True``/``False`` as given; ``"auto"``: per-class thresholds when every class has the
+    :func:`min_calibration_size` cases they need, else one overall threshold (logged)."""
+    if setting != "auto":
+        return bool(setting)
+    need = min_calibration_size(alpha)
+    short = {str(c): int(n) for c, n in class_counts.items() if n < need}
+    if short:
+        log.info("conformal sets: one overall threshold, not one per class: %s hold(s) too few cases of %s "
+                 "(need %d each at alpha=%g)", where, short, need, alpha)
+        return False
+    return True
+
+
 def _rank(n: int, alpha: float) -> int:
     """1-based rank of the calibration score used as threshold: ceil((n + 1)(1 - alpha))."""
     return math.ceil((n + 1) * (1 - alpha) - 1e-9)
@@ -314,16 +331,19 @@ class ConformalClassifier:
     Parameters: ``method`` ("aps", "raps" or "lac"), ``alpha`` (miscoverage; target coverage ``1 - alpha``),
     ``k_reg`` and ``lam`` (RAPS penalty ``lam * max(0, rank - k_reg)``, rank 1 = top class), ``randomized``
     (APS/RAPS tie-breaking with ``U ~ Uniform(0, 1)``; off by default for deterministic sets) and ``seed``
-    (for the randomised version; fitting and prediction draw from separate streams of it).
+    (for the randomised version; fitting and prediction draw from separate streams of it) and
+    ``class_conditional`` (Mondrian conformal: one threshold per true class, so that *each* class is covered
+    at ``1 - alpha``, not only on average; every class then needs enough calibration cases).
 
     ``fit(probs_cal, y_cal)`` stores ``qhat_``, the ``ceil((n+1)(1-alpha))``-th smallest calibration
-    score; ``predict_sets(probs)`` returns a boolean (n, K) matrix, True where the class is in the set.
+    score (and ``qhat_class_``, the same per class, when class-conditional); ``predict_sets(probs)`` returns a
+    boolean (n, K) matrix, True where the class is in the set.
     """
 
     KIND = "split_conformal"
 
     def __init__(self, method: str = "aps", alpha: float = 0.1, k_reg: int = 1, lam: float = 0.01,
-                 randomized: bool = False, seed: int = 0) -> None:
+                 randomized: bool = False, seed: int = 0, class_conditional: bool = False) -> None:
         if method not in METHODS:
             raise DataError(f"Unknown conformal method {method!r}; expected one of {list(METHODS)}.")
         self.method = method
@@ -336,7 +356,9 @@ class ConformalClassifier:
         self.lam = float(lam)
         self.randomized = bool(randomized)
         self.seed = int(seed)
+        self.class_conditional = bool(class_conditional)
         self.qhat_: float | None = None
+        self.qhat_class_: np.ndarray | None = None
         self.n_cal_: int = 0
         self.classes_: list[str] | None = None
         self.n_classes_: int | None = None
@@ -388,6 +410,21 @@ class ConformalClassifier:
         S = self._score_matrix(P, self._uniforms(n, 0))[np.arange(n), codes]
         k = _rank(n, self.alpha)
         self.qhat_ = float(np.partition(S, k - 1)[k - 1])
+        self.qhat_class_ = None
+        if self.class_conditional:
+            q = np.empty(K)
+            for c in range(K):
+                Sc = S[codes == c]
+                if len(Sc) < need:
+                    name = self.classes_[c] if self.classes_ else f"class {c}"
+                    raise DataError(
+                        f"Class-conditional conformal sets at alpha={self.alpha:g} need at least {need} calibration "
+                        f"cases of every class; '{name}' has {len(Sc)}. Use a larger alpha, more cases of that "
+                        "class, or marginal (not class-conditional) sets."
+                    )
+                kc = _rank(len(Sc), self.alpha)
+                q[c] = np.partition(Sc, kc - 1)[kc - 1]
+            self.qhat_class_ = q
         self.n_cal_, self.n_classes_ = int(n), int(K)
         return self
 
@@ -401,7 +438,8 @@ class ConformalClassifier:
             raise DataError("ConformalClassifier is not fitted: call fit(probs_cal, y_cal) first (or from_dict).")
         P = _check_scores(probs, "probs", n_classes=self.n_classes_)
         S = self._score_matrix(P, self._uniforms(len(P), 1))
-        sets = S <= self.qhat_ + _SCORE_TOL
+        q = self.qhat_class_[None, :] if self.qhat_class_ is not None else self.qhat_
+        sets = S <= q + _SCORE_TOL
         top = np.argsort(-P, axis=1, kind="stable")[:, 0]
         sets[np.arange(len(P)), top] = True
         return sets
@@ -413,7 +451,9 @@ class ConformalClassifier:
         return {"kind": self.KIND, "method": self.method, "alpha": float(self.alpha), "k_reg": int(self.k_reg),
                 "lam": float(self.lam), "randomized": bool(self.randomized), "seed": int(self.seed),
                 "qhat": float(self.qhat_), "n_cal": int(self.n_cal_), "n_classes": int(self.n_classes_),
-                "classes": list(self.classes_) if self.classes_ is not None else None}
+                "classes": list(self.classes_) if self.classes_ is not None else None,
+                "class_conditional": self.class_conditional,
+                "qhat_per_class": ([float(v) for v in self.qhat_class_] if self.qhat_class_ is not None else None)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ConformalClassifier:
@@ -421,14 +461,22 @@ class ConformalClassifier:
             raise DataError(f"Not a split-conformal description (expected kind '{cls.KIND}'): {d!r:.200}")
         try:
             self = cls(method=d["method"], alpha=d["alpha"], k_reg=d.get("k_reg", 1), lam=d.get("lam", 0.01),
-                       randomized=d.get("randomized", False), seed=d.get("seed", 0))
+                       randomized=d.get("randomized", False), seed=d.get("seed", 0),
+                       class_conditional=d.get("class_conditional", False))
             qhat = float(d["qhat"])
             K = int(d["n_classes"])
+            per_class = d.get("qhat_per_class")
+            per_class = None if per_class is None else np.asarray(per_class, dtype=float)
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"Split-conformal description is missing or has a bad field: {e}") from None
         if not math.isfinite(qhat):
             raise DataError(f"Split-conformal description has qhat {qhat!r}; it must be finite.")
+        if self.class_conditional and (per_class is None or per_class.shape != (K,)
+                                       or not np.isfinite(per_class).all()):
+            raise DataError(f"Class-conditional split-conformal description needs {K} finite per-class thresholds "
+                            f"(qhat_per_class); got {d.get('qhat_per_class')!r:.200}")
         self.qhat_, self.n_classes_ = qhat, K
+        self.qhat_class_ = per_class if self.class_conditional else None
         self.n_cal_ = int(d.get("n_cal", 0))
         self.classes_ = _check_classes(d.get("classes"), K)
         return self
@@ -436,7 +484,7 @@ class ConformalClassifier:
     def __repr__(self) -> str:
         q = "unfitted" if not self.fitted else f"qhat={self.qhat_:.4f}, n_cal={self.n_cal_}"
         return (f"ConformalClassifier(method={self.method!r}, alpha={self.alpha:g}, "
-                f"randomized={self.randomized}, {q})")
+                f"randomized={self.randomized}, class_conditional={self.class_conditional}, {q})")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -459,6 +507,7 @@ def calibrate_predictions(
     k_reg: int = 1,
     lam: float = 0.01,
     randomized: bool = False,
+    class_conditional: bool | str = False,
 ) -> pd.DataFrame:
     """Temperature-scaled probabilities and conformal prediction sets for a prediction table.
 
@@ -472,6 +521,10 @@ def calibrate_predictions(
     rows (in-sample): use it to fit calibrators on a dedicated calibration table; the coverage measured on
     that same table is optimistic.
 
+    ``class_conditional=True`` fits one threshold per true class (Mondrian conformal), so that every class,
+    the rare malignant one included, is covered at ``1 - alpha`` rather than only the cases on average;
+    ``"auto"`` does so when every fold's calibration rows hold enough cases of every class.
+
     Returns a copy of ``preds`` (same index and row order) with ``calprob_<class>`` for every class,
     ``set`` (the classes in the set, in class order, joined with ``'|'``), ``set_size`` and ``refer``
     (True when the set holds more than one class: the model cannot single out one class at this
@@ -484,6 +537,12 @@ def calibrate_predictions(
     if bad:
         raise DataError(f"Class name {bad[0]!r} contains '{SET_SEPARATOR}', which separates the classes of a set.")
     ConformalClassifier(method=method, alpha=alpha, k_reg=k_reg, lam=lam)  # validate settings early
+    names = np.asarray(classes, dtype=object)
+    if class_conditional == "auto":
+        cal_sets = ([prep.folds != f for f in np.unique(prep.folds[np.isfinite(prep.folds)])]
+                    if by_fold and np.isfinite(prep.folds).any() else [np.ones(prep.n, dtype=bool)])
+        fewest = {c: min(int((prep.y[m] == k).sum()) for m in cal_sets) for k, c in enumerate(classes)}
+        class_conditional = resolve_class_conditional("auto", fewest, alpha, "the folds' calibration rows")
     n, K = prep.n, prep.K
     calP = np.empty((n, K))
     sets = np.zeros((n, K), dtype=bool)
@@ -492,9 +551,9 @@ def calibrate_predictions(
     def fit_apply(cal: np.ndarray, target: np.ndarray, fold_seed: int, fold) -> None:
         ts = TemperatureScaler().fit(prep.P[cal], prep.y[cal])
         cp = ConformalClassifier(method=method, alpha=alpha, k_reg=k_reg, lam=lam, randomized=randomized,
-                                 seed=fold_seed)
+                                 seed=fold_seed, class_conditional=class_conditional)
         try:
-            cp.fit(ts.transform(prep.P[cal]), prep.y[cal])
+            cp.fit(ts.transform(prep.P[cal]), names[prep.y[cal]], classes=list(classes))
         except DataError as e:
             where = "the table" if fold is None else f"the folds other than fold {fold}"
             raise DataError(f"Calibrating on {where}: {e}") from None
@@ -533,7 +592,7 @@ def calibrate_predictions(
     out.attrs["calibration"] = {
         "method": method, "alpha": float(alpha), "target_coverage": 1 - float(alpha), "by_fold": bool(by_fold),
         "randomized": bool(randomized), "k_reg": int(k_reg), "lam": float(lam), "seed": int(seed),
-        "classes": list(classes), "folds": per_fold,
+        "class_conditional": bool(class_conditional), "classes": list(classes), "folds": per_fold,
     }
     return out
 
@@ -599,7 +658,8 @@ def coverage_report(df: pd.DataFrame, classes: list[str] | None = None) -> dict[
     out: dict[str, Any] = {}
     settings = df.attrs.get("calibration") if isinstance(df.attrs, dict) else None
     if settings:
-        out.update({k: settings[k] for k in ("method", "alpha", "target_coverage", "by_fold", "randomized")
+        out.update({k: settings[k] for k in ("method", "alpha", "target_coverage", "by_fold", "randomized",
+                                             "class_conditional")
                     if k in settings})
         out["calibrators"] = settings.get("folds", [])
     out.update({
@@ -687,7 +747,7 @@ def plot_reliability_before_after(
 
 
 def fit_bundle_calibration(preds: pd.DataFrame, classes: list[str], *, method: str = "lac",
-                           alpha: float = 0.1) -> dict[str, Any]:
+                           alpha: float = 0.1, class_conditional: bool | str = "auto") -> dict[str, Any]:
     """Temperature + split-conformal threshold for a deployable bundle, fitted on the cross-validation
     out-of-fold predictions of the same model recipe (every case predicted by a model that did not see it).
 
@@ -698,7 +758,10 @@ def fit_bundle_calibration(preds: pd.DataFrame, classes: list[str], *, method: s
     y = preds["label"].astype(str).to_numpy()
     ts = TemperatureScaler().fit(P, y, classes=list(classes))
     Pc = ts.transform(P)
-    cc = ConformalClassifier(method=method, alpha=alpha).fit(Pc, y, classes=list(classes))
+    class_conditional = resolve_class_conditional(class_conditional, {c: int((y == c).sum()) for c in classes},
+                                                  alpha, "the out-of-fold predictions")
+    cc = ConformalClassifier(method=method, alpha=alpha, class_conditional=class_conditional).fit(
+        Pc, y, classes=list(classes))
     sets = cc.predict_sets(Pc)
     idx = np.array([list(classes).index(v) for v in y])
     return {"temperature": ts.to_dict(), "conformal": cc.to_dict(), "target_coverage": 1 - alpha,

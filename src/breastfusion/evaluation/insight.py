@@ -48,7 +48,8 @@ def _fmt(v: float, digits: int = 3) -> str:
 # ------------------------------------------------------------------------------------------------ calibration
 
 def calibration_section(predictions: dict[str, pd.DataFrame], classes: list[str], out_dir: str | Path, *,
-                        method: str = "lac", alpha: float = 0.1, seed: int = 0) -> ReportSection:
+                        method: str = "lac", alpha: float = 0.1, seed: int = 0,
+                        class_conditional: bool | str = "auto") -> ReportSection:
     """Cross-fold temperature scaling and conformal sets for each model in ``predictions`` (out-of-fold tables
     with a ``fold`` column). Writes ``<out_dir>/<model>_calibrated.csv``, ``coverage.json`` and one reliability
     figure per model into ``out_dir``."""
@@ -63,7 +64,8 @@ def calibration_section(predictions: dict[str, pd.DataFrame], classes: list[str]
     sec = ReportSection("calibration", "Calibration and deferral")
     sec.paragraphs.append(
         f"Temperature scaling, then split-conformal prediction sets ({method.upper()}) at a target coverage of "
-        f"{100 * (1 - alpha):.0f}%. Each fold is calibrated on the other folds' out-of-fold predictions only, so "
+        f"{100 * (1 - alpha):.0f}%; 'per class' means one threshold per class, so that every class is covered, "
+        "not only the cases on average. Each fold is calibrated on the other folds' out-of-fold predictions only, so "
         "the coverage below is measured on cases whose labels the calibrator never saw. A case is referred to a "
         "human when its set holds more than one class. The bundle stores one temperature and one threshold "
         "fitted the same way on all out-of-fold predictions; coverage can never fall below top-1 accuracy, "
@@ -71,7 +73,8 @@ def calibration_section(predictions: dict[str, pd.DataFrame], classes: list[str]
     rows, reports = [], {}
     for name, preds in predictions.items():
         try:
-            cal = calibrate_predictions(preds, classes, method=method, alpha=alpha, by_fold=True, seed=seed)
+            cal = calibrate_predictions(preds, classes, method=method, alpha=alpha, by_fold=True, seed=seed,
+                                        class_conditional=class_conditional)
             rep = coverage_report(cal, classes)
         except (DataError, ValueError) as exc:
             log.warning("calibration section: %s left out: %s", name, exc)
@@ -82,13 +85,14 @@ def calibration_section(predictions: dict[str, pd.DataFrame], classes: list[str]
         reports[name] = rep
         temps = [f["temperature"] for f in rep.get("calibrators", [])]
         rows.append({
-            "model": name, "n": rep["n"],
+            "model": name, "n": rep["n"], "thresholds": "per class" if rep.get("class_conditional") else "overall",
             "temperature": (f"{min(temps):.2f}–{max(temps):.2f}" if temps else "—"),
             "ECE before": _fmt(rep["ece_before"]), "ECE after": _fmt(rep["ece_after"]),
             "NLL before": _fmt(rep["nll_before"]), "NLL after": _fmt(rep["nll_after"]),
             "target coverage": _fmt(1 - alpha, 2), "coverage": _fmt(rep["coverage"]),
             "top-1 accuracy": _fmt(rep["accuracy"]), "mean set size": _fmt(rep["mean_set_size"], 2),
             "refer rate": _fmt(rep["refer_rate"]), "accuracy of single-class sets": _fmt(rep["singleton_accuracy"]),
+            **{f"coverage {c}": _fmt(v["coverage"]) for c, v in rep["per_class"].items()},
         })
         try:
             fig = plot_reliability_before_after(cal, classes, out_dir / f"{name}_reliability_before_after.png",

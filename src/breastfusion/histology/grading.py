@@ -567,7 +567,8 @@ def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
             try:
                 calibration = fit_bundle_calibration(results["deep_multiscale"]["predictions"], classes,
                                                      method=cfg.experiment.conformal_method,
-                                                     alpha=cfg.experiment.conformal_alpha)
+                                                     alpha=cfg.experiment.conformal_alpha,
+                                                     class_conditional=cfg.experiment.conformal_class_conditional)
             except DataError as exc:  # too few cases for the requested coverage
                 log.warning("multiscale bundle left uncalibrated: %s", exc)
         bundle = fit_final_grader(cases, stacks, table, classes, cfg, run_dir, resume=resume, progress=progress,

@@ -79,12 +79,16 @@ def model_card(meta: dict[str, Any]) -> str:
         t = cal["temperature"].get("temperature")
         c = cal["conformal"]
         lines += [f"- Temperature scaling, T = {_fmt(float(t))} (fitted on {cal.get('fitted_on')}).",
-                  f"- Split-conformal prediction sets ({c.get('method')}), target coverage "
-                  f"{_fmt(cal.get('target_coverage'))}; mean set size {_fmt(cal.get('mean_set_size'))} on the "
-                  "calibration predictions. Predictions whose set holds more than one class are flagged `refer`: "
-                  "a person should decide.",
-                  "- Coverage holds on average over cases exchangeable with the training cohort; it is not "
-                  "guaranteed per class, per centre, or under a change of scanner or population."]
+                  f"- Split-conformal prediction sets ({c.get('method')}"
+                  + (", one threshold per class" if c.get("class_conditional") else "")
+                  + f"), target coverage {_fmt(cal.get('target_coverage'))}; mean set size "
+                  f"{_fmt(cal.get('mean_set_size'))} on the calibration predictions. Predictions whose set holds "
+                  "more than one class are flagged `refer`: a person should decide.",
+                  ("- Coverage holds for each class, for cases exchangeable with the training cohort; it is not "
+                   "guaranteed per centre, or under a change of scanner or population." if c.get("class_conditional")
+                   else "- Coverage holds on average over cases exchangeable with the training cohort; it is not "
+                   "guaranteed per class (too few cases of some class for per-class thresholds), per centre, or under a change "
+                   "of scanner or population.")]
     else:
         lines.append("- Not calibrated: probabilities are the network's softmax; no prediction sets.")
     lines += ["", "## Intended use and limits", "",
