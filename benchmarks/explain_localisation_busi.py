@@ -1,0 +1,217 @@
+"""Do the image branch's explanation maps point at the lesion? Scored against BUSI's expert masks.
+
+    python benchmarks/explain_localisation_busi.py [--run runs/busi] [--occlusion-cases 60] \\
+        [--out runs/explain_localisation/busi.json]
+
+Uses the image-only fold models of a finished BUSI run (``<run>/deep/image_only/fold<k>/best.safetensors``).
+Each fold model explains only its *own held-out* cases, so no map comes from a model that saw the case. Only
+benign and malignant cases are used, since normal images have no lesion mask. Each case is read as the
+Predictor reads it: grey, square-resized to the model size. Its mask gets the same resize, nearest-neighbour.
+The maps are for the true class.
+
+Scores per method (Grad-CAM, Grad-CAM++, and occlusion on ``--occlusion-cases`` cases spread evenly over the folds):
+- **pointing game** (Zhang et al., 2018): a hit when the map's maximum lies in the lesion mask, dilated by
+  ``--tolerance`` px at model resolution. Chance level is the dilated mask's share of the image.
+- **energy inside the mask**: the share of the map's total mass that falls on the lesion. Chance level is the
+  mask's share of the image.
+Each score comes with a 95 % case-bootstrap CI and is split by class and by whether the fold model was right.
+Writes JSON and a figure of example maps with mask outlines beside the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine_description, peak_rss_mb
+
+from breastfusion.config import load_config
+from breastfusion.data.cases import CASE_ID, IMAGE_PATH, LABEL, MASK_PATH, mask_list
+from breastfusion.data.images import read_image, read_mask
+from breastfusion.explain.gradcam import cam_maps, occlusion
+from breastfusion.explain.modality import grey_in_model_space
+from breastfusion.models.fusion import FusionClassifier
+from breastfusion.models.pretrained import backbone_data_config, create_backbone
+from breastfusion.training.data import load_resized
+from breastfusion.training.trainer import load_weights
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fold_model(cfg, classes: list[str], weights: Path):
+    backbone, _ = create_backbone(cfg.model.backbone, pretrained=False)
+    m = cfg.model
+    model = FusionClassifier(len(classes), variant="image", backbone=backbone, n_tabular=0, image_dim=m.image_dim,
+                             tabular_dim=m.tabular_dim, tabular_hidden=m.tabular_hidden,
+                             fusion_hidden=m.fusion_hidden, dropout=m.dropout)
+    load_weights(model, weights)
+    return model.eval(), backbone_data_config(backbone)
+
+
+def case_mask(row, size: int) -> np.ndarray:
+    shape = read_image(row[IMAGE_PATH], mode="gray").shape[:2]
+    m = read_mask(mask_list(row[MASK_PATH]), shape)
+    return np.array(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)) > 127
+
+
+def scores(heat: np.ndarray, mask: np.ndarray, tol: int) -> dict[str, float]:
+    heat = np.clip(np.nan_to_num(heat.astype(np.float64)), 0, None)
+    dil = ndimage.binary_dilation(mask, iterations=tol) if tol > 0 else mask
+    total = heat.sum()
+    if total <= 0:  # a flat map points nowhere
+        return {"hit": 0.0, "energy": float("nan"), "chance_hit": float(dil.mean()), "chance_energy": float(mask.mean())}
+    peak = np.unravel_index(np.argmax(heat), heat.shape)
+    return {"hit": float(dil[peak]), "energy": float(heat[mask].sum() / total), "chance_hit": float(dil.mean()),
+            "chance_energy": float(mask.mean())}
+
+
+def boot_ci(x: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return float("nan"), float("nan"), float("nan")
+    r = np.random.default_rng(seed)
+    means = x[r.integers(0, len(x), (n_boot, len(x)))].mean(axis=1)
+    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def overlay_figure(examples: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(examples)
+    fig, axes = plt.subplots(2, n, figsize=(2.3 * n, 4.9), squeeze=False)
+    for j, ex in enumerate(examples):
+        for i, key in enumerate(("gradcam", "gradcam++")):
+            ax = axes[i, j]
+            ax.imshow(ex["image"], cmap="gray")
+            h = ex[key]
+            ax.imshow(h / (h.max() + 1e-12), cmap="jet", alpha=0.4)
+            ax.contour(ex["mask"], levels=[0.5], colors="white", linewidths=1.2)
+            pk = np.unravel_index(np.argmax(h), h.shape)
+            ax.plot(pk[1], pk[0], marker="x", color="white", ms=9, mew=2)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"{ex['case']}\n{ex['label']}, p={ex['p_true']:.2f}", fontsize=8)
+        axes[0, 0].set_ylabel("Grad-CAM")
+        axes[1, 0].set_ylabel("Grad-CAM++")
+    fig.suptitle("BUSI image-only fold models on held-out cases: map, expert lesion outline (white), peak (x)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", default=str(REPO / "runs" / "busi"), help="a finished BUSI run folder")
+    ap.add_argument("--model", default="image_only", help="fold models under <run>/deep/<model> (image-only)")
+    ap.add_argument("--tolerance", type=int, default=15, help="pointing-game tolerance in px at model size")
+    ap.add_argument("--occlusion-cases", type=int, default=60, help="cases also explained by occlusion (slow)")
+    ap.add_argument("--n-boot", type=int, default=2000)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="runs/explain_localisation/busi.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    run = Path(args.run)
+    if not (run / "splits.csv").is_file() or not (run / "deep" / args.model).is_dir():
+        print(f"'{run}' is not a finished BUSI run with {args.model} fold models: run benchmarks/busi_cv.py first; "
+              "nothing measured.", file=sys.stderr)
+        return 1
+    cfg = load_config(run / "config.yaml")
+    cases = pd.read_csv(run / "cases.csv", dtype={CASE_ID: str})
+    splits = pd.read_csv(run / "splits.csv", dtype={CASE_ID: str})
+    classes = sorted(cases[LABEL].unique()) if cfg.data.labels is None else list(cfg.data.labels)
+    cases = cases.merge(splits[[CASE_ID, "fold"]], on=CASE_ID)
+    lesion = cases[cases[MASK_PATH].map(lambda v: bool(mask_list(v))) & ~cases[LABEL].isin(cfg.data.no_lesion_labels)]
+    size = cfg.image.size
+    rows, examples = [], []
+    t0 = time.perf_counter()
+    n_occ, seen = 0, 0
+    stride = max(1, len(lesion) // max(1, args.occlusion_cases))  # spread over folds and classes
+    for fold in sorted(lesion["fold"].unique()):
+        model, dc = fold_model(cfg, classes, run / "deep" / args.model / f"fold{fold}" / "best.safetensors")
+        mean = torch.tensor(dc["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(dc["std"], dtype=torch.float32).view(1, 3, 1, 1)
+        grey = grey_in_model_space(dc["mean"], dc["std"])
+        test = lesion[lesion["fold"] == fold].reset_index(drop=True)
+        for i, row in test.iterrows():
+            img = load_resized(row[IMAGE_PATH], size)
+            mask = case_mask(row, size)
+            if not mask.any():
+                continue
+            x = (torch.from_numpy(img).float().div(255.0)[None, None].expand(1, 3, -1, -1) - mean) / std
+            target = classes.index(row[LABEL])
+            res = cam_maps(model, x, None, target_class=target, methods=["gradcam", "gradcam++"])
+            maps = {m: res.maps[("image", m)][0] for m in ("gradcam", "gradcam++")}
+            if n_occ < args.occlusion_cases and seen % stride == 0:
+                maps["occlusion"] = occlusion(model, x, None, target_class=target, fill=grey)
+                n_occ += 1
+            seen += 1
+            p = res.probs[0]
+            rec = {CASE_ID: row[CASE_ID], LABEL: row[LABEL], "fold": int(fold), "p_true": float(p[target]),
+                   "correct": bool(int(np.argmax(p)) == target), "mask_fraction": float(mask.mean())}
+            for m, h in maps.items():
+                for k, v in scores(h, mask, args.tolerance).items():
+                    rec[f"{m}_{k}"] = v
+            rows.append(rec)
+            if len(examples) < 8 and i % 17 == 0 and rec["correct"] == (len(examples) % 2 == 0):
+                examples.append({"case": row[CASE_ID].split("/")[-1], "label": row[LABEL], "p_true": rec["p_true"],
+                                 "image": img, "mask": mask, **{m: maps[m] for m in ("gradcam", "gradcam++")}})
+        print(f"fold {fold}: {len(test)} lesion cases, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    wall = time.perf_counter() - t0
+    df = pd.DataFrame(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out.with_suffix(".cases.csv"), index=False)
+
+    summary = []
+    for method in ("gradcam", "gradcam++", "occlusion"):
+        if f"{method}_hit" not in df:
+            continue
+        d = df[df[f"{method}_hit"].notna()]
+        for group, sub in [("all", d)] + [(f"class {c}", d[d[LABEL] == c]) for c in sorted(d[LABEL].unique())] + \
+                          [("fold model right", d[d["correct"]]), ("fold model wrong", d[~d["correct"]])]:
+            if len(sub) == 0:
+                continue
+            hit = boot_ci(sub[f"{method}_hit"].to_numpy(), args.n_boot, 0)
+            en = boot_ci(sub[f"{method}_energy"].to_numpy(), args.n_boot, 1)
+            summary.append({"method": method, "group": group, "n": len(sub), "pointing_game": hit,
+                            "pointing_chance": float(sub[f"{method}_chance_hit"].mean()), "energy_in_mask": en,
+                            "energy_chance": float(sub[f"{method}_chance_energy"].mean())})
+    fig = overlay_figure(examples, out.with_suffix(".png")) if examples else None
+    res = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_description(),
+           "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "run": str(run),
+           "fold_models": args.model, "tolerance_px": args.tolerance, "image_size": size, "n_cases": len(df),
+           "occlusion_cases": n_occ, "wall_s": round(wall, 1), "peak_rss_mb": peak_rss_mb(),
+           "summary": summary, "figure": str(fig) if fig else None}
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"\n{len(df)} held-out lesion cases, {wall:.0f} s, {machine_description()}\n")
+    print("| method | cases | n | pointing game (95% CI) | chance | energy in mask (95% CI) | chance |")
+    print("|---|---|---:|---|---:|---|---:|")
+    for s in summary:
+        h, e = s["pointing_game"], s["energy_in_mask"]
+        print(f"| {s['method']} | {s['group']} | {s['n']} | {h[0]:.3f} ({h[1]:.3f}–{h[2]:.3f}) | {s['pointing_chance']:.3f} "
+              f"| {e[0]:.3f} ({e[1]:.3f}–{e[2]:.3f}) | {s['energy_chance']:.3f} |")
+    print(f"\n→ {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
