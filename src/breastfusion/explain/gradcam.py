@@ -521,13 +521,18 @@ def plot_image_explanation(image: np.ndarray, maps: dict[str, np.ndarray], path:
     n = 1 + len(maps)
     rows = 2 if shap_top else 1
     fig = _figure(2.6 * n, 2.9 + (0.28 * len(shap_top) + 1.2 if shap_top else 0))
-    gs = fig.add_gridspec(rows, n, height_ratios=[2.6, 0.28 * len(shap_top) + 0.9] if shap_top else None, hspace=0.35)
-    _panel(fig.add_subplot(gs[0, 0]), np.asarray(image), "original")
-    for j, (name, m) in enumerate(maps.items(), start=1):
+    # two sub-figures laid out separately, so the SHAP panel's long feature names stay inside the figure
+    # without pushing the image row to the right
+    fig.set_layout_engine("constrained")
+    top, bottom = (fig.subfigures(rows, 1, height_ratios=[2.6, 0.28 * len(shap_top) + 0.9])
+                   if shap_top else (fig, None))
+    axes = top.subplots(1, n, squeeze=False)[0]
+    _panel(axes[0], np.asarray(image), "original")
+    for ax, (name, m) in zip(axes[1:], maps.items()):
         label, shown = _map_title(name, m)
-        _panel(fig.add_subplot(gs[0, j]), overlay(image, shown), label)
+        _panel(ax, overlay(image, shown), label)
     if shap_top:
-        _shap_bars(fig.add_subplot(gs[1, :]), shap_top, shap_title)
+        _shap_bars(bottom.subplots(1, 1), shap_top, shap_title)
     fig.suptitle(_short(title, 140), fontsize=10)
     return _save(fig, path)
 
