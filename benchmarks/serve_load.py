@@ -532,14 +532,12 @@ def main() -> int:
         end_load = sampler.now()
         total_load = sum(r["requests"] for r in load)
         fuzz = []
-        st = None if args.only_soak else run_schemathesis(base, args.fuzz_examples, tmp, args.fuzz_max_time)
-        if args.only_soak:
-            pass
-        elif st is None:
-            print("schemathesis is not installed: only the hand-written fuzzer runs", file=sys.stderr)
-        else:
-            fuzz.append(st)
         if not args.only_soak:
+            st = run_schemathesis(base, args.fuzz_examples, tmp, args.fuzz_max_time)
+            if st is None:
+                print("schemathesis is not installed: only the hand-written fuzzer runs", file=sys.stderr)
+            else:
+                fuzz.append(st)
             fuzz.append(run_schema_fuzzer(base, fields, images, args.fuzz_requests, seed=0))
         for f in fuzz:
             print(f"fuzz ({f['tool']}): {f['requests']} requests, statuses {f['statuses']}", file=sys.stderr)

@@ -130,20 +130,15 @@ def select_explain_cases(preds: pd.DataFrame, classes: list[str], n: int) -> pd.
     conf = P.max(axis=1)
     label = df[LABEL].astype(str).to_numpy()
     correct = pred == label
-    groups: list[list[tuple[int, str]]] = []
     per_class = []
     for c in classes:
         idx = np.flatnonzero(correct & (label == c))
         if len(idx):
             per_class.append((int(idx[np.argmax(conf[idx])]), f"most confident correct {c}"))
-    groups.append(per_class)
     wrong = np.flatnonzero(~correct)
-    groups.append([(int(i), f"confident error: {label[i]} called {pred[i]}") for i in wrong[np.argsort(-conf[wrong])]])
-    groups.append([(int(i), "least certain") for i in np.argsort(conf)])
-    picked: dict[int, str] = {}
-    for i, why in per_class[:n]:  # every class first, so each one gets a picture
-        picked[i] = why
-    groups = groups[1:]
+    groups = [[(int(i), f"confident error: {label[i]} called {pred[i]}") for i in wrong[np.argsort(-conf[wrong])]],
+              [(int(i), "least certain") for i in np.argsort(conf)]]
+    picked: dict[int, str] = dict(per_class[:n])  # every class first, so each one gets a picture
     pos = [0] * len(groups)
     while len(picked) < min(n, len(df)) and any(pos[g] < len(groups[g]) for g in range(len(groups))):
         for g in range(len(groups)):

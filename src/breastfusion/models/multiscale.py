@@ -82,9 +82,8 @@ class CrossScaleBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, dim * 2), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim * 2, dim))
 
-    def forward(self, tokens: torch.Tensor, scale_of_token: torch.Tensor, n_scales: int | None = None):
-        if n_scales is None:
-            n_scales = int(scale_of_token.max()) + 1
+    def forward(self, tokens: torch.Tensor, scale_of_token: torch.Tensor, n_scales: int):
+        # n_scales is given, not read from scale_of_token: a data-dependent value would not export to ONNX
         mask = None
         if n_scales > 1:
             mask = scale_of_token[:, None] == scale_of_token[None, :]  # True = not allowed
