@@ -339,3 +339,39 @@ def test_busi_full_audit(busi_root, tmp_path):
     groups = duplicate_groups(cases, audit=res)
     sp = make_splits(cases, n_splits=5, seed=0, groups=groups)
     check_no_leakage(sp, cases, groups)
+
+
+def test_clinical_column_types_reported(tmp_path, caplog):
+    """Issue 9 item 1: each clinical column's type, missing markers and ambiguity are in audit.json / audit.md
+    and an ambiguous column is logged. Tiny SYNTHETIC images and table."""
+    import logging
+
+    rows = []
+    for i in range(20):
+        p = write_png(tmp_path / f"c{i}.png", _synthetic_frame(100 + i, 40, 48))
+        rows.append({"case_id": f"c{i}", "label": "benign" if i % 2 else "malignant", "image_path": str(p)})
+    cases = pd.DataFrame(rows)
+    cases["age"] = [str(40 + i) for i in range(17)] + ["not available", "Not available", "N/A"]
+    cases["ldh"] = [str(150 + 3 * i) for i in range(18)] + [">400", "approx 200"]
+    cases["halo"] = ["yes", "no", "not applicable", "no"] * 5
+    cases["grade"] = [1, 2, 3, 2] * 5  # whole numbers with 3 levels: codes or a score?
+    with caplog.at_level(logging.WARNING, logger="breastfusion"):
+        res = audit_cases(cases, progress=False, check_duplicates=False)
+    age, ldh, halo = (res.column_types[c] for c in ("age", "ldh", "halo"))
+    assert age["kind"] == "numeric" and age["missing"] == 3 and not age["flags"]
+    assert age["missing_tokens_seen"] == {"not available": 1, "Not available": 1, "N/A": 1}
+    assert halo["kind"] == "bool" and halo["missing"] == 5
+    assert ldh["kind"] == "numeric" and ldh["flags"] == ["text_in_numbers"]
+    assert {"value": ">400", "row": "case 'c18'"} in ldh["examples"]
+    assert res.missing_values["age"]["missing"] == 3  # text markers count as missing
+    assert res.column_types["grade"]["flags"] == ["few_integer_levels"]
+    assert res.summary["ambiguous_columns"] == 2
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("'ldh'" in m and "'>400' (case 'c18')" in m and "data.column_types" in m for m in logged)
+    assert any("'grade'" in m and "may be codes" in m for m in logged)
+    md, js = write_audit(res, tmp_path / "audit")
+    assert json.loads(js.read_text())["column_types"]["ldh"]["kind"] == "numeric"
+    text = md.read_text()
+    assert "## Clinical column types" in text and "text_in_numbers" in text and "'not available' x1" in text
+    declared = audit_cases(cases, progress=False, check_duplicates=False, column_types={"ldh": "numeric"})
+    assert "case 'c18'" in declared.column_types["ldh"]["error"]

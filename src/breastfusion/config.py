@@ -14,10 +14,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from breastfusion.errors import ConfigError
+from breastfusion.features.missing_tokens import DEFAULT_MISSING_VALUES as _DEFAULT_MISSING_VALUES
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ColumnInfo(_Strict):
+    """How a clinical column is shown to people (web form, model card); the model reads it by its name."""
+
+    label: str | None = Field(None, description="Display name, e.g. 'Age at diagnosis'; default: the name humanised.")
+    unit: str | None = Field(None, description="Unit of a numeric column, e.g. 'years', 'mm'.")
+    description: str | None = Field(None, description="One line on what the value means or how it was measured.")
 
 
 class DataConfig(_Strict):
@@ -27,6 +36,25 @@ class DataConfig(_Strict):
     tabular_columns: list[str] | None = Field(None, description="Clinical columns to use; default: all.")
     radiomics: bool = Field(True, description="Extract lesion radiomics from masks as a tabular modality.")
     unknown_category: Literal["error", "missing"] = "error"
+    column_info: dict[str, ColumnInfo] = Field(
+        default_factory=dict,
+        description="Per clinical column: display label, unit and description (saved in the bundle, shown by the "
+                    "web form and the model card); a column left out is shown by its name humanised, without unit.")
+    missing_values: list[str] = Field(
+        default_factory=lambda: list(_DEFAULT_MISSING_VALUES),
+        description="Text that means 'missing' in a clinical cell (stripped, case-insensitive; replaces the default "
+                    "list, so keep the defaults you want). A number here (-999) also matches that number.")
+    column_types: dict[str, Literal["numeric", "bool", "categorical"]] = Field(
+        default_factory=dict,
+        description="Declared type of clinical columns (name: numeric | bool | categorical); the rest are inferred "
+                    "and an ambiguous one is reported in the audit and the run log.")
+
+    @field_validator("column_types")
+    @classmethod
+    def _named_columns(cls, v: dict) -> dict:
+        if any(not str(k).strip() for k in v):
+            raise ValueError("column_types: a column name is empty")
+        return v
 
 
 class ImageConfig(_Strict):
@@ -189,23 +217,41 @@ def _known_keys(loc) -> list[str]:
     return sorted(model.model_fields)
 
 
-def _parse_scalar(text: str):
-    return yaml.safe_load(text) if text.strip() != "" else None
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: the problem and where (its own text spans several lines with a caret)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def _parse_scalar(text: str, item: str):
+    if text.strip() == "":
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Override '{item}': the value '{text}' is not valid YAML ({_yaml_problem(exc)}); "
+                          f"quote a literal string, e.g. --set \"key='{text}'\".") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a raw config dict."""
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"Override '{item}' must look like 'section.key=value'.")
+            raise ConfigError(f"Override '{item}' must look like 'section.key=value' (no '=' found).")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
+        parts = [p.strip() for p in key.split(".")]
+        if not all(parts):
+            raise ConfigError(f"Override '{item}': the key '{key}' has an empty part; "
+                              "it must look like 'section.key=value'.")
         node = raw
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or an empty section in the YAML file ('train:' alone)
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"Override '{item}': '{p}' is not a section.")
-        node[parts[-1]] = _parse_scalar(value)
+        node[parts[-1]] = _parse_scalar(value, item)
     return raw
 
 
@@ -215,12 +261,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     source = "defaults"
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"Config file '{path}' is a folder; give the YAML file inside it.")
         if not path.is_file():
             raise ConfigError(f"Config file not found: '{path}'.")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from exc
+            raise ConfigError(f"Config file '{path}' is not valid YAML: {_yaml_problem(exc)}.") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"Config file '{path}' is not UTF-8 text (byte {exc.start}); "
+                              "save it as UTF-8.") from None
+        except OSError as exc:
+            raise ConfigError(f"Config file '{path}' cannot be read: {exc.strerror or exc}.") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"Config file '{path}' must hold a mapping at the top level.")
         source = f"'{path}'"

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 
 from breastfusion.data.cases import CASE_ID, feature_columns
 from breastfusion.errors import DataError
-from breastfusion.features.tabular import TabularPreprocessor, _infer_kind, _is_missing
+from breastfusion.features.column_types import (
+    category_key,
+    infer_column_type,
+    is_missing,
+    missing_tokens,
+    report_ambiguous,
+    yes_no,
+)
+from breastfusion.features.tabular import parse_numbers
 
 
 def clinical_columns(cases: pd.DataFrame, requested: list[str] | None = None) -> list[str]:
@@ -28,35 +38,44 @@ def tabular_table(cases: pd.DataFrame, columns: list[str], handcrafted: pd.DataF
     return table
 
 
-def numeric_for_classical(table: pd.DataFrame) -> pd.DataFrame:
+def numeric_for_classical(table: pd.DataFrame, *, missing_values: list[str] | None = None,
+                          column_types: dict[str, str] | None = None) -> pd.DataFrame:
     """Numeric view for scikit-learn pipelines: booleans → 0/1, categoricals → one-hot, missing stays NaN.
 
-    No statistics are learned here (imputation and scaling happen inside each fold's pipeline); only the
-    category vocabulary is read, which uses no label information.
+    Column types are read as :class:`TabularPreprocessor` reads them (missing tokens, declared types; an
+    ambiguous column is logged), so a numeric column stays one numeric feature here too. No statistics are
+    learned here (imputation and scaling happen inside each fold's pipeline); only the category vocabulary
+    is read, which uses no label information.
     """
-    pre = TabularPreprocessor(unknown_category="missing")
+    tok = missing_tokens(missing_values)
+    types = column_types or {}
+    ids = list(table.index)
     out = {}
     for c in table.columns:
         s = table[c]
-        kind = _infer_kind(s)
-        if kind == "categorical":
-            cats = sorted({str(v).strip() for v in s if not _is_missing(v)})
-            miss = np.array([_is_missing(v) for v in s], dtype=bool)
-            for k in cats:
-                col = np.array([(not m) and str(v).strip() == k for v, m in zip(s, miss)], dtype=float)
-                col[miss] = np.nan
+        ct = infer_column_type(s, str(c), tok, declared=types.get(c), row_ids=ids, source="tabular table")
+        report_ambiguous(ct, codes_level=logging.INFO)
+        if ct.kind == "categorical":
+            keys = [None if is_missing(v, tok) else category_key(v) for v in s]
+            for k in sorted({k for k in keys if k is not None}):
+                col = np.array([np.nan if key is None else float(key == k) for key in keys], dtype=float)
                 out[f"{c}={k}"] = col
         else:
-            out[c] = pre._numeric(s, c, kind, source="tabular table", row_ids=list(table.index))
+            out[c] = parse_numbers(s, c, ct.kind, tok, text_as_missing=ct.text_as_missing,
+                                   source="tabular table", row_ids=ids)
     return pd.DataFrame(out, index=table.index)
 
 
-def numeric_like(table: pd.DataFrame, features: list[str], *, source: str = "input") -> pd.DataFrame:
+def numeric_like(table: pd.DataFrame, features: list[str], *, source: str = "input",
+                 missing_values: list[str] | None = None) -> pd.DataFrame:
     """Rebuild the columns :func:`numeric_for_classical` produced at training (``features``) for new rows.
 
-    ``col=cat`` columns are one-hot indicators (NaN when the cell is missing); other columns are numbers. A value
-    that is not a number, or a category never seen in training, raises :class:`DataError` naming row and column.
+    ``col=cat`` columns are one-hot indicators (NaN when the cell is missing); other columns are numbers (a
+    missing token, default
+    :data:`~breastfusion.features.column_types.DEFAULT_MISSING_VALUES`, is NaN). A value that is not a number, or a category
+    never seen in training, raises :class:`DataError` naming row and column.
     """
+    tok = missing_tokens(missing_values)
     out = {}
     ids = list(table.index)
     onehot: dict[str, list[str]] = {}
@@ -67,20 +86,24 @@ def numeric_like(table: pd.DataFrame, features: list[str], *, source: str = "inp
     for f in features:
         if f in table.columns:
             s = table[f]
-            kind = "bool" if _infer_kind(s) == "bool" and not pd.api.types.is_numeric_dtype(s) else "numeric"
-            out[f] = TabularPreprocessor()._numeric(s, f, kind, source=source, row_ids=ids)
+            # A yes/no word is 0/1 (a bool column at training); anything else must be a number.
+            present = [v for v in s if not is_missing(v, tok)]
+            kind = "bool" if present and not pd.api.types.is_numeric_dtype(s) and all(
+                yes_no(v) is not None for v in present) else "numeric"
+            out[f] = parse_numbers(s, f, kind, tok, source=source, row_ids=ids)
         elif "=" in f and f.split("=", 1)[0] in table.columns:
             col, cat = f.split("=", 1)
             s = table[col]
             vals = []
             for i, v in enumerate(s):
-                if _is_missing(v):
+                if is_missing(v, tok):
                     vals.append(np.nan)
                     continue
-                if str(v).strip() not in onehot[col]:
+                key = category_key(v)
+                if key not in onehot[col]:
                     raise DataError(f"{source}, case '{ids[i]}', column '{col}': unknown category '{v}'; "
                                     f"known: {onehot[col]}.")
-                vals.append(float(str(v).strip() == cat))
+                vals.append(float(key == cat))
             out[f] = vals
         else:
             out[f] = np.full(len(table), np.nan)  # column absent: missing for every row

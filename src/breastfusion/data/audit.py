@@ -47,6 +47,7 @@ of the candidate stage grow with the square of the number of images (fine for th
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import time
@@ -61,7 +62,10 @@ from PIL import Image
 from breastfusion.data.cases import CASE_ID, IMAGE_PATH, LABEL, MASK_PATH, feature_columns, mask_list
 from breastfusion.data.images import image_size, read_image, read_mask
 from breastfusion.errors import DataError
+from breastfusion.features.column_types import infer_column_type, report_ambiguous
 from breastfusion.utils import UnionFind, write_json, write_text
+
+log = logging.getLogger(__name__)
 
 NO_LESION_CLASSES = ("normal",)
 NEAR_DUP_THRESHOLD = 0.35
@@ -574,6 +578,7 @@ class AuditResult:
     label_conflicts: list = field(default_factory=list)   # dup groups holding several labels
     suspicious: list = field(default_factory=list)        # dup groups to check by eye (see _STRONG_LINK)
     missing_values: dict = field(default_factory=dict)    # clinical column -> {missing, fraction}
+    column_types: dict = field(default_factory=dict)      # clinical column -> ColumnType.to_dict()
     image_stats: dict = field(default_factory=dict)
     dup_group: dict = field(default_factory=dict)         # case_id -> group id
     paths: dict = field(default_factory=dict)             # case_id -> image path relative to root
@@ -603,6 +608,7 @@ class AuditResult:
             "class_counts": self.class_counts,
             "image_stats": self.image_stats,
             "missing_values": self.missing_values,
+            "column_types": self.column_types,
             "unreadable": self.unreadable,
             "mask_issues": self.mask_issues,
             "summary": {
@@ -613,6 +619,7 @@ class AuditResult:
                 "images_in_duplicate_groups": self.n_near_dup_images,
                 "label_conflict_groups": len(self.label_conflicts),
                 "suspicious_groups": len(self.suspicious),
+                "ambiguous_columns": sum(bool(t["flags"]) for t in self.column_types.values()),
             },
             "exact_duplicate_groups": [[self.paths.get(c, c) for c in g] for g in self.exact_groups],
             "near_duplicate_groups": self.dup_groups,
@@ -664,12 +671,16 @@ def audit_cases(
     no_lesion_classes: tuple[str, ...] | list[str] = NO_LESION_CLASSES,
     check_duplicates: bool = True,
     progress: bool = True,
+    missing_values: list[str] | None = None,
+    column_types: dict[str, str] | None = None,
 ) -> AuditResult:
     """Audit a cases table: files, masks, duplicates, label conflicts, class balance, missing values.
 
     Never stops on one bad file: unreadable images and masks are recorded and the audit goes on.
     ``root`` is the folder paths are reported relative to (default: the common parent of the images).
     ``no_lesion_classes`` are labels whose masks must be empty; every other label must have a lesion.
+    ``missing_values`` / ``column_types``: as ``data.missing_values`` / ``data.column_types``; each clinical
+    column's type is read the way training will read it, and an ambiguous one is listed and logged.
     """
     if not isinstance(cases, pd.DataFrame):
         raise TypeError(f"The cases table must be a pandas DataFrame. Got {type(cases).__name__} instead.")
@@ -800,9 +811,26 @@ def audit_cases(
     }
     if len(known) < len(labels):
         res.class_counts["<missing>"] = {"n": len(labels) - len(known), "fraction": None}
+    # Column types: the same reading as training (features.column_types), reported so that no type is decided
+    # silently. A declared type the values contradict is recorded here (the audit goes on) and refused in training.
+    declared = dict(column_types or {})
     for col in feature_columns(df):
-        miss = int(df[col].isna().sum())
+        s = pd.Series(df[col].to_numpy(), index=pd.Index(ids, name=CASE_ID), name=col)
+        try:
+            ct = infer_column_type(s, str(col), missing_values, declared=declared.get(col), source="cases table")
+        except DataError as exc:
+            res.column_types[str(col)] = {"kind": declared.get(col), "declared": True, "error": str(exc),
+                                          "flags": ["declared_type_contradicted"], "missing": None,
+                                          "missing_tokens_seen": {}, "note": str(exc)}
+            log.warning("%s", exc)
+            miss = int(df[col].isna().sum())
+        else:
+            report_ambiguous(ct)
+            res.column_types[str(col)] = ct.to_dict()
+            miss = ct.n_missing
         res.missing_values[str(col)] = {"missing": miss, "fraction": round(miss / len(df), 4)}
+    for col in sorted(set(declared) - set(map(str, feature_columns(df)))):
+        log.warning("data.column_types names column '%s', which the cases table lacks.", col)
     if sizes:
         hs = np.array([s[0] for s in sizes])
         ws = np.array([s[1] for s in sizes])
@@ -921,6 +949,7 @@ def render_markdown(result: AuditResult) -> str:
         f"- groups with conflicting labels: **{d['label_conflict_groups']}**",
         f"- suspicious groups (check by eye: labels differ over a weak link, or a very large group): "
         f"**{d['suspicious_groups']}**",
+        f"- clinical columns whose type was decided by rule (check them below): **{d['ambiguous_columns']}**",
         "",
         "## Class balance",
         "",
@@ -943,6 +972,20 @@ def render_markdown(result: AuditResult) -> str:
     if r.missing_values:
         lines += _md_table(["column", "missing", "fraction"],
                            [[c, v["missing"], v["fraction"]] for c, v in r.missing_values.items()])
+    else:
+        lines += ["No clinical columns."]
+    lines += ["", "## Clinical column types", ""]
+    if r.column_types:
+        lines += ["How each clinical column is read (see `breastfusion.features.column_types`). A flagged column "
+                  "was decided by rule: check it, and declare its type in `data.column_types` if the rule is "
+                  "wrong.", ""]
+        lines += _md_table(["column", "type", "missing", "missing markers seen", "flag", "note"], [
+            [c, (v.get("kind") or "?") + (" (declared)" if v.get("declared") else ""), v.get("missing"),
+             ", ".join(f"'{k}' x{n}" for k, n in (v.get("missing_tokens_seen") or {}).items()),
+             ", ".join(v.get("flags") or []),
+             v.get("note", "") + ("" if not v.get("examples") else " e.g. " + ", ".join(
+                 f"'{e['value']}' ({e['row']})" for e in v["examples"][:3]))]
+            for c, v in r.column_types.items()])
     else:
         lines += ["No clinical columns."]
     lines += ["", "## Unreadable images", ""]
