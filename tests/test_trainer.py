@@ -92,3 +92,14 @@ def test_predict_proba_rows_sum_to_one(tmp_path):
     p = predict_proba(_model(), val, batch_size=4, channels_last=False)
     assert p.shape == (6, 3)
     np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-6)
+
+
+def test_zero_epochs_is_refused_not_saved_as_an_untrained_model(tmp_path):
+    from breastfusion.errors import ConfigError
+
+    train, val, labels = _data(tmp_path)
+    cfg = TrainConfig(stage1_epochs=0, stage2_epochs=0, batch_size=6, channels_last=False)
+    with pytest.raises(ConfigError, match="both 0"):
+        train_model(_model(), train, val, cfg, n_classes=3, train_labels=labels[:18], ckpt_dir=tmp_path / "ck",
+                    progress=False)
+    assert not (tmp_path / "ck").exists()

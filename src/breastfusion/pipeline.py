@@ -1,7 +1,9 @@
 """The end-to-end experiment: cases → audit → splits → features → models → evaluation → report → bundle.
 
 Each stage writes files into the run folder; a stage whose output exists is reused on ``resume``, so a killed
-run picks up where it stopped (deep models also resume inside a fold from their last epoch).
+run picks up where it stopped (deep models also resume inside a fold from their last epoch). Each fold's network
+is seeded from (seed, model, fold), so a resumed run repeats an uninterrupted one; ``fingerprints.json`` records
+the settings every stage was made under, and resuming with other settings is refused (:mod:`breastfusion.run_state`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from breastfusion.config import Config, config_to_yaml, save_config
 from breastfusion.data.cases import CASE_ID, LABEL, MASK_PATH, PATIENT_ID, mask_list, write_cases
 from breastfusion.data.importers import import_cases
 from breastfusion.errors import DataError
-from breastfusion.utils import atomic_path, seed_everything, write_json
+from breastfusion.run_state import check_and_record, table_digest
+from breastfusion.utils import atomic_path, remove_stale_temporaries, seed_everything, stable_seed, write_json
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +64,48 @@ def has_masks(cases: pd.DataFrame) -> bool:
 # ------------------------------------------------------------------------------------------------ stages
 
 
-def stage_audit(cases: pd.DataFrame, cfg: Config, run_dir: Path, resume: bool, progress: bool) -> tuple[pd.Series, dict]:
-    """Audit the data; return the duplicate group of every case and a short summary for the report."""
+def stage_audit(cases: pd.DataFrame, cfg: Config, run_dir: Path, resume: bool, progress: bool, *,
+                table_rows: bool = True) -> tuple[pd.Series, dict]:
+    """Audit the data; return the duplicate group of every case and a short summary for the report.
+    Every image must be readable before the first model trains: otherwise DataError lists the bad ones (with their
+    cases-table row when ``table_rows``) and nothing is trained."""
     from breastfusion.data.audit import audit_cases, write_audit
 
     out = run_dir / "audit"
     groups_path = out / "groups.csv"
-    if resume and groups_path.exists() and (out / "audit.json").exists():
+    stored = json.loads((out / "audit.json").read_text()) if resume and (out / "audit.json").exists() else {}
+    # an audit that found unreadable images (made by an older version) is redone: they may have been fixed since
+    if resume and groups_path.exists() and stored and not stored.get("unreadable"):
         g = pd.read_csv(groups_path, dtype=str).set_index(CASE_ID)["dup_group"]
-        summary = json.loads((out / "audit.json").read_text()).get("summary", {})
-        return g.reindex(cases[CASE_ID]), summary
-    result = audit_cases(cases, no_lesion_classes=tuple(cfg.data.no_lesion_labels), progress=progress)
+        return g.reindex(cases[CASE_ID]), stored.get("summary", {})
+    groups_path.unlink(missing_ok=True)  # the audit is redone: its groups must not count as finished meanwhile
+    result = audit_cases(cases, no_lesion_classes=tuple(cfg.data.no_lesion_labels), progress=progress,
+                         missing_values=cfg.data.missing_values, column_types=cfg.data.column_types)
     write_audit(result, out)
+    # groups.csv marks a finished audit (resume); an audit that found unreadable images is redone next time
+    refuse_unreadable(cases, result.unreadable, out / "audit.md", table_rows=table_rows)
     g = pd.Series(result.dup_group).reindex(cases[CASE_ID].tolist())
     _write_csv(pd.DataFrame({CASE_ID: g.index, "dup_group": g.to_numpy()}), groups_path)
     return g, result.summary
+
+
+def refuse_unreadable(cases: pd.DataFrame, unreadable: list[dict], report: Path, *, table_rows: bool = True,
+                      show: int = 5) -> None:
+    """DataError listing the images the audit could not read (row, case id, file, why), if any: a training
+    that meets them later fails after hours, with some models already written."""
+    if not unreadable:
+        return
+    row_of = {str(c): i for i, c in enumerate(cases[CASE_ID].astype(str))}
+    lines = []
+    for u in unreadable[:show]:
+        cid = str(u.get("case_id"))
+        where = f"row {row_of[cid] + 2}, " if table_rows and cid in row_of else ""
+        lines.append(f"  {where}case '{cid}': {u.get('path') or '(no image path)'}: {u.get('error')}")
+    if len(unreadable) > show:
+        lines.append(f"  ... and {len(unreadable) - show} more")
+    raise DataError(f"{len(unreadable)} image(s) of the cases table cannot be read; every image must be readable "
+                    "before training starts (nothing was trained). Fix or remove these rows:\n" + "\n".join(lines)
+                    + f"\nThe full list is in '{report}'.")
 
 
 def stage_splits(cases: pd.DataFrame, groups: pd.Series | None, cfg: Config, run_dir: Path, resume: bool) -> pd.DataFrame:
@@ -110,7 +140,7 @@ def stage_classical(table: pd.DataFrame, cases: pd.DataFrame, splits: pd.DataFra
 
     if table is None or table.shape[1] == 0 or not cfg.experiment.classical_models:
         return {}, {}, []
-    X = numeric_for_classical(table)
+    X = numeric_for_classical(table, missing_values=cfg.data.missing_values, column_types=cfg.data.column_types)
     y = cases.set_index(CASE_ID)[LABEL].reindex(X.index)
     out, files = {}, {}
     for name in cfg.experiment.classical_models:
@@ -149,7 +179,8 @@ def stage_deep(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None, sp
         test = fold_of == fold
         fitted = fit_deep_model(variant, cases[~test].reset_index(drop=True), table, classes, cfg, fold_dir,
                                 groups=None if group_of is None else group_of[~test], resume=resume,
-                                progress=progress, cache=cache, desc=f"{name} fold {int(fold) + 1}")
+                                progress=progress, cache=cache, desc=f"{name} fold {int(fold) + 1}",
+                                seed=stable_seed(cfg.seed, name, int(fold)))
         probs = score_cases(fitted, cases[test].reset_index(drop=True), table, cfg, cache=cache)
         preds = prediction_table(cases[test], probs, classes, fold=int(fold), model=name)
         _write_csv(preds, fold_path)
@@ -172,6 +203,52 @@ def prediction_table(cases: pd.DataFrame, probs: np.ndarray, classes: list[str],
 
 
 # -------------------------------------------------------------------------------------------------- run
+
+# The config keys each reusable stage depends on (see breastfusion.run_state). data.* covers the tabular
+# reading (columns, missing-value tokens, declared types, radiomics) and the class list; data.source never counts.
+_TABULAR_DATA = ("data",)
+_DATA_EXCLUDE = ("data.no_lesion_labels", "data.column_info")  # audit only / display only
+_BUNDLE_EXTRA = ("name", "data.column_info", "experiment.classical_models", "experiment.n_boot",
+                 "experiment.conformal_method", "experiment.conformal_alpha", "experiment.conformal_class_conditional")
+
+
+def _deep_keys(variant: str) -> tuple[str, ...]:
+    data = ("data.labels",) if variant == "image" else _TABULAR_DATA
+    image = () if variant == "tabular" else ("image",)
+    return ("seed", "cv", *data, *image, "model", "train")
+
+
+def run_stages(cfg: Config, run_dir: Path) -> list:
+    """The stages of an ultrasound run whose outputs ``resume`` reuses, and whether they exist in ``run_dir``."""
+    from breastfusion.run_state import Stage
+
+    def any_of(*paths: Path) -> bool:
+        return any(p.exists() for p in paths)
+
+    stages = [Stage("audit", "audit/", ("data.no_lesion_labels", "data.missing_values", "data.column_types"),
+                    (run_dir / "audit" / "groups.csv").exists()),
+              Stage("splits", "splits.csv", ("seed", "cv"), (run_dir / "splits.csv").exists())]
+    names = cfg.experiment.classical_models
+    stages.append(Stage("classical", "classical models (predictions/, classical/)", ("seed", "cv", *_TABULAR_DATA),
+                        any_of(*(run_dir / "predictions" / f"{n}.csv" for n in names),
+                               *(run_dir / "classical" / f"{n}.skops" for n in names)), exclude=_DATA_EXCLUDE))
+    for variant in cfg.experiment.deep_models:
+        name = DEEP_NAMES[variant]
+        stages.append(Stage(f"deep:{name}", f"deep/{name}", _deep_keys(variant),
+                            any_of(run_dir / "deep" / name, run_dir / "predictions" / f"{name}.csv"),
+                            exclude=_DATA_EXCLUDE))
+    # a fusion or tabular bundle falls back to image-only when the cases have no tabular data
+    finals = dict.fromkeys([*cfg.experiment.final_models,
+                            *(["image"] if set(cfg.experiment.final_models) - {"image"} else [])])
+    for variant in finals:
+        name = DEEP_NAMES[variant]
+        stages.append(Stage(f"bundle:{name}", f"bundles/{name}", (*_deep_keys(variant), *_BUNDLE_EXTRA),
+                            any_of(run_dir / "bundles" / name / "bundle.json",
+                                   run_dir / "deep" / f"final_{name}" / "last.pt"),
+                            exclude=_DATA_EXCLUDE[:1]))
+    return stages
+
+
 
 
 def bundle_sections(results: dict, bundles: dict[str, Path], classes: list[str], cfg: Config, run_dir: Path, *,
@@ -221,20 +298,27 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
     from breastfusion.training.data import ImageCache
 
     t_start = time.perf_counter()
+    from breastfusion.training.trainer import check_epochs
+
+    for variant in dict.fromkeys([*cfg.experiment.deep_models, *cfg.experiment.final_models]):
+        check_epochs(cfg.train, uses_image=variant != "tabular")  # before hours of audit and classical models
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)  # left by a killed process; no writer of ours runs here yet
     seed_everything(cfg.seed)
+    table_rows = cases is not None or not (cfg.data.source and Path(cfg.data.source).is_dir())
     if cases is None:
         if not cfg.data.source:
             raise DataError("No data source: set data.source (a cases table or a BUSI-style folder).")
         cases = import_cases(cfg.data.source)
     classes = resolve_classes(cases, cfg)
+    check_and_record(run_dir, cfg, run_stages(cfg, run_dir), {"cases": table_digest(cases)}, resume=resume)
     save_config(cfg, run_dir / "config.yaml")
     synthetic = is_synthetic(cases)
     timings = {}
 
     t = time.perf_counter()
-    groups, audit_summary = stage_audit(cases, cfg, run_dir, resume, progress)
+    groups, audit_summary = stage_audit(cases, cfg, run_dir, resume, progress, table_rows=table_rows)
     timings["audit_s"] = time.perf_counter() - t
     cases = cases.assign(dup_group=groups.to_numpy())
     write_cases(cases, run_dir / "cases.csv")
@@ -271,7 +355,9 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
         # Cluster bootstrap over near-duplicate groups: correlated copies are resampled together.
         results[name] = {"predictions": preds,
                          "metrics": evaluate(preds, classes, n_boot=cfg.experiment.n_boot, seed=cfg.seed,
-                                             group_col=group_col)}
+                                             group_col=group_col),
+                         # every model but the image-only network reads the tabular table, radiomics included
+                         "expert_mask": radiomics is not None and name != DEEP_NAMES["image"]}
     metrics = {name: to_jsonable(r["metrics"]) for name, r in results.items()}
     write_json({"classes": classes, "synthetic_data": synthetic, "timings": timings, "models": metrics},
                run_dir / "metrics.json")

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -67,6 +72,40 @@ def seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
     except ImportError:  # pragma: no cover
         pass
+
+
+def stable_seed(seed: int, *parts) -> int:
+    """A seed in [0, 2**31) derived from ``seed`` and ``parts`` (model name, fold, ...) by SHA-256.
+
+    Each fold's network, inner split and augmentation start from ``stable_seed(seed, model, fold)`` rather than
+    from the global random state, which depends on what ran before in this process: a run resumed between folds
+    then repeats an uninterrupted one. (Python's ``hash()`` of a string is salted per process, so not that.)
+    """
+    text = "\x1f".join(str(p) for p in (int(seed), *parts))
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:4], "big") >> 1
+
+
+# atomic_path's temporary names: "." + final name + "." + mkstemp's 8 random characters + ".tmp"
+_TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_path` leaves when its process is killed (SIGKILL gives no
+    chance to clean up) anywhere under ``folder``; return them. Call only when no other process writes there
+    (at the start of a run, on the main rank)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.rglob("*.tmp"):
+        if _TMP_NAME.match(p.name) and p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run in %s: %s", len(removed), folder,
+                 ", ".join(str(p.relative_to(folder)) for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
+    return removed
 
 
 class UnionFind:

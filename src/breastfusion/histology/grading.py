@@ -30,7 +30,7 @@ from breastfusion.data.tiles import STACK_ID, mag_column, read_tiles, stack_tabl
 from breastfusion.errors import ConfigError, DataError
 from breastfusion.features.tabular import TabularPreprocessor
 from breastfusion.training import distributed as dist_utils
-from breastfusion.utils import atomic_path, seed_everything, write_json
+from breastfusion.utils import atomic_path, remove_stale_temporaries, seed_everything, stable_seed, write_json
 
 log = logging.getLogger(__name__)
 
@@ -130,20 +130,25 @@ def _tab_rows(pre: TabularPreprocessor | None, table: pd.DataFrame | None, case_
 
 def fit_grader(variant: str, cases: pd.DataFrame, stacks: pd.DataFrame, table: pd.DataFrame | None,
                classes: list[str], cfg: Config, out_dir: Path, *, resume: bool, progress: bool, cache,
-               desc: str) -> FittedGrader:
-    """Train one variant on ``cases`` (early stopping on an inner patient-grouped validation split)."""
+               desc: str, seed: int | None = None) -> FittedGrader:
+    """Train one variant on ``cases`` (early stopping on an inner patient-grouped validation split). ``seed``
+    (default ``cfg.seed``; callers pass ``stable_seed(cfg.seed, model, fold)``) drives the initial weights, the
+    inner split, augmentation and batch order, so a fold repeats itself whatever ran before it (resume)."""
     from breastfusion.histology.dataset import StackAugment, StackDataset
     from breastfusion.training.fit import inner_validation_split
-    from breastfusion.training.trainer import train_model
+    from breastfusion.training.trainer import check_epochs, train_model
 
+    seed = cfg.seed if seed is None else int(seed)
+    check_epochs(cfg.train)
     backbones, mags, use_path = variant_spec(variant, cfg)
     cases = cases.reset_index(drop=True)
     y_case = cases[LABEL].map({c: i for i, c in enumerate(classes)}).to_numpy().astype(int)
-    val = inner_validation_split(y_case, cases[PATIENT_ID].to_numpy(), cfg.train.val_fraction, cfg.seed)
+    val = inner_validation_split(y_case, cases[PATIENT_ID].to_numpy(), cfg.train.val_fraction, seed)
     cols = [] if table is None else [c for c in table.columns if use_path or not str(c).startswith("path_")]
     pre = None
     if cols:
-        pre = TabularPreprocessor(unknown_category=cfg.data.unknown_category)
+        pre = TabularPreprocessor(unknown_category=cfg.data.unknown_category,
+                                  missing_values=cfg.data.missing_values, column_types=cfg.data.column_types)
         pre.fit(table.reindex(cases.loc[~val, CASE_ID].astype(str).tolist())[cols], cols, vocabulary=table[cols])
     label_of = dict(zip(cases[CASE_ID], y_case))
 
@@ -157,18 +162,19 @@ def fit_grader(variant: str, cases: pd.DataFrame, stacks: pd.DataFrame, table: p
     if len(st_tr) == 0 or len(st_va) == 0:
         raise DataError(f"{desc}: no usable stacks for training or validation.")
     size = cache.size
+    seed_everything(seed)  # randomly initialised weights come from the global generators
     modules, norms, sources = build_backbones(backbones, cfg, size)
     model = make_grader(len(classes), modules, norms, len(mags), pre.n_features_out_ if pre else 0, cfg)
     missing = pre.transform(pd.DataFrame(index=[0]))[0] if pre is not None else None
     train_ds = StackDataset(_stack_paths(st_tr, mags), _tab_rows(pre, table, st_tr[CASE_ID]), y_tr, cache=cache,
-                            augment=StackAugment(cfg.seed, 0.05 if cfg.histology.stain_augment else 0.0)
+                            augment=StackAugment(seed, 0.05 if cfg.histology.stain_augment else 0.0)
                             if cfg.train.augment else None,
                             tabular_dropout=cfg.model.tabular_dropout if pre is not None else 0.0,
-                            tabular_missing_row=missing, seed=cfg.seed)
+                            tabular_missing_row=missing, seed=seed)
     val_ds = StackDataset(_stack_paths(st_va, mags), _tab_rows(pre, table, st_va[CASE_ID]), y_va, cache=cache)
     tcfg = cfg.train.model_copy(update={"channels_last": False})
     result = train_model(model, train_ds, val_ds, tcfg, n_classes=len(classes), train_labels=y_tr, ckpt_dir=out_dir,
-                         resume=resume, seed=cfg.seed, desc=desc, progress=progress)
+                         resume=resume, seed=seed, desc=desc, progress=progress)
     return FittedGrader(variant, model, pre, mags, backbones, sources, result)
 
 
@@ -253,6 +259,7 @@ def stage_deep_embeddings(stacks: pd.DataFrame, cfg: Config, run_dir: Path, resu
     if resume and path.exists():
         return pd.read_parquet(path)
     backbones, mags, _ = variant_spec("multiscale", cfg)
+    seed_everything(stable_seed(cfg.seed, "frozen_embeddings"))  # random weights (no hub) repeat on resume
     modules, norms, _ = build_backbones(backbones, cfg, cache.size)
     model = make_grader(2, modules, norms, len(mags), 0, cfg)
     ds = StackDataset(_stack_paths(stacks, mags), None, None, cache=cache)
@@ -286,7 +293,8 @@ def stage_classical(cases, table, deep, splits, classes, cfg: Config, run_dir: P
         return out
     sets = {}
     if table is not None and table.shape[1]:
-        sets[""] = numeric_for_classical(table)
+        sets[""] = numeric_for_classical(table, missing_values=cfg.data.missing_values,
+                                          column_types=cfg.data.column_types)
     if deep is not None:
         base = sets.get("")
         sets["+deep"] = deep.reindex(cases[CASE_ID]) if base is None else base.join(deep, how="left")
@@ -326,7 +334,8 @@ def stage_grader_cv(variant: str, cases, stacks, table, splits, classes, cfg: Co
             continue
         test = fold_of == fold
         fitted = fit_grader(variant, cases[~test], stacks, table, classes, cfg, fold_dir, resume=resume,
-                            progress=progress, cache=cache, desc=f"{name} fold {int(fold) + 1}")
+                            progress=progress, cache=cache, desc=f"{name} fold {int(fold) + 1}",
+                            seed=stable_seed(cfg.seed, name, int(fold)))
         test_cases = cases[test]
         st = stacks[stacks[CASE_ID].isin(set(test_cases[CASE_ID]))].reset_index(drop=True)
         probs, cross, scale_w = score_stacks(fitted, st, table, cache)
@@ -428,7 +437,8 @@ def fit_final_grader(cases, stacks, table, classes, cfg: Config, run_dir: Path, 
     from breastfusion.inference.bundle import save_bundle
 
     fitted = fit_grader("multiscale", cases, stacks, table, classes, cfg, run_dir / "deep" / "final_multiscale",
-                        resume=resume, progress=progress, cache=cache, desc="final multiscale")
+                        resume=resume, progress=progress, cache=cache, desc="final multiscale",
+                        seed=stable_seed(cfg.seed, "multiscale", "final"))
     hc = cfg.histology
     model_meta = {"kind": "multiscale", "backbones": fitted.backbones,
                   "backbone_kwargs": {k: _backbone_kwargs(n, cache.size) for k, n in fitted.backbones.items()},
@@ -463,6 +473,49 @@ def fit_final_grader(cases, stacks, table, classes, cfg: Config, run_dir: Path, 
 
 # -------------------------------------------------------------------------------------------------- run
 
+# Settings that change no reused output of a stage (see breastfusion.run_state): what the report shows, display
+# names, and the list of variants (each variant's outputs are checked on their own).
+_NOT_DEEP = ("data.no_lesion_labels", "data.column_info", "histology.variants", "histology.feature_selection",
+             "histology.deep_features_for_classical", "histology.ordinal_metrics")
+_EMBEDDING_KEYS = ("seed", "image", "histology.backbones", "histology.magnifications", "histology.pretrained",
+                   "histology.token_grid", "histology.stain_normalization", "histology.stain_target")
+
+
+def grading_stages(cfg: Config, run_dir: Path) -> list:
+    """The stages of a grading run whose outputs ``resume`` reuses, and whether they exist in ``run_dir``."""
+    from breastfusion.run_state import Stage
+
+    def any_of(*paths: Path) -> bool:
+        return any(p.exists() for p in paths)
+
+    feats = run_dir / "features"
+    names = [f"{n}{s}" for n in cfg.experiment.classical_models for s in ("", "+deep")]
+    stages = [
+        Stage("splits", "splits.csv", ("seed", "cv"), (run_dir / "splits.csv").exists()),
+        Stage("pathomics", "features/case_pathomics.parquet",
+              ("histology.pathomics", "histology.pathomics_method", "histology.nuclei_model", "histology.magnifications"),
+              (feats / "case_pathomics.parquet").exists()),
+        Stage("embeddings", "features/deep_embeddings.parquet", _EMBEDDING_KEYS,
+              (feats / "deep_embeddings.parquet").exists()),
+        Stage("classical", "classical models (predictions/)", ("seed", "cv", "data", "histology", *_EMBEDDING_KEYS),
+              any_of(*(run_dir / "predictions" / f"{n}.csv" for n in names)),
+              exclude=("data.no_lesion_labels", "data.column_info", "histology.variants", "histology.ordinal_metrics")),
+    ]
+    deep = ("seed", "cv", "data", "image", "model", "train", "histology")
+    for variant in cfg.histology.variants:
+        name = f"deep_{variant}"
+        stages.append(Stage(f"deep:{name}", f"deep/{name}", deep,
+                            any_of(run_dir / "deep" / name, run_dir / "predictions" / f"{name}.csv"), exclude=_NOT_DEEP))
+    if cfg.histology.variants and cfg.experiment.final_models:
+        stages.append(Stage("bundle:multiscale", "bundles/multiscale",
+                            (*deep, "name", "experiment.n_boot", "experiment.conformal_method",
+                             "experiment.conformal_alpha", "experiment.conformal_class_conditional", "data.column_info"),
+                            any_of(run_dir / "bundles" / "multiscale" / "bundle.json",
+                                   run_dir / "deep" / "final_multiscale" / "last.pt"),
+                            exclude=("data.no_lesion_labels",) + _NOT_DEEP[2:]))
+    return stages
+
+
 
 def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
                 cases: pd.DataFrame | None = None, tiles: pd.DataFrame | None = None):
@@ -474,10 +527,17 @@ def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
     from breastfusion.pipeline import RunResult, bundle_sections, resolve_classes, stage_splits
     from breastfusion.tabular_inputs import clinical_columns, tabular_table
 
+    from breastfusion.run_state import check_and_record, table_digest
+    from breastfusion.training.trainer import check_epochs
+
     t_start = time.perf_counter()
+    if cfg.histology.variants:
+        check_epochs(cfg.train)  # before the pathomics and classical models, not after
     dist_utils.init_distributed()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if dist_utils.is_main():
+        remove_stale_temporaries(run_dir)  # left by a killed process; the other ranks write nothing here
     seed_everything(cfg.seed)
     hc = cfg.histology
     if cases is None:
@@ -489,6 +549,9 @@ def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
             raise DataError("No tiles table: set histology.tiles (columns case_id, stack_id, magnification, image_path).")
         tiles = read_tiles(hc.tiles, cases)
     classes = resolve_classes(cases, cfg)
+    if dist_utils.is_main():  # (torchrun stops the other ranks when this one refuses)
+        check_and_record(run_dir, cfg, grading_stages(cfg, run_dir),
+                         {"cases": table_digest(cases), "tiles": table_digest(tiles)}, resume=resume)
     synthetic = is_synthetic(cases)
     timings: dict[str, float] = {}
     normalizer = None

@@ -15,6 +15,7 @@ from breastfusion.features.tabular import TabularPreprocessor
 from breastfusion.models.fusion import FusionClassifier
 from breastfusion.training.data import CasesDataset, ImageCache, UltrasoundAugment
 from breastfusion.training.trainer import TrainResult, predict_proba, train_model
+from breastfusion.utils import seed_everything, stable_seed
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +69,28 @@ def model_meta(variant: str, cfg: Config, n_tabular: int) -> dict:
 
 def fit_deep_model(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None, classes: list[str], cfg: Config,
                    out_dir: Path, *, groups: np.ndarray | None = None, resume: bool = False, progress: bool = True,
-                   cache: ImageCache | None = None, desc: str = "train") -> FittedModel:
+                   cache: ImageCache | None = None, desc: str = "train", seed: int | None = None) -> FittedModel:
+    """Fit one network. ``seed`` (default ``cfg.seed``) drives everything random here: the initial weights, the
+    inner validation split, augmentation and batch order. Callers pass ``stable_seed(cfg.seed, model, fold)`` so
+    that a fold's result never depends on which folds ran before it in this process (resume between folds)."""
     from breastfusion.models.pretrained import backbone_data_config, create_backbone
+    from breastfusion.training.trainer import check_epochs
 
+    seed = cfg.seed if seed is None else int(seed)
+    check_epochs(cfg.train, uses_image=variant != "tabular")
+    seed_everything(seed)  # the network's initial weights come from the global generators
     y = cases[LABEL].map({c: i for i, c in enumerate(classes)}).to_numpy()
     if np.isnan(y.astype(float)).any():
         raise ValueError("training cases carry labels outside the class list")
     y = y.astype(int)
-    val = inner_validation_split(y, groups, cfg.train.val_fraction, cfg.seed)
+    val = inner_validation_split(y, groups, cfg.train.val_fraction, seed)
     tr_cases, va_cases = cases[~val].reset_index(drop=True), cases[val].reset_index(drop=True)
 
     pre = None
     if variant in ("fusion", "tabular"):
         cols = list(table.columns)
-        pre = TabularPreprocessor(unknown_category=cfg.data.unknown_category)
+        pre = TabularPreprocessor(unknown_category=cfg.data.unknown_category,
+                                  missing_values=cfg.data.missing_values, column_types=cfg.data.column_types)
         pre.fit(table.reindex(tr_cases[CASE_ID].astype(str).tolist()), cols, vocabulary=table)
     backbone, source = None, "none"
     data_cfg = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
@@ -98,13 +107,13 @@ def fit_deep_model(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None
     uses_image = variant != "tabular"
     common = dict(size=cfg.image.size, mean=data_cfg["mean"], std=data_cfg["std"], cache=cache)
     train_ds = CasesDataset(tr_cases[IMAGE_PATH].tolist() if uses_image else None, _tab_matrix(pre, table, tr_cases),
-                            y[~val], augment=UltrasoundAugment(cfg.image.size, cfg.seed) if (cfg.train.augment and uses_image) else None,
+                            y[~val], augment=UltrasoundAugment(cfg.image.size, seed) if (cfg.train.augment and uses_image) else None,
                             tabular_dropout=cfg.model.tabular_dropout if variant == "fusion" else 0.0,
-                            tabular_missing_row=_missing_row(pre) if pre is not None else None, seed=cfg.seed, **common)
+                            tabular_missing_row=_missing_row(pre) if pre is not None else None, seed=seed, **common)
     val_ds = CasesDataset(va_cases[IMAGE_PATH].tolist() if uses_image else None, _tab_matrix(pre, table, va_cases),
                           y[val], **common)
     result = train_model(model, train_ds, val_ds, cfg.train, n_classes=len(classes), train_labels=y[~val],
-                         ckpt_dir=out_dir, resume=resume, seed=cfg.seed, desc=desc, progress=progress)
+                         ckpt_dir=out_dir, resume=resume, seed=seed, desc=desc, progress=progress)
     return FittedModel(variant=variant, model=model, tabular=pre, data_cfg=data_cfg, result=result, weight_source=source)
 
 
@@ -128,8 +137,13 @@ def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | No
     groups = cases["dup_group"].to_numpy() if "dup_group" in cases else None
     name = {"fusion": "fusion", "image": "image_only", "tabular": "tabular_only"}[variant]
     fitted = fit_deep_model(variant, cases.reset_index(drop=True), table, classes, cfg, run_dir / "deep" / f"final_{name}",
-                            groups=groups, resume=resume, progress=progress, cache=cache, desc=f"final {name}")
-    feature_meta = {"clinical_columns": clinical_cols, "radiomics": None}
+                            groups=groups, resume=resume, progress=progress, cache=cache, desc=f"final {name}",
+                            seed=stable_seed(cfg.seed, name, "final"))
+    from breastfusion.features.column_labels import resolve_column_info
+
+    # display names and units of the clinical inputs, for the web form and the model card
+    feature_meta = {"clinical_columns": clinical_cols, "radiomics": None,
+                    "column_info": resolve_column_info(list(clinical_cols or []), cfg.data.column_info)}
     if radiomics_used:
         from breastfusion.features.radiomics import RADIOMICS_VERSION, radiomics_columns
 

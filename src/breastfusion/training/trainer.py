@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from breastfusion.config import TrainConfig
+from breastfusion.errors import ConfigError
 from breastfusion.training import distributed as dist_utils
 from breastfusion.utils import atomic_path
 
@@ -175,6 +176,18 @@ def _stage_plan(model: nn.Module, cfg: TrainConfig) -> list[tuple[int, int]]:
     return [(s, n) for s, n in ((1, cfg.stage1_epochs), (2, cfg.stage2_epochs)) if n > 0]
 
 
+def check_epochs(cfg: TrainConfig, *, uses_image: bool = True) -> None:
+    """Refuse a training plan with no epoch at all: the head of such a network keeps its random initial weights,
+    and saving it as a bundle would give a "model" whose scores mean nothing."""
+    if uses_image and cfg.stage1_epochs == 0 and cfg.stage2_epochs == 0:
+        raise ConfigError("train.stage1_epochs and train.stage2_epochs are both 0: the network would never be "
+                          "trained (its head keeps random weights), so it is not a model. Set at least one of them "
+                          "above 0 (e.g. train.stage1_epochs=30).")
+    if not uses_image and cfg.tabular_epochs < 1:
+        raise ConfigError(f"train.tabular_epochs is {cfg.tabular_epochs}: the tabular-only network would never be "
+                          "trained. Set it to 1 or more.")
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     if not dist_utils.is_main():
         return
@@ -237,6 +250,7 @@ def train_model(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, *, n_class
     """Train ``model`` in place and leave the best-validation weights loaded."""
     from tqdm.auto import tqdm
 
+    check_epochs(cfg, uses_image=model.uses_image)
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     distributed = dist_utils.init_distributed()
