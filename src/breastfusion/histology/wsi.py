@@ -36,7 +36,10 @@ final name is always complete. Progress rows are appended (flushed and fsynced p
 ``<out>/.tiling/<slide>.part.csv``; at the end the slide's rows are merged atomically into
 ``<out>/tiles.csv`` and the done-marker ``<out>/.tiling/<slide>.done.json`` is written. After a kill, the
 next call (``resume=True``) re-plans (deterministically), skips every tile whose files all exist and
-writes only the missing ones. The parameters of a run are kept in ``<out>/.tiling/<slide>.params.json``;
+are sound, and writes only the others. A file is sound when it is a PNG of ``tile_size`` pixels whose chunk
+checksums all verify up to its end marker (PIL ``verify``: no pixel decoding); a truncated, corrupt or
+wrong-size file (a filesystem that lost a tail after a crash, a disk error, a hand edit) is logged and
+rewritten, never reused. The parameters of a run are kept in ``<out>/.tiling/<slide>.params.json``;
 resuming with different parameters is refused. One process per output folder.
 """
 
@@ -737,6 +740,19 @@ def _save_png(path: Path, arr: np.ndarray, compress_level: int) -> None:
     Image.fromarray(arr).save(path, format="PNG", compress_level=compress_level)
 
 
+def _tile_problem(path: Path, tile_size: int) -> str | None:
+    """Why an existing tile file cannot be reused (None when it can): it must be a PNG of tile_size x tile_size
+    whose chunks all pass their CRC up to IEND (checked without decoding pixels)."""
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG" or im.size != (tile_size, tile_size):
+                return f"{im.format} {im.width}x{im.height}, expected a {tile_size}x{tile_size} PNG"
+            im.verify()
+    except Exception as exc:  # noqa: BLE001 - whatever PIL raises for a damaged file means "rewrite it"
+        return f"truncated or corrupt ({type(exc).__name__}: {str(exc)[:100]})"
+    return None
+
+
 def _tile_name(slide_name: str, x: int, y: int) -> str:
     return f"{slide_name}_{int(x)}_{int(y)}.png"
 
@@ -794,7 +810,8 @@ def tile_slide(
     (one row per tile: ``slide``, ``x``, ``y``, ``col``, ``row``, ``tissue``, ``path_<mag>x`` relative to
     ``out_dir``; rows of other slides already there are kept). Returns this slide's rows with absolute paths;
     ``df.attrs`` holds ``n_tiles``, ``n_written`` (tiles with at least one file written this call),
-    ``n_files_written``, ``n_skipped`` and ``seconds``. ``workers`` > 1 reads and encodes tiles in threads.
+    ``n_files_written``, ``n_files_redone`` (files of an earlier run found truncated, corrupt or of the wrong
+    size, and rewritten), ``n_skipped`` and ``seconds``. ``workers`` > 1 reads and encodes tiles in threads.
     See the module docstring for the resume mechanism.
     """
     import time
@@ -860,17 +877,27 @@ def tile_slide(
             else:
                 existing.append(set())
 
-        n_written = n_files = n_skipped = 0
+        n_written = n_files = n_skipped = n_redone = 0
         if not resume or not part_path.exists():
             with open(part_path, "w", encoding="utf-8", newline="") as fh:
                 csv.writer(fh).writerow(["slide", "x", "y", "col", "row", "tissue"])
         done_before = _read_part(part_path)
 
-        def work(i: int) -> int:
+        def work(i: int) -> tuple[int, int]:
+            """(files written, of which were present but unsound) for tile i."""
             fname = names[i]
-            missing = [k for k in range(len(mags)) if fname not in existing[k]]
+            missing, redo = [], 0
+            for k in range(len(mags)):
+                if fname not in existing[k]:
+                    missing.append(k)
+                    continue
+                problem = _tile_problem(mag_dirs[k] / fname, tile_size)
+                if problem is not None:
+                    log.warning("Tile '%s' from an earlier run is %s; rewriting it.", mag_dirs[k] / fname, problem)
+                    missing.append(k)
+                    redo += 1
             if not missing:
-                return 0
+                return 0, 0
             rec = plan.iloc[i]
             f_mags = [mags[k] for k in missing]
             stack = read_stack(slide, (int(rec["x"]), int(rec["y"])), f_mags, tile_size,
@@ -880,7 +907,7 @@ def tile_slide(
                 tmp = tmp_dir / f"{labels[k]}-{fname}.{threading.get_ident()}.tmp"
                 _save_png(tmp, stack[m], compress_level)
                 os.replace(tmp, final)
-            return len(missing)
+            return len(missing), redo
 
         bar = None
         if progress:
@@ -898,7 +925,8 @@ def tile_slide(
                 for c0 in range(0, len(plan), max(1, int(chunk_size))):
                     idx = range(c0, min(len(plan), c0 + int(chunk_size)))
                     results = list(pool.map(work, idx)) if pool is not None else [work(i) for i in idx]
-                    for i, nf in zip(idx, results):
+                    for i, (nf, nr) in zip(idx, results):
+                        n_redone += nr
                         if nf:
                             n_written += 1
                             n_files += nf
@@ -929,7 +957,7 @@ def tile_slide(
     for lab in labels:
         result[f"path_{lab}"] = [str((out_dir / p).resolve()) for p in result[f"path_{lab}"]]
     result.attrs.update(n_tiles=int(len(index)), n_written=n_written, n_files_written=n_files,
-                        n_skipped=n_skipped, seconds=time.perf_counter() - t_start,
+                        n_files_redone=n_redone, n_skipped=n_skipped, seconds=time.perf_counter() - t_start,
                         base_magnification=slide.base_magnification, magnifications=mags)
     log.info("Tiled '%s': %d tiles (%d written, %d already there) in %.1f s", name, len(index), n_written,
              n_skipped, result.attrs["seconds"])

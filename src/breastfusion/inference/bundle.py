@@ -11,6 +11,8 @@
       classical/*.skops   classical models, when saved (skops with an allow-list; never pickle)
 
 Nothing is unpickled on load.
+``bundle.json`` also holds checksums of itself and of the weight files, verified on load: a bundle modified
+after it was written is refused (see :mod:`breastfusion.inference.integrity`).
 """
 
 from __future__ import annotations
@@ -28,11 +30,16 @@ from safetensors.torch import load_file, save_file
 from breastfusion import __version__
 from breastfusion.errors import BundleError
 from breastfusion.features.tabular import TabularPreprocessor
+from breastfusion.inference.integrity import (  # noqa: F401 - INTEGRITY and write_bundle_meta are re-exported
+    INTEGRITY,
+    META,
+    WEIGHTS,
+    verify_bundle,
+    write_bundle_meta,
+)
 from breastfusion.models.fusion import FusionClassifier
 
 BUNDLE_FORMAT = 1
-WEIGHTS = "model.safetensors"
-META = "bundle.json"
 
 
 def library_versions() -> dict[str, str]:
@@ -101,13 +108,13 @@ def save_bundle(path: str | Path, model: FusionClassifier, *, classes: list[str]
             "training": training or {}, "metrics": metrics or {},
             "calibration": calibration, "data": data_meta or {}, "name": name or path.name,
         }
-        (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        (tmp / CARD).write_text(model_card(json.loads(json.dumps(meta, default=str))), encoding="utf-8")
         (tmp / "config.yaml").write_text(config_yaml)
         for name, src in (extra_files or {}).items():
             dst = tmp / name
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
+        meta = write_bundle_meta(tmp, meta)  # last: it seals the files written above
+        (tmp / CARD).write_text(model_card(meta), encoding="utf-8")
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():
@@ -139,7 +146,9 @@ class Bundle:
         return bool(self.meta.get("synthetic_data"))
 
 
-def read_bundle_meta(path: str | Path) -> dict:
+def read_bundle_meta(path: str | Path, *, verify: bool = True) -> dict:
+    """The parsed ``bundle.json`` of a bundle folder, after checking format, version and (``verify``) integrity:
+    a :class:`BundleError` names the folder and what is wrong."""
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"Bundle folder not found: '{path}'.")
@@ -148,17 +157,33 @@ def read_bundle_meta(path: str | Path) -> dict:
         raise BundleError(f"'{path}' is not a breastfusion bundle: '{META}' is missing.")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"Bundle metadata '{meta_path}' is not valid JSON: {exc}") from exc
-    if meta.get("format") != "breastfusion-bundle":
+    if not isinstance(meta, dict) or meta.get("format") != "breastfusion-bundle":
         raise BundleError(f"'{meta_path}' is not breastfusion bundle metadata.")
-    if int(meta.get("format_version", -1)) > BUNDLE_FORMAT:
-        raise BundleError(f"Bundle '{path}' has format version {meta['format_version']}; this breastfusion reads "
-                          f"up to {BUNDLE_FORMAT}. Upgrade breastfusion.")
+    _check_format_version(meta, path)
     for key in ("classes", "model", "image"):
         if key not in meta:
             raise BundleError(f"Bundle metadata '{meta_path}' lacks '{key}'.")
+    if verify:
+        verify_bundle(path, meta)
     return meta
+
+
+def _check_format_version(meta: dict, path: Path) -> None:
+    if "format_version" not in meta:
+        raise BundleError(f"Bundle '{path}': '{META}' has no 'format_version'; expected an integer from 1 to "
+                          f"{BUNDLE_FORMAT}. The file is damaged or was not written by breastfusion.")
+    v = meta["format_version"]
+    if isinstance(v, bool) or not isinstance(v, int):  # 1.5, "1", null, true: not a version this code wrote
+        raise BundleError(f"Bundle '{path}': '{META}' has format_version {v!r}; expected an integer from 1 to "
+                          f"{BUNDLE_FORMAT}. The file is damaged or was edited by hand.")
+    if v > BUNDLE_FORMAT:
+        raise BundleError(f"Bundle '{path}' has format version {v}; this breastfusion reads up to {BUNDLE_FORMAT}. "
+                          "Upgrade breastfusion.")
+    if v < 1:
+        raise BundleError(f"Bundle '{path}': '{META}' has format_version {v}, which no breastfusion wrote "
+                          f"(versions are 1 to {BUNDLE_FORMAT}). The file is damaged or was edited by hand.")
 
 
 def load_bundle(path: str | Path) -> Bundle:

@@ -162,7 +162,10 @@ class GradingPredictor:
 
             Pc, sets, size, refer = apply_bundle_calibration(out[prob_cols].to_numpy(dtype=float), cal, self.classes)
             out[prob_cols] = Pc
-            out["prediction_set"], out["set_size"], out["refer"], out["calibrated"] = sets, size, refer, True
+            from breastfusion.evaluation.calibration import calibration_status
+
+            out["prediction_set"], out["set_size"], out["refer"] = sets, size, refer
+            out["calibrated"] = calibration_status(cal)[0]  # False when the temperature fit was refused (T = 1)
         if self.bundle.synthetic:
             out["synthetic_model"] = True
         return out

@@ -44,7 +44,6 @@ an ONNX file whose sha256 does not match that entry, or that was exported from o
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 import warnings
@@ -56,8 +55,15 @@ import torch
 from torch import nn
 
 from breastfusion.errors import BundleError, ConfigError, DataError
-from breastfusion.inference.bundle import META, WEIGHTS, Bundle, load_bundle
-from breastfusion.utils import atomic_path, write_json
+from breastfusion.inference.bundle import (
+    META,
+    WEIGHTS,
+    Bundle,
+    load_bundle,
+    read_bundle_meta,
+    write_bundle_meta,
+)
+from breastfusion.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -347,10 +353,9 @@ def export_onnx(bundle_path: str | Path, out_path: str | Path | None = None, *, 
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
-    meta_path = bundle_path / META
-    raw = json.loads(meta_path.read_text())  # as stored, not as interpreted
+    raw = read_bundle_meta(bundle_path)  # as stored (verified again: nothing may change it while exporting)
     raw["onnx"] = entry
-    write_json(raw, meta_path)
+    write_bundle_meta(bundle_path, raw)  # re-seals, now covering the ONNX file too
     return out
 
 

@@ -27,7 +27,15 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from breastfusion.data.images import _to_array
+from breastfusion.data.images import (
+    MAX_SCORED_PIXELS,
+    MIN_IMAGE_SIDE,
+    _upright,
+    check_not_blank,
+    float_to_u8,
+    resize_u8,
+    to_gray,
+)
 from breastfusion.errors import BundleError, DataError
 from breastfusion.features.tabular import _FALSE, _TRUE, _is_missing
 
@@ -115,10 +123,17 @@ def decode_image(data: bytes, *, what: str = "image", max_pixels: int) -> Decode
         if w * h > max_pixels:
             raise InputError(f"'{what}' is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels.",
                              status=413, field=what)
+        if min(w, h) < MIN_IMAGE_SIDE:
+            raise InputError(f"'{what}' is {w}x{h} pixels, smaller than {MIN_IMAGE_SIDE} px on a side: too small "
+                             "to score (there is no lesion to see).", status=422, field=what)
         if getattr(img, "n_frames", 1) > 1:
             out_warnings.append(f"'{what}' has {img.n_frames} frames; only the first is used.")
         img.load()
-        arr = _to_array(img)
+        fmt, mode = str(img.format), img.mode
+        img = _upright(img)  # EXIF orientation, as batch prediction and training read files
+        w, h = img.size
+        # grey in strips: no full-size float RGB copies (memory stays bounded below max_pixels)
+        gray, colour = to_gray(img, source=what, colour=True)
     except InputError:
         raise
     except UnidentifiedImageError:
@@ -131,21 +146,14 @@ def decode_image(data: bytes, *, what: str = "image", max_pixels: int) -> Decode
     except Exception as exc:  # noqa: BLE001 - decoding untrusted bytes: whatever a codec raises is the file's fault
         raise InputError(f"'{what}' is corrupt or truncated and cannot be decoded ({type(exc).__name__}: "
                          f"{str(exc)[:200]}).", status=422, field=what) from None
-    if not np.isfinite(arr).all():
-        raise InputError(f"'{what}' contains NaN or infinite pixel values.", status=422, field=what)
-    mode = img.mode
-    if arr.ndim == 3:
-        if float(np.ptp(arr, axis=2).max()) > 1.0 / 255.0:
-            out_warnings.append(f"'{what}' is a colour image ({mode}); it was converted to grey, as in training.")
-        arr = arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    return Decoded(gray=arr.astype(np.float32, copy=False), width=w, height=h, format=str(img.format), mode=mode,
-                   warnings=out_warnings)
+    if colour:
+        out_warnings.append(f"'{what}' is a colour image ({mode}); it was converted to grey, as in training.")
+    return Decoded(gray=gray, width=w, height=h, format=fmt, mode=mode, warnings=out_warnings)
 
 
 def resize_gray(gray: np.ndarray, side: int) -> np.ndarray:
     """What :func:`breastfusion.training.data.load_resized` does after reading: uint8, bicubic, side x side."""
-    img = Image.fromarray(np.clip(gray * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    return np.array(img.resize((side, side), Image.Resampling.BICUBIC), dtype=np.uint8)
+    return resize_u8(float_to_u8(gray), side)
 
 
 def png_base64(rgb: np.ndarray) -> str:
@@ -252,7 +260,7 @@ class ServeModel:
     several threads at once (the network is in eval mode and only read; the saliency fallback takes gradients
     with respect to the input only; Grad-CAM, which hooks a layer, runs on a private copy under a lock)."""
 
-    def __init__(self, bundle_path: str | Path, *, max_pixels: int = 40_000_000, threads: int | None = None):
+    def __init__(self, bundle_path: str | Path, *, max_pixels: int = MAX_SCORED_PIXELS, threads: int | None = None):
         from breastfusion.inference.predictor import Predictor
 
         self.bundle_path = Path(bundle_path)
@@ -541,6 +549,10 @@ class ServeModel:
             out_warnings += dec.warnings
             gray = dec.gray
             img_u8 = resize_gray(gray, self.size)
+            try:
+                check_not_blank(img_u8, "image")
+            except DataError as exc:
+                raise InputError(str(exc), status=422, field="image") from None
             info = {"width": dec.width, "height": dec.height, "format": dec.format, "mode": dec.mode}
         elif image_bytes is not None:
             out_warnings.append("This model uses no image; 'image' was ignored.")
