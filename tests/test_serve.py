@@ -4,6 +4,7 @@ TestClient, and the web page in a real headless Chromium (Playwright driving the
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -32,9 +33,11 @@ def _png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_bundle(path: Path, *, calibration: dict | None = None, radiomics: bool = False) -> Path:
+def make_bundle(path: Path, *, calibration: dict | None = None, radiomics: bool = False,
+                column_info: dict | None = None) -> Path:
     """A SYNTHETIC fusion bundle with random weights: test_efficientnet at 48 px, three clinical fields (and the
-    lesion radiomics columns, fitted on random values, with ``radiomics=True``)."""
+    lesion radiomics columns, fitted on random values, with ``radiomics=True``). ``column_info`` is saved as
+    training saves it (``features.column_info``); without it the bundle looks like one saved before it existed."""
     import timm
     import torch
 
@@ -63,12 +66,15 @@ def make_bundle(path: Path, *, calibration: dict | None = None, radiomics: bool 
                 image_meta={"size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
                             "color": "gray_to_rgb"},
                 tabular=pre, feature_meta={"clinical_columns": ["age", "density", "family_history"],
-                                           "radiomics": rad_meta},
+                                           "radiomics": rad_meta,
+                                           **({"column_info": column_info} if column_info is not None else {})},
                 config_yaml="", synthetic=True)
-    if calibration is not None:
+    if calibration is not None:  # added afterwards and re-sealed, as `breastfusion calibrate` does
+        from breastfusion.inference.bundle import write_bundle_meta
+
         meta = json.loads((path / "bundle.json").read_text())
         meta["calibration"] = calibration
-        (path / "bundle.json").write_text(json.dumps(meta))
+        write_bundle_meta(path, meta)
     return path
 
 
@@ -276,6 +282,117 @@ def test_calibrated_bundle_returns_conformal_set_and_refer(tmp_path, png):
     assert len(res["prediction_set"]) >= 2 and res["refer"] is True
 
 
+def _separable_calibration():
+    """Bundle calibration fitted on SYNTHETIC out-of-fold predictions that make no error (the demo's case)."""
+    from breastfusion.evaluation.calibration import fit_bundle_calibration
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 150)
+    P = rng.dirichlet([1, 1, 1], 150) * 0.4
+    P[np.arange(150), y] += 0.6
+    df = pd.DataFrame({"case_id": [f"c{i}" for i in range(150)], "label": np.asarray(CLASSES)[y],
+                       "fold": np.arange(150) % 3, **{f"prob_{c}": P[:, k] for k, c in enumerate(CLASSES)}})
+    return fit_bundle_calibration(df, CLASSES, method="lac", alpha=0.1)
+
+
+def test_uncalibrated_bundle_says_so_and_keeps_model_probabilities(tmp_path, png):
+    from breastfusion.inference.predictor import Predictor
+    from breastfusion.serve import create_app
+
+    path = make_bundle(tmp_path / "nocal", calibration=_separable_calibration())
+    with TestClient(create_app(path)) as c:
+        h = c.get("/health").json()
+        res = c.post("/predict", files={"image": ("x.png", png, "image/png")}).json()
+    assert h["probabilities_calibrated"] is False and h["calibration"]["status"] == "uncalibrated"
+    assert "no error" in h["calibration"]["reason"]
+    assert res["probabilities_calibrated"] is False and res["calibration"]["status"] == "uncalibrated"
+    assert res["probabilities"] == pytest.approx(res["model_probabilities"], abs=1e-7)  # T stayed 1
+    assert max(res["probabilities"].values()) < 0.999  # not the collapsed "100.0 %"
+    assert any("not calibrated" in w for w in res["warnings"])
+    assert any("cannot be estimated" in w for w in res["warnings"])
+    # batch prediction must not claim calibration either
+    (tmp_path / "x.png").write_bytes(png)
+    batch = Predictor.load(path).predict(pd.DataFrame({"case_id": ["x"], "image_path": [str(tmp_path / "x.png")]}))
+    assert bool(batch["calibrated"].iloc[0]) is False
+
+
+def test_calibrated_bundle_says_calibrated(tmp_path, png):
+    from breastfusion.evaluation.calibration import fit_bundle_calibration
+    from breastfusion.serve import create_app
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(300, 3)) * 1.5
+    y = np.array([rng.choice(3, p=np.exp(r) / np.exp(r).sum()) for r in z])
+    P = np.exp(3 * z) / np.exp(3 * z).sum(1, keepdims=True)  # over-confident, with errors
+    df = pd.DataFrame({"case_id": [f"c{i}" for i in range(300)], "label": np.asarray(CLASSES)[y],
+                       "fold": np.arange(300) % 3, **{f"prob_{c}": P[:, k] for k, c in enumerate(CLASSES)}})
+    path = make_bundle(tmp_path / "cal2", calibration=fit_bundle_calibration(df, CLASSES))
+    with TestClient(create_app(path)) as c:
+        res = c.post("/predict", files={"image": ("x.png", png, "image/png")}).json()
+    assert res["probabilities_calibrated"] is True and res["calibration"]["status"] == "calibrated"
+    assert res["calibration"]["reason"] is None and not any("not calibrated" in w for w in res["warnings"])
+
+
+def test_schema_fields_carry_labels_and_units(tmp_path, client):
+    from breastfusion.serve import create_app
+
+    info = {"age": {"label": "Age at diagnosis", "unit": "years", "description": "at the ultrasound"},
+            "density": {"label": "Breast density", "unit": None, "description": "BI-RADS density category"}}
+    path = make_bundle(tmp_path / "labels", column_info=info)
+    with TestClient(create_app(path)) as c:
+        fields = {f["name"]: f for f in c.get("/schema/fields").json()["fields"]}
+        spec = c.get("/openapi.json").json()
+    assert fields["age"]["label"] == "Age at diagnosis" and fields["age"]["unit"] == "years"
+    assert fields["age"]["about"] == "at the ultrasound"
+    assert fields["density"]["label"] == "Breast density" and fields["density"]["unit"] is None
+    # a column the trainer did not describe: humanised, and no unit is guessed
+    assert fields["family_history"]["label"] == "Family history" and fields["family_history"]["unit"] is None
+    ref = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    assert spec["components"]["schemas"][ref.rsplit("/", 1)[-1]]["properties"]["age"]["title"] == \
+        "Age at diagnosis (years)"
+    # a bundle saved before column_info existed still serves, with humanised labels
+    old = {f["name"]: f for f in client.get("/schema/fields").json()["fields"]}
+    assert old["family_history"]["label"] == "Family history" and old["age"]["label"] == "Age"
+
+
+def test_column_labels_humanise_and_config():
+    from breastfusion.config import Config
+    from breastfusion.features.column_labels import humanise, resolve_column_info
+
+    assert humanise("family_history") == "Family history" and humanise("bmi") == "BMI"
+    assert humanise("tumorSize_mm") == "Tumor size mm" and humanise("her2_status") == "HER2 status"
+    cfg = Config.model_validate({"data": {"column_info": {"age": {"label": "Age", "unit": "years"}}}})
+    out = resolve_column_info(["age", "density"], cfg.data.column_info)
+    assert out == {"age": {"label": "Age", "unit": "years", "description": None},
+                   "density": {"label": "Density", "unit": None, "description": None}}
+    with pytest.raises(Exception, match="lable"):
+        Config.model_validate({"data": {"column_info": {"age": {"lable": "Age"}}}})
+
+
+def test_final_bundle_metadata_carries_column_info(tmp_path, monkeypatch):
+    """fit_final_bundle saves data.column_info (resolved for every clinical column) in the bundle's metadata."""
+    from types import SimpleNamespace
+
+    import breastfusion.inference.bundle as bundle_mod
+    import breastfusion.training.fit as fit_mod
+    from breastfusion.config import Config
+
+    fake = SimpleNamespace(model=None, tabular=None, data_cfg={"mean": [0.5] * 3, "std": [0.5] * 3},
+                           result=SimpleNamespace(best_epoch=1, best_val_macro_f1=0.5, seconds=0.0),
+                           weight_source="random")
+    monkeypatch.setattr(fit_mod, "fit_deep_model", lambda *a, **k: fake)
+    saved = {}
+    monkeypatch.setattr(bundle_mod, "save_bundle", lambda path, model, **kw: saved.update(kw) or path)
+    cfg = Config.model_validate({"data": {"column_info": {"age": {"label": "Age", "unit": "years"}}}})
+    cases = pd.DataFrame({"case_id": ["a", "b"], "label": ["benign", "malignant"], "image_path": ["x", "y"]})
+    fit_mod.fit_final_bundle("fusion", cases, None, ["benign", "malignant"], cfg, tmp_path, resume=False,
+                             progress=False, cache=None, synthetic=True, metrics=None, radiomics_used=False,
+                             clinical_cols=["age", "family_history"])
+    assert saved["feature_meta"]["column_info"] == {
+        "age": {"label": "Age", "unit": "years", "description": None},
+        "family_history": {"label": "Family history", "unit": None, "description": None}}
+
+
 def test_lesion_mask_feeds_radiomics(tmp_path):
     from breastfusion.serve import create_app
 
@@ -331,8 +448,9 @@ def _chromium() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def live_server(bundle):
+@contextlib.contextmanager
+def _serving(bundle_path):
+    """The app for ``bundle_path`` on a free local port, in a thread; yields its base URL."""
     import uvicorn
 
     from breastfusion.serve import create_app
@@ -340,7 +458,7 @@ def live_server(bundle):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(bundle), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(bundle_path), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -348,9 +466,17 @@ def live_server(bundle):
         if time.monotonic() > deadline or not thread.is_alive():
             pytest.fail("uvicorn did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def live_server(bundle):
+    with _serving(bundle) as url:
+        yield url
 
 
 def test_web_page_in_headless_chromium(live_server, png, tmp_path):
@@ -389,6 +515,80 @@ def test_web_page_in_headless_chromium(live_server, png, tmp_path):
             page.click("#submit")
             page.wait_for_selector("#error:not([hidden])", timeout=15_000)
             assert "age" in page.inner_text("#error") and "422" in page.inner_text("#error")
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
+def _browser(p, exe):
+    return p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+
+
+def test_web_page_shows_uncalibrated_referral_labels_and_overlay_scale(tmp_path, png):
+    """Issue 9 item 12: the page says 'uncalibrated' (no collapsed 100 %), shows the referral verdict, labels
+    fields for people (label, unit) with placeholders that are no values, and draws the overlay beside the
+    uploaded image with a colour scale. A second bundle with random-label calibration must show REFER."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium, or set BREASTFUSION_CHROMIUM)")
+    from breastfusion.evaluation.calibration import ConformalClassifier, TemperatureScaler
+
+    (tmp_path / "scan.png").write_bytes(png)
+    info = {"age": {"label": "Age at diagnosis", "unit": "years"}}
+    uncal = make_bundle(tmp_path / "uncal", calibration=_separable_calibration(), column_info=info)
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(300, 3))  # SYNTHETIC: informative but noisy, over-confident scores
+    y = np.array([rng.choice(3, p=np.exp(r) / np.exp(r).sum()) for r in z])
+    probs = np.exp(3 * z) / np.exp(3 * z).sum(1, keepdims=True)
+    ts = TemperatureScaler().fit(probs, y)
+    cp = ConformalClassifier(method="aps", alpha=0.1).fit(ts.transform(probs), y)
+    assert ts.calibrated
+    refer = make_bundle(tmp_path / "refer", calibration={"temperature": ts.to_dict(), "conformal": cp.to_dict()})
+    shots = Path(os.environ.get("BREASTFUSION_SCREENSHOTS", tmp_path))
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p, exe)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            with _serving(uncal) as url:
+                page.goto(url + "/")
+                page.wait_for_selector("body[data-ready=true]", timeout=15_000)
+                assert "NOT calibrated" in page.inner_text("#bundle-calibration")
+                age = page.locator("label[for=field-0]").inner_text()
+                assert "Age at diagnosis" in age and "(years)" in age
+                assert "Family history" in page.inner_text("#fields")
+                placeholder = page.get_attribute("[name=age]", "placeholder") or ""
+                assert not any(ch.isdigit() for ch in placeholder)  # was "median 54.00": looked like a value
+                assert page.input_value("[name=age]") == ""
+                assert "training median" in page.inner_text("#fields")
+                page.set_input_files("#image", str(tmp_path / "scan.png"))
+                page.check("#explain")
+                page.click("#submit")
+                page.wait_for_selector("#overlay-figure:not([hidden])", timeout=30_000)
+                assert page.inner_text("#calibration-chip") == "uncalibrated"
+                assert "uncalibrated" in page.inner_text("#probabilities-title")
+                assert "Not calibrated" in page.inner_text("#probabilities-note")
+                assert "No referral flag" in page.inner_text("#refer-box")
+                assert "Caution" in page.inner_text("#refer-box")  # sets trivially single-class: said
+                assert page.get_attribute("#original", "src").startswith("data:image/png;base64,")
+                assert page.get_attribute("#overlay", "src").startswith("data:image/png;base64,")
+                box_o, box_x = page.locator("#original").bounding_box(), page.locator("#overlay").bounding_box()
+                assert box_x["width"] >= 300 and abs(box_o["y"] - box_x["y"]) < 2 and box_x["x"] > box_o["x"]
+                assert page.is_visible("#scale-bar") and "high" in page.inner_text(".scale")
+                assert "low" in page.inner_text(".scale")
+                page.screenshot(path=str(shots / "serve_uncalibrated.png"), full_page=True)
+            with _serving(refer) as url:
+                page.goto(url + "/")
+                page.wait_for_selector("body[data-ready=true]", timeout=15_000)
+                page.set_input_files("#image", str(tmp_path / "scan.png"))
+                page.click("#submit")
+                page.wait_for_selector("#result:not([hidden])", timeout=30_000)
+                assert page.inner_text("#refer-box").startswith("REFER")
+                assert page.is_visible("#refer-box") and "refer" in page.get_attribute("#refer-box", "class")
+                assert page.inner_text("#calibration-chip") == "calibrated"
+                page.screenshot(path=str(shots / "serve_refer.png"), full_page=True)
             assert not errors, errors
         finally:
             browser.close()

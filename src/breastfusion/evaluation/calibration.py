@@ -67,6 +67,11 @@ METHODS = ("aps", "raps", "lac")
 LOG_EPS = 1e-12
 #: Bounds of the temperature search (on log T).
 T_BOUNDS = (1e-2, 1e2)
+#: A fitted log T this close to log of either bound is an optimum the search did not find but ran into: the
+#: likelihood was still improving at the bound (e.g. out-of-fold predictions that make no error, where it keeps
+#: improving as T -> 0 and would push every probability to 0 or 1). Such a fit is refused (T stays 1).
+T_BOUND_MARGIN = 0.05
+CALIBRATED, UNCALIBRATED = "calibrated", "uncalibrated"
 #: Slack when comparing a test score with the calibrated threshold (float round-off of cumulative sums).
 _SCORE_TOL = 1e-12
 
@@ -178,6 +183,12 @@ def _nll(Z: np.ndarray, y: np.ndarray, T: float) -> float:
     return float(np.mean(logsumexp(S, axis=1) - S[np.arange(len(y)), y]))
 
 
+def _n_errors(Z: np.ndarray, y: np.ndarray) -> int:
+    """Rows whose true class scores strictly below the row's best class (ties are no error: their likelihood
+    stays bounded as T -> 0)."""
+    return int((Z.max(axis=1) > Z[np.arange(len(y)), y] + 1e-12).sum())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Temperature scaling
 # ---------------------------------------------------------------------------------------------------------
@@ -190,8 +201,16 @@ class TemperatureScaler:
     softmax ignores) or, with ``from_logits=True``, from logits. The search is a bounded 1-D minimisation
     over ``log T`` in ``log(T_BOUNDS)``. ``transform(probs)`` returns ``softmax(log(probs) / T)``.
 
-    Attributes after fitting: ``temperature_``, ``n_cal_``, ``nll_before_`` (at T = 1), ``nll_after_``,
-    ``classes_`` (names, when given) and ``n_classes_``.
+    An optimum at (or within :data:`T_BOUND_MARGIN` of) a search bound is no optimum: the likelihood was still
+    improving there. That happens when the calibration predictions make no error (the likelihood improves
+    without end as ``T -> 0``, pushing probabilities to 0 and 1) or are worse than chance (``T -> inf``). Then
+    ``T`` stays 1, ``status_`` is ``"uncalibrated"`` and ``reason_`` says why (logged as a warning too):
+    :meth:`transform` returns the probabilities unchanged.
+
+    Attributes after fitting: ``temperature_``, ``status_`` (``"calibrated"`` or ``"uncalibrated"``),
+    ``reason_`` (None when calibrated), ``n_errors_`` (calibration cases whose true class is not the top
+    class), ``n_cal_``, ``nll_before_`` (at T = 1), ``nll_after_``, ``classes_`` (names, when given) and
+    ``n_classes_``.
     """
 
     KIND = "temperature_scaling"
@@ -203,6 +222,9 @@ class TemperatureScaler:
         self.nll_after_: float | None = None
         self.classes_: list[str] | None = None
         self.n_classes_: int | None = None
+        self.status_: str = CALIBRATED
+        self.reason_: str | None = None
+        self.n_errors_: int | None = None
 
     def fit(self, probs, y, *, classes: list[str] | None = None, from_logits: bool = False) -> TemperatureScaler:
         A = _check_scores(probs, "probs", from_logits=from_logits)
@@ -215,12 +237,32 @@ class TemperatureScaler:
                               options={"xatol": 1e-6})
         T = float(math.exp(res.x))
         before, after = _nll(Z, codes, 1.0), _nll(Z, codes, T)
-        if before <= after:  # T = 1 is at least as good (e.g. an already calibrated model): keep it
+        n_err = _n_errors(Z, codes)
+        reason = None
+        if n_err == 0:
+            reason = (f"the {n} calibration prediction(s) make no error (the true class is always the top class), "
+                      "so the fit has no finite optimum: it would push every probability to 0 or 1")
+        elif min(abs(res.x - lo), abs(res.x - hi)) < T_BOUND_MARGIN:
+            bound = T_BOUNDS[0] if abs(res.x - lo) < abs(res.x - hi) else T_BOUNDS[1]
+            reason = (f"the fitted temperature ran to the search bound T = {bound:g} (no finite optimum in "
+                      f"[{T_BOUNDS[0]:g}, {T_BOUNDS[1]:g}]; {n_err} of {n} calibration predictions are errors)"
+                      + ("; the predictions look worse than chance" if bound == T_BOUNDS[1] else ""))
+        if reason is not None:
+            # info here: the callers (bundle, cross-fold table) warn once with where it happened
+            log.info("temperature scaling not applied (T kept at 1, probabilities uncalibrated): %s", reason)
+            T, after = 1.0, before
+        elif before <= after:  # T = 1 is at least as good (e.g. an already calibrated model): keep it
             T, after = 1.0, before
         self.temperature_, self.n_cal_ = T, int(n)
         self.nll_before_, self.nll_after_ = before, after
         self.classes_, self.n_classes_ = names, int(K)
+        self.status_, self.reason_, self.n_errors_ = (UNCALIBRATED if reason else CALIBRATED), reason, n_err
         return self
+
+    @property
+    def calibrated(self) -> bool:
+        """False when the fit was refused (T kept at 1: :meth:`transform` changes nothing)."""
+        return self.status_ == CALIBRATED
 
     @property
     def fitted(self) -> bool:
@@ -234,6 +276,8 @@ class TemperatureScaler:
         """Temperature-scaled probabilities, shape (n, K), rows summing to 1."""
         self._require_fitted()
         A = _check_scores(probs, "probs", from_logits=from_logits, n_classes=self.n_classes_)
+        if self.temperature_ == 1.0 and not from_logits:  # identity: return the probabilities as given, exactly
+            return A
         Z = A if from_logits else _log_probs(A)
         return _softmax(Z / self.temperature_)
 
@@ -254,7 +298,8 @@ class TemperatureScaler:
         return {"kind": self.KIND, "temperature": float(self.temperature_), "n_cal": int(self.n_cal_),
                 "nll_before": float(self.nll_before_), "nll_after": float(self.nll_after_),
                 "classes": list(self.classes_) if self.classes_ is not None else None,
-                "n_classes": int(self.n_classes_)}
+                "n_classes": int(self.n_classes_), "status": self.status_, "reason": self.reason_,
+                "n_errors": self.n_errors_}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TemperatureScaler:
@@ -273,10 +318,21 @@ class TemperatureScaler:
         self.nll_before_ = d.get("nll_before")
         self.nll_after_ = d.get("nll_after")
         self.classes_ = _check_classes(d.get("classes"), K)
+        status = d.get("status") or CALIBRATED  # descriptions written before the status existed were fitted
+        if status not in (CALIBRATED, UNCALIBRATED):
+            raise DataError(f"Temperature-scaling description has status {status!r}; expected "
+                            f"'{CALIBRATED}' or '{UNCALIBRATED}'.")
+        if status == UNCALIBRATED and T != 1.0:
+            raise DataError(f"Temperature-scaling description is '{UNCALIBRATED}' but has temperature {T!r}; an "
+                            "uncalibrated description keeps T = 1.")
+        self.status_, self.reason_ = status, d.get("reason")
+        self.n_errors_ = d.get("n_errors")
         return self
 
     def __repr__(self) -> str:
         t = "unfitted" if not self.fitted else f"T={self.temperature_:.4f}, n_cal={self.n_cal_}"
+        if self.fitted and not self.calibrated:
+            t += ", uncalibrated"
         return f"TemperatureScaler({t})"
 
 
@@ -528,7 +584,8 @@ def calibrate_predictions(
     Returns a copy of ``preds`` (same index and row order) with ``calprob_<class>`` for every class,
     ``set`` (the classes in the set, in class order, joined with ``'|'``), ``set_size`` and ``refer``
     (True when the set holds more than one class: the model cannot single out one class at this
-    coverage). ``result.attrs["calibration"]`` holds the settings and, per fold, the temperature, the
+    coverage). ``result.attrs["calibration"]`` holds the settings and, per fold, the temperature (with its
+    ``temperature_status``: a fold whose calibration rows make no error keeps T = 1, ``"uncalibrated"``), the
     threshold and the number of calibration cases.
     """
     prep = _prepare(preds, classes)
@@ -560,7 +617,8 @@ def calibrate_predictions(
         calP[target] = ts.transform(prep.P[target])
         sets[target] = cp.predict_sets(calP[target])
         per_fold.append({"fold": fold, "n_cal": int(cal.sum()), "n": int(target.sum()),
-                         "temperature": ts.temperature_, "qhat": cp.qhat_})
+                         "temperature": ts.temperature_, "temperature_status": ts.status_,
+                         "temperature_reason": ts.reason_, "n_cal_errors": ts.n_errors_, "qhat": cp.qhat_})
 
     if by_fold:
         folds = prep.folds
@@ -583,6 +641,10 @@ def calibrate_predictions(
         everything = np.ones(n, dtype=bool)
         fit_apply(everything, everything, seed, None)
 
+    off = [f for f in per_fold if f["temperature_status"] == UNCALIBRATED]
+    if off:
+        log.warning("cross-fold calibration: temperature scaling not applied (T kept at 1) for %d of %d calibrator(s): "
+                    "%s", len(off), len(per_fold), off[0]["temperature_reason"])
     out = preds.copy()
     for k, c in enumerate(classes):
         out[CALPROB_PREFIX + c] = calP[:, k]
@@ -630,7 +692,10 @@ def coverage_report(df: pd.DataFrame, classes: list[str] | None = None) -> dict[
     ``ece_before`` / ``ece_after`` (top-label ECE, 10 bins, of ``prob_`` and ``calprob_``), ``nll_before`` /
     ``nll_after``, ``per_class`` (class -> n, coverage, mean_set_size), ``per_fold`` (when there are folds)
     and the calibration settings from ``df.attrs`` (``method``, ``alpha``, ``target_coverage``, ...) when
-    present.
+    present. ``n_errors`` counts the top-1 errors; ``calibration_status`` is ``"calibrated"``,
+    ``"not calibrated"`` (no fold's temperature could be fitted) or ``"partly calibrated"``, and ``notes`` holds
+    plain sentences a reader must see next to the numbers (why a temperature was not fitted; that coverage
+    cannot be estimated from predictions without errors).
     """
     base = df[[c for c in df.columns if not str(c).startswith(CALPROB_PREFIX)]]
     prep = _prepare(base, classes)
@@ -678,6 +743,9 @@ def coverage_report(df: pd.DataFrame, classes: list[str] | None = None) -> dict[
         "nll_after": nll_a,
         "per_class": per_class,
     })
+    n_errors = int((prep.P.argmax(axis=1) != y).sum())
+    out["n_errors"] = n_errors
+    out["calibration_status"], out["notes"] = _calibration_notes(out.get("calibrators") or [], n_errors, prep.n)
     if np.isfinite(prep.folds).any():
         rows = []
         for f in np.unique(prep.folds[np.isfinite(prep.folds)]):
@@ -686,6 +754,33 @@ def coverage_report(df: pd.DataFrame, classes: list[str] | None = None) -> dict[
                          "mean_set_size": float(size[m].mean())})
         out["per_fold"] = rows
     return out
+
+
+def no_error_note(n: int) -> str:
+    """What conformal sets mean when their calibration predictions make no error."""
+    return (f"the {n} out-of-fold predictions make no error, so the conformal threshold cannot learn when to "
+            "refer: prediction sets hold a single class (almost) always, `refer` (almost) never fires, and the "
+            "coverage on new cases cannot be estimated from these predictions")
+
+
+def _calibration_notes(calibrators: list[dict], n_errors: int, n: int) -> tuple[str, list[str]]:
+    """(status, notes) of a cross-fold calibration from its per-fold calibrators."""
+    notes = []
+    off = [c for c in calibrators if c.get("temperature_status") == UNCALIBRATED]
+    if calibrators and len(off) == len(calibrators):
+        status = "not calibrated"
+        notes.append("temperature scaling was not applied (T kept at 1) in any fold: "
+                     + (off[0].get("temperature_reason") or "no finite optimum"))
+    elif off:
+        status = "partly calibrated"
+        notes.append(f"temperature scaling was not applied (T kept at 1) in {len(off)} of {len(calibrators)} "
+                     f"folds (fold(s) {', '.join(str(c.get('fold')) for c in off)}): "
+                     + (off[0].get("temperature_reason") or "no finite optimum"))
+    else:
+        status = CALIBRATED
+    if n_errors == 0:
+        notes.append(no_error_note(n))
+    return status, notes
 
 
 def plot_reliability_before_after(
@@ -716,12 +811,17 @@ def plot_reliability_before_after(
 
     fig = _new_figure(10.4, 6.4)
     gs = fig.add_gridspec(2, 2, height_ratios=[3.2, 1], hspace=0.08, wspace=0.18)
-    temps = [f["temperature"] for f in (df.attrs.get("calibration") or {}).get("folds", [])]
+    fitted = (df.attrs.get("calibration") or {}).get("folds", [])
+    temps = [f["temperature"] for f in fitted if f.get("temperature_status", CALIBRATED) == CALIBRATED]
     tlabel = ""
     if temps:
         tlabel = f" (T = {temps[0]:.2f})" if len(temps) == 1 else f" (T = {min(temps):.2f}\u2013{max(temps):.2f})"
-    for j, (P, name, color) in enumerate([(prep.P, "before", _COLORS[0]),
-                                          (calP, "after temperature scaling" + tlabel, _COLORS[1])]):
+    after = "after temperature scaling" + tlabel
+    if fitted and not temps:  # no fold could be calibrated: say so rather than title it a success
+        after = "NOT calibrated (T kept at 1: no finite optimum)"
+    elif len(temps) < len(fitted):
+        after += f", not applied in {len(fitted) - len(temps)} fold(s)"
+    for j, (P, name, color) in enumerate([(prep.P, "before", _COLORS[0]), (calP, after, _COLORS[1])]):
         ax = fig.add_subplot(gs[0, j])
         axh = fig.add_subplot(gs[1, j], sharex=ax)
         conf, mp, fr = curve(P)
@@ -753,7 +853,12 @@ def fit_bundle_calibration(preds: pd.DataFrame, classes: list[str], *, method: s
 
     The bundle's final model is trained on all cases, so this is the usual cross-conformal approximation:
     it assumes the final model's scores behave like the fold models' scores. Returns a JSON-safe dict stored
-    as ``bundle.json['calibration']`` and applied by :func:`apply_bundle_calibration`."""
+    as ``bundle.json['calibration']`` and applied by :func:`apply_bundle_calibration`.
+
+    ``status`` is ``"calibrated"``, or ``"uncalibrated"`` when no temperature could be fitted (``reason`` says
+    why; the temperature stays 1 and probabilities are the model's own). ``n_errors`` counts the out-of-fold
+    top-1 errors and ``warnings`` holds caveats for the model card and the web page (no errors: the sets are
+    trivially single classes and referral cannot be learnt)."""
     P = preds[[f"prob_{c}" for c in classes]].to_numpy(dtype=float)
     y = preds["label"].astype(str).to_numpy()
     ts = TemperatureScaler().fit(P, y, classes=list(classes))
@@ -764,10 +869,34 @@ def fit_bundle_calibration(preds: pd.DataFrame, classes: list[str], *, method: s
         Pc, y, classes=list(classes))
     sets = cc.predict_sets(Pc)
     idx = np.array([list(classes).index(v) for v in y])
-    return {"temperature": ts.to_dict(), "conformal": cc.to_dict(), "target_coverage": 1 - alpha,
+    n_errors = int((P.argmax(axis=1) != idx).sum())
+    warnings = []
+    if not ts.calibrated:
+        warnings.append(f"probabilities are not calibrated: {ts.reason_}")
+        log.warning("bundle calibration: temperature scaling not applied (T kept at 1): %s", ts.reason_)
+    if n_errors == 0:
+        warnings.append(no_error_note(len(P)))
+        log.warning("bundle calibration: %s", no_error_note(len(P)))
+    return {"status": ts.status_, "reason": ts.reason_, "n_errors": n_errors, "warnings": warnings,
+            "temperature": ts.to_dict(), "conformal": cc.to_dict(), "target_coverage": 1 - alpha,
             "fitted_on": f"{len(P)} out-of-fold cross-validation predictions",
             "in_sample_coverage": float(sets[np.arange(len(y)), idx].mean()),
-            "mean_set_size": float(sets.sum(1).mean())}
+            "mean_set_size": float(sets.sum(1).mean()),
+            "in_sample_refer_rate": float((sets.sum(1) > 1).mean())}
+
+
+def calibration_status(calibration: dict | None) -> tuple[bool, str | None]:
+    """(probabilities calibrated?, reason when not) for a bundle's ``calibration`` entry. Entries written before
+    the status existed count as calibrated when they hold a temperature."""
+    if not calibration:
+        return False, "the bundle carries no calibration"
+    temp = calibration.get("temperature") if isinstance(calibration, dict) else None
+    if not isinstance(temp, dict):
+        return False, "the bundle carries no temperature"
+    status = calibration.get("status") or temp.get("status") or CALIBRATED
+    if status != CALIBRATED:
+        return False, calibration.get("reason") or temp.get("reason") or "temperature scaling was not applied"
+    return True, None
 
 
 def apply_bundle_calibration(probs: np.ndarray, calibration: dict, classes: list[str]):

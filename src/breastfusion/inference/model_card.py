@@ -67,6 +67,16 @@ def model_card(meta: dict[str, Any]) -> str:
     if data.get("splits"):
         lines.append(f"- Validation splits: {data['splits']}.")
     feats = meta.get("features") or {}
+    info = feats.get("column_info") if isinstance(feats.get("column_info"), dict) else {}
+    if feats.get("clinical_columns"):  # display names and units as the trainer declared them (data.column_info)
+        from breastfusion.features.column_labels import humanise
+
+        shown = []
+        for c in feats["clinical_columns"]:
+            e = info.get(c) if isinstance(info.get(c), dict) else {}
+            unit = f", {e['unit']}" if e.get("unit") else ""
+            shown.append(f"{e.get('label') or humanise(c)} (`{c}`{unit})")
+        lines.append(f"- Clinical inputs: {'; '.join(shown)}.")
     if feats.get("radiomics"):
         lines.append("- Lesion radiomics come from the masks given with each image: they carry the annotator's "
                      "reading of the lesion outline.")
@@ -78,8 +88,14 @@ def model_card(meta: dict[str, Any]) -> str:
     if cal:
         t = cal["temperature"].get("temperature")
         c = cal["conformal"]
-        lines += [f"- Temperature scaling, T = {_fmt(float(t))} (fitted on {cal.get('fitted_on')}).",
-                  f"- Split-conformal prediction sets ({c.get('method')}"
+        if (cal.get("status") or cal["temperature"].get("status") or "calibrated") != "calibrated":
+            # the temperature fit was refused (no finite optimum): the probabilities are the network's own
+            why = cal.get("reason") or cal["temperature"].get("reason") or "no finite optimum"
+            lines.append(f"- **Not calibrated.** Temperature scaling was not applied (T kept at 1): {why}. "
+                         "The probabilities are the network's softmax, not calibrated probabilities.")
+        else:
+            lines.append(f"- Temperature scaling, T = {_fmt(float(t))} (fitted on {cal.get('fitted_on')}).")
+        lines += [f"- Split-conformal prediction sets ({c.get('method')}"
                   + (", one threshold per class" if c.get("class_conditional") else "")
                   + f"), target coverage {_fmt(cal.get('target_coverage'))}; mean set size "
                   f"{_fmt(cal.get('mean_set_size'))} on the calibration predictions. Predictions whose set holds "
@@ -89,6 +105,8 @@ def model_card(meta: dict[str, Any]) -> str:
                    else "- Coverage holds on average over cases exchangeable with the training cohort; it is not "
                    "guaranteed per class (too few cases of some class for per-class thresholds), per centre, or under a change "
                    "of scanner or population.")]
+        lines += [f"- Caveat: {w}." for w in cal.get("warnings", [])
+                  if not str(w).startswith("probabilities are not calibrated")]  # that one is said above
     else:
         lines.append("- Not calibrated: probabilities are the network's softmax; no prediction sets.")
     lines += ["", "## Intended use and limits", "",
@@ -105,17 +123,15 @@ def model_card(meta: dict[str, Any]) -> str:
 def refresh_bundle(bundle_path, *, calibration: dict | None = None) -> None:
     """Add (or replace) calibration in an existing bundle's bundle.json and regenerate its model card, atomically.
     Weights are untouched: an old bundle gains these without retraining."""
-    import json
     from pathlib import Path
 
-    from breastfusion.inference.bundle import META, read_bundle_meta
+    from breastfusion.inference.bundle import read_bundle_meta, write_bundle_meta
     from breastfusion.utils import atomic_path
 
     path = Path(bundle_path)
     meta = read_bundle_meta(path)
     if calibration is not None:
         meta["calibration"] = calibration
-    with atomic_path(path / META) as tmp:
-        Path(tmp).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    meta = write_bundle_meta(path, meta)  # re-seals the checksums (bundle.py verified them on reading)
     with atomic_path(path / CARD) as tmp:
         Path(tmp).write_text(model_card(meta), encoding="utf-8")

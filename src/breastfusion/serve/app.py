@@ -77,15 +77,22 @@ class HealthResponse(BaseModel):
     uses_image: bool
     uses_tabular: bool
     accepts_mask: bool
-    calibrated: bool
-    calibration: dict[str, Any] | None = None
+    calibrated: bool = Field(description="true when the bundle carries conformal prediction sets (and so a referral "
+                                         "flag)")
+    probabilities_calibrated: bool = Field(description="true when a fitted temperature makes the probabilities "
+                                                       "calibrated; false: they are the model's own softmax")
+    calibration: dict[str, Any] | None = Field(None, description="temperature, conformal settings, status "
+                                                                 "('calibrated'/'uncalibrated'), reason and warnings")
     explanation: str | None = Field(None, description="method of the optional explanation overlay")
     limits: dict[str, float]
     in_flight: int
 
 
 class FieldModel(BaseModel):
-    name: str
+    name: str = Field(description="the form field's name (the training table's column)")
+    label: str = Field(description="display name for people (the bundle's column_info, else the name humanised)")
+    unit: str | None = Field(None, description="unit of the value, when the bundle declares one")
+    about: str | None = Field(None, description="what the value means, when the bundle declares it")
     kind: str = Field(description="numeric, bool or categorical")
     type: str = Field(description="JSON type: number, boolean or string")
     categories: list[str] | None = None
@@ -114,12 +121,14 @@ class ImageInfo(BaseModel):
 
 class PredictResponse(BaseModel):
     probabilities: dict[str, float] = Field(description="class → probability (temperature-scaled when the bundle "
-                                                        "carries a temperature)")
+                                                        "carries a fitted temperature; see probabilities_calibrated)")
     predicted: str
     prediction_set: list[str] = Field(description="conformal prediction set when calibrated, else the top class")
     refer: bool | None = Field(description="calibrated: true when the set holds more than one class; "
                                            "null when the bundle has no conformal calibration")
-    calibrated: bool
+    calibrated: bool = Field(description="true when the bundle carries conformal prediction sets")
+    probabilities_calibrated: bool = Field(description="false: the probabilities are the model's own softmax, not "
+                                                       "calibrated (calibration.reason says why)")
     calibration: dict[str, Any] | None = None
     model_probabilities: dict[str, float] | None = Field(None, description="before temperature scaling")
     explanation_png_base64: str | None = None
@@ -278,6 +287,37 @@ def limit_malloc_arenas(n: int | None) -> bool:
         return False
 
 
+def calibration_view(engine: ServeModel) -> tuple[bool, dict[str, Any] | None]:
+    """(probabilities calibrated?, the calibration description with ``status``, ``reason`` and ``warnings``).
+
+    A bundle whose temperature fit was refused (no finite optimum, e.g. out-of-fold predictions without an
+    error) keeps T = 1: its probabilities are the model's own and the page and the API must say so."""
+    info = engine.calibration_info()
+    ts = engine.temperature
+    ok = ts is not None and ts.calibrated
+    if info is None:
+        return False, None
+    entry = engine.meta.get("calibration")
+    warnings = [str(w) for w in (entry.get("warnings") or [])] if isinstance(entry, dict) else []
+    reason = None
+    if not ok:
+        reason = ts.reason_ if ts is not None and ts.reason_ else "the bundle carries no fitted temperature"
+    return ok, {**info, "status": "calibrated" if ok else "uncalibrated", "reason": reason, "warnings": warnings}
+
+
+def field_view(engine: ServeModel) -> list[dict[str, Any]]:
+    """The bundle's clinical fields with their display labels and units (``features.column_info``; bundles saved
+    before it existed get humanised names and no unit)."""
+    from breastfusion.features.column_labels import resolve_column_info
+
+    saved = (engine.meta.get("features") or {}).get("column_info")
+    saved = saved if isinstance(saved, dict) else {}
+    names = [f.name for f in engine.fields]
+    info = resolve_column_info(names, {k: v for k, v in saved.items() if k in names and isinstance(v, dict)})
+    return [{**f.to_dict(), "label": info[f.name]["label"], "unit": info[f.name]["unit"],
+             "about": info[f.name]["description"]} for f in engine.fields]
+
+
 def create_app(bundle_path: str | Path, *, max_upload_mb: float = 10, max_pixels: int = 40_000_000,
                timeout_s: float = 30, max_concurrency: int = 4, max_queue: int | None = None,
                threads: int | None = None, malloc_arenas: int | None = 2) -> FastAPI:
@@ -293,6 +333,8 @@ def create_app(bundle_path: str | Path, *, max_upload_mb: float = 10, max_pixels
                          f"{max_upload_mb}, {max_pixels}, {timeout_s}, {max_concurrency}.")
     limit_malloc_arenas(malloc_arenas)
     engine = ServeModel(bundle_path, max_pixels=max_pixels, threads=threads)
+    probs_calibrated, calibration = calibration_view(engine)
+    fields = field_view(engine)
     max_bytes = int(max_upload_mb * (1 << 20))
     max_queue = 16 * max_concurrency if max_queue is None else int(max_queue)
     state = {"executor": None, "in_flight": 0}
@@ -367,7 +409,7 @@ def create_app(bundle_path: str | Path, *, max_upload_mb: float = 10, max_pixels
             status="ok", bundle=engine.name, classes=engine.classes, synthetic=engine.synthetic, version=__version__,
             model=engine.predictor.model_name, image_size=engine.size, uses_image=engine.uses_image,
             uses_tabular=engine.uses_tabular, accepts_mask=engine.accepts_mask, calibrated=engine.calibrated,
-            calibration=engine.calibration_info(), explanation=engine.explanation_method,
+            probabilities_calibrated=probs_calibrated, calibration=calibration, explanation=engine.explanation_method,
             limits={"max_upload_mb": float(max_upload_mb), "max_pixels": float(max_pixels),
                     "timeout_s": float(timeout_s), "max_concurrency": float(max_concurrency),
                     "max_queue": float(max_queue)},
@@ -375,7 +417,7 @@ def create_app(bundle_path: str | Path, *, max_upload_mb: float = 10, max_pixels
 
     @app.get("/schema/fields", response_model=FieldsResponse, summary="The clinical fields this bundle expects")
     async def schema_fields():
-        return FieldsResponse(fields=[FieldModel(**f.to_dict()) for f in engine.fields],
+        return FieldsResponse(fields=[FieldModel(**f) for f in fields],
                               image_required=engine.uses_image, accepts_mask=engine.accepts_mask,
                               reserved=list(RESERVED_FIELDS), classes=engine.classes, synthetic=engine.synthetic)
 
@@ -402,6 +444,12 @@ def create_app(bundle_path: str | Path, *, max_upload_mb: float = 10, max_pixels
         result = await run_bounded(engine.predict, image_bytes, values, mask_bytes=mask_bytes,
                                    explain=bool(explain or explain_form))
         result["warnings"] = field_warnings + result["warnings"]
+        result["probabilities_calibrated"], result["calibration"] = probs_calibrated, calibration
+        if calibration is not None and not probs_calibrated:
+            result["warnings"].append(f"Probabilities are the model's own, not calibrated: {calibration['reason']}.")
+        if calibration is not None:
+            result["warnings"] += [f"Calibration caveat: {w}." for w in calibration["warnings"]
+                                   if not w.startswith("probabilities are not calibrated")]
         return result
 
     def custom_openapi():
@@ -424,9 +472,12 @@ def create_app(bundle_path: str | Path, *, max_upload_mb: float = 10, max_pixels
                                 ("clinical", {"type": "string"}), ("explain", {"type": "boolean"})):
                 if name in props:
                     props[name] = {**plain, "description": props[name].get("description", "")}
+            labels = {f["name"]: f for f in fields}
             for f in engine.fields:
                 if f.name not in RESERVED_FIELDS:
-                    props[f.name] = f.json_schema()
+                    view = labels[f.name]
+                    unit = f" ({view['unit']})" if view["unit"] else ""
+                    props[f.name] = {**f.json_schema(), "title": view["label"] + unit}
             body["additionalProperties"] = False
             if engine.uses_image:
                 body["required"] = sorted(set(body.get("required", [])) | {"image"})

@@ -10,12 +10,26 @@ function el(tag, attrs, text) {
   return e;
 }
 
+function fmt(x) {
+  return Number(x).toPrecision(4).replace(/\.?0+$/, "");
+}
+
+// One labelled input per clinical field: the bundle's display name and unit, the column name for reference, and
+// hints *outside* the input (an empty input is "unknown"; a placeholder never looks like an entered value).
 function fieldInput(f, i) {
   const id = "field-" + i;
+  const hintId = id + "-hint";
   const wrap = el("div", { class: "field" });
-  const label = el("label", { for: id }, f.name);
-  label.title = f.description || "";
+  const label = el("label", { for: id });
+  label.appendChild(el("span", { class: "field-label" }, f.label || f.name));
+  if (f.unit) label.appendChild(el("span", { class: "unit" }, " (" + f.unit + ")"));
+  label.appendChild(el("code", { class: "colname" }, f.name));
   wrap.appendChild(label);
+  const hints = [];
+  if (f.about) hints.push(f.about);
+  if (f.kind === "numeric" && f.median !== null && f.median !== undefined) {
+    hints.push("training median " + fmt(f.median) + (f.unit ? " " + f.unit : ""));
+  }
   let input;
   if (f.kind === "categorical") {
     input = el("select", { id, name: f.name, "data-kind": f.kind });
@@ -27,11 +41,24 @@ function fieldInput(f, i) {
     input.appendChild(el("option", { value: "true" }, "yes"));
     input.appendChild(el("option", { value: "false" }, "no"));
   } else {
-    input = el("input", { id, name: f.name, type: "number", step: "any", "data-kind": f.kind });
-    if (f.median !== null && f.median !== undefined) input.placeholder = "median " + Number(f.median).toPrecision(4);
+    input = el("input", { id, name: f.name, type: "number", step: "any", "data-kind": f.kind,
+                          placeholder: "optional" });
   }
+  input.setAttribute("aria-describedby", hintId);
   wrap.appendChild(input);
+  wrap.appendChild(el("p", { class: "field-hint", id: hintId }, hints.join(" · ")));
   return wrap;
+}
+
+function pct(target) {
+  return Math.round(100 * target) + "%";
+}
+
+function calibrationSummary(h) {
+  if (!h.calibration) return "NOT calibrated: probabilities are the model's own; no prediction sets, no referral flag";
+  const parts = [h.probabilities_calibrated ? "calibrated probabilities" : "probabilities NOT calibrated"];
+  if (h.calibrated) parts.push("conformal prediction sets at " + pct(h.calibration.target_coverage) + " coverage");
+  return parts.join(" · ");
 }
 
 function showError(msg) {
@@ -49,9 +76,8 @@ async function init() {
     $("bundle-name").textContent = health.bundle;
     $("bundle-classes").textContent = health.classes.join(", ");
     $("version").textContent = health.version;
-    $("bundle-calibration").textContent = health.calibrated
-      ? "conformal sets at " + Math.round(100 * health.calibration.target_coverage) + "% coverage"
-      : "not calibrated (prediction set = top class)";
+    $("bundle-calibration").textContent = calibrationSummary(health);
+    if (health.calibration && health.calibration.reason) $("bundle-calibration").title = health.calibration.reason;
     if (health.synthetic) $("synthetic-banner").hidden = false;
     if (!health.explanation) $("explain").disabled = true;
     $("mask-row").hidden = !schema.accepts_mask;
@@ -65,8 +91,39 @@ async function init() {
   }
 }
 
+function renderReferral(res) {
+  const box = $("refer-box");
+  const set = "{" + res.prediction_set.join(", ") + "}";
+  if (res.refer === true) {
+    box.className = "refer-box refer";
+    box.textContent = "REFER: the prediction set " + set + " holds " + res.prediction_set.length +
+      " classes; the model cannot single out one class at " + pct(res.calibration.target_coverage) +
+      " coverage. A person should decide.";
+  } else if (res.refer === false) {
+    // caveats about the sets themselves (e.g. calibrated on predictions without an error: referral never learnt)
+    const caveats = (res.calibration.warnings || []).filter((w) => !w.startsWith("probabilities are not calibrated"));
+    box.className = "refer-box" + (caveats.length ? " caution" : " no-refer");
+    box.textContent = "No referral flag: the " + pct(res.calibration.target_coverage) + " prediction set holds one class, " +
+      set + "." + (caveats.length ? " Caution: " + caveats.join("; ") + "." : "");
+  } else {
+    box.className = "refer-box caution";
+    box.textContent = "No referral flag available: this bundle has no conformal calibration, so the model cannot " +
+      "say when it is unsure. Treat the result as unreviewed model output.";
+  }
+}
+
 function render(res) {
   $("predicted").textContent = res.predicted;
+  const chip = $("calibration-chip");
+  chip.textContent = res.probabilities_calibrated ? "calibrated" : "uncalibrated";
+  chip.className = "chip " + (res.probabilities_calibrated ? "ok" : "warn");
+  renderReferral(res);
+  $("probabilities-title").textContent = res.probabilities_calibrated
+    ? "Calibrated probabilities" : "Model probabilities (uncalibrated)";
+  $("probabilities-note").textContent = res.probabilities_calibrated
+    ? "Temperature-scaled on out-of-fold predictions, as batch prediction returns them."
+    : "Not calibrated: " + (res.calibration ? res.calibration.reason : "the bundle carries no calibration") +
+      ". These are the network's raw softmax outputs and may be over- or under-confident.";
   const bars = $("probabilities");
   bars.textContent = "";
   const entries = Object.entries(res.probabilities).sort((a, b) => b[1] - a[1]);
@@ -82,30 +139,41 @@ function render(res) {
     bars.appendChild(row);
   }
   $("set-line").textContent = "Prediction set: {" + res.prediction_set.join(", ") + "}" +
-    (res.calibrated ? " (" + Math.round(100 * res.calibration.target_coverage) + "% conformal coverage)" : " (not calibrated: top class only)");
-  const refer = $("refer-line");
-  if (res.refer === true) {
-    refer.textContent = "REFER: the model cannot single out one class at this coverage.";
-    refer.className = "refer";
-  } else if (res.refer === false) {
-    refer.textContent = "Single-class set: no referral flag.";
-    refer.className = "";
-  } else {
-    refer.textContent = "Referral flag: not available (bundle not calibrated).";
-    refer.className = "hint";
-  }
+    (res.calibrated ? " (conformal, " + pct(res.calibration.target_coverage) + " target coverage)"
+                    : " (no conformal calibration: top class only)");
   const warnings = $("warnings");
   warnings.textContent = "";
-  for (const w of res.warnings || []) warnings.appendChild(el("li", {}, w));
+  for (const w of res.warnings || []) {
+    // the calibration status and caveats are shown above, next to what they qualify
+    if (w.startsWith("Probabilities are the model's own") || w.startsWith("Calibration caveat:")) continue;
+    warnings.appendChild(el("li", {}, w));
+  }
   const fig = $("overlay-figure");
   if (res.explanation_png_base64) {
     $("overlay").src = "data:image/png;base64," + res.explanation_png_base64;
-    $("overlay-caption").textContent = "Explanation (" + res.explanation_method + ") for class " + res.predicted;
+    $("original").src = lastImageUrl || "";
+    $("original").hidden = !lastImageUrl;
+    const method = res.explanation_method === "gradcam" ? "Grad-CAM" : "input-gradient saliency";
+    $("overlay-title").textContent = "Explanation (" + method + ") for class " + res.predicted;
+    $("overlay-caption").textContent = "Left: the uploaded image. Right: the image as the model saw it (grey, " +
+      "resized), tinted where the regions raised the score of '" + res.predicted + "': untinted (low), then red, " +
+      "yellow and white (high). The scale is relative to this image, not a probability.";
     fig.hidden = false;
   } else {
     fig.hidden = true;
   }
   $("result").hidden = false;
+}
+
+let lastImageUrl = null;
+
+function readAsDataUrl(file) {
+  return new Promise((resolve) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => resolve(null);
+    reader.readAsDataURL(file);
+  });
 }
 
 async function submit(ev) {
@@ -114,6 +182,8 @@ async function submit(ev) {
   const data = new FormData();
   const file = $("image").files[0];
   if (file) data.append("image", file);
+  // shown beside the overlay (a data: URL: the page's CSP allows no other image source); TIFF may not display
+  lastImageUrl = file && $("explain").checked ? await readAsDataUrl(file) : null;
   const mask = $("mask").files[0];
   if (mask && !$("mask-row").hidden) data.append("mask", mask);
   for (const input of $("fields").querySelectorAll("[name]")) {
