@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_png
 
 from breastfusion.evaluation.insight import (
     ReportSection,
@@ -87,3 +89,78 @@ def test_sections_render_escaped_and_failed_sections_explain_themselves(tmp_path
     html = path.read_text()
     assert "<script>" not in html and "&lt;script&gt;" in html and "Extra &lt;b&gt;section&lt;/b&gt;" in html
     assert 'href="#x-explanations"' in html and "could not be built: RuntimeError: no bundle" in html
+
+
+# ------------------------------------------------------------------------------ explanations quote predict's output
+
+def _calibrated_bundle(tmp_path):
+    """A tiny random-weight fusion bundle (SYNTHETIC) whose calibration sharpens its probabilities (T < 1)."""
+    import timm
+    import torch
+
+    from breastfusion.evaluation.calibration import fit_bundle_calibration
+    from breastfusion.features.tabular import TabularPreprocessor
+    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.models.fusion import FusionClassifier
+
+    clinical = pd.DataFrame({"age": [40.0, 55.0, 63.0, 48.0], "palpable": ["yes", "no", "yes", "no"]})
+    pre = TabularPreprocessor().fit(clinical)
+    torch.manual_seed(0)
+    backbone = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    model = FusionClassifier(3, variant="fusion", backbone=backbone, n_tabular=pre.n_features_out_, image_dim=32,
+                             tabular_dim=16, tabular_hidden=32, fusion_hidden=32, dropout=0.1).eval()
+    # under-confident out-of-fold predictions (right 85% of the time with p = 0.5): the fitted temperature is < 1
+    rng = np.random.default_rng(0)
+    y = np.arange(300) % 3
+    top = np.where(rng.random(300) < 0.85, y, (y + 1) % 3)
+    P = np.full((300, 3), 0.25)
+    P[np.arange(300), top] = 0.5
+    oof = pd.DataFrame({"label": np.array(CLASSES)[y], **{f"prob_{c}": P[:, k] for k, c in enumerate(CLASSES)}})
+    cal = fit_bundle_calibration(oof, CLASSES, alpha=0.1)
+    assert cal["temperature"]["temperature"] < 0.8
+    meta = {"variant": "fusion", "backbone": "tf_efficientnet_lite0", "n_tabular": pre.n_features_out_,
+            "image_dim": 32, "tabular_dim": 16, "tabular_hidden": 32, "fusion_hidden": 32, "dropout": 0.1}
+    image = {"size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    path = save_bundle(tmp_path / "bundle", model, classes=CLASSES, model_meta=meta, image_meta=image, tabular=pre,
+                       feature_meta={"clinical_columns": list(clinical.columns), "radiomics": None}, config_yaml="",
+                       synthetic=True, calibration=cal)
+    rows = []
+    for i in range(3):
+        img = np.clip(rng.normal(90 + 40 * i, 30, (80, 80)), 0, 255).astype(np.uint8)
+        p = write_png(tmp_path / "images" / f"case{i}.png", img)
+        rows.append({"case_id": f"c{i}", "image_path": str(p), "label": CLASSES[i], **clinical.iloc[i].to_dict()})
+    return path, pd.DataFrame(rows)
+
+
+def test_explanations_quote_the_calibrated_probabilities_predict_returns(tmp_path):
+    from breastfusion.evaluation.insight import explanation_section
+    from breastfusion.explain.runner import quoted_probability
+    from breastfusion.inference.bundle import load_bundle
+    from breastfusion.inference.predictor import Predictor
+
+    bundle, cases = _calibrated_bundle(tmp_path)
+    selection = pd.DataFrame({"case_id": cases["case_id"], "label": cases["label"], "predicted": "benign",
+                              "probability": 0.5, "why": "least certain"})
+    sec = explanation_section(bundle, cases, selection, tmp_path / "explain", seed=0)
+    expected = Predictor(load_bundle(bundle), threads=1, io_workers=1).predict_cases(cases).set_index("case_id")
+    assert expected["calibrated"].all()
+    raw = pd.read_csv(tmp_path / "explain" / "explanations.csv", dtype={"case_id": str}).set_index("case_id")
+    caps = [cap for _, cap in sec.figures if cap.startswith("c")]
+    assert len(caps) == 3
+    col = "bundle prediction (calibrated)"
+    assert col in sec.table.columns, list(sec.table.columns)
+    for cap, (_, row) in zip(caps, sec.table.iterrows()):
+        cid = row["case"]
+        pred = expected.loc[cid, "predicted"]
+        p = float(expected.loc[cid, f"prob_{pred}"])
+        assert abs(p - float(raw.loc[cid, "probability"])) > 0.02  # calibration visibly changes this probability
+        m = re.search(r"bundle (\w+) p = ([0-9.]+) \(calibrated", cap)
+        assert m, cap
+        assert m.group(1) == pred and abs(float(m.group(2)) - p) < 0.005, (cap, pred, p)
+        assert row[col].startswith(f"{pred} {p:.2f}"), row[col]
+        assert expected.loc[cid, "prediction_set"] in cap
+        # the figure's own title (drawn by the explain runner) quotes the same calibrated probability
+        probs = raw.loc[cid, [f"prob_{c}" for c in CLASSES]].to_numpy(dtype=float)
+        title = quoted_probability(load_bundle(bundle), probs, CLASSES.index(pred))
+        m = re.fullmatch(r"p = ([0-9.]+), calibrated", title)
+        assert m and abs(float(m.group(1)) - p) < 0.0015, (title, p)

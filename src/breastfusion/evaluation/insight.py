@@ -83,12 +83,25 @@ def calibration_section(predictions: dict[str, pd.DataFrame], classes: list[str]
         with atomic_path(out_dir / f"{name}_calibrated.csv") as tmp:
             cal.to_csv(tmp, index=False)
         reports[name] = rep
-        temps = [f["temperature"] for f in rep.get("calibrators", [])]
+        fold_cals = rep.get("calibrators", [])
+        # folds whose temperature could not be fitted keep T = 1: their "after" is no calibration at all
+        temps = [f["temperature"] for f in fold_cals if f.get("temperature_status", "calibrated") == "calibrated"]
+        status = rep.get("calibration_status", "calibrated")
+        not_fitted = len(fold_cals) - len(temps)
+        temperature = f"{min(temps):.2f}–{max(temps):.2f}" if temps else "— (not fitted)"
+        if temps and not_fitted:
+            temperature += f" (not fitted in {not_fitted} of {len(fold_cals)} folds)"
+        uncal = status == "not calibrated"
+        for i, note in enumerate(rep.get("notes", [])):
+            lead = ("not calibrated" if uncal and i == 0 else "partly calibrated" if status == "partly calibrated"
+                    and i == 0 else "caveat")
+            sec.paragraphs.append(f"{name}: {lead}: {note}.")
         rows.append({
-            "model": name, "n": rep["n"], "thresholds": "per class" if rep.get("class_conditional") else "overall",
-            "temperature": (f"{min(temps):.2f}–{max(temps):.2f}" if temps else "—"),
-            "ECE before": _fmt(rep["ece_before"]), "ECE after": _fmt(rep["ece_after"]),
-            "NLL before": _fmt(rep["nll_before"]), "NLL after": _fmt(rep["nll_after"]),
+            "model": name, "status": status + (f" (T kept at 1 in all {len(fold_cals)} folds)" if uncal else ""),
+            "n": rep["n"], "thresholds": "per class" if rep.get("class_conditional") else "overall",
+            "temperature": temperature,
+            "ECE before": _fmt(rep["ece_before"]), "ECE after": "—" if uncal else _fmt(rep["ece_after"]),
+            "NLL before": _fmt(rep["nll_before"]), "NLL after": "—" if uncal else _fmt(rep["nll_after"]),
             "target coverage": _fmt(1 - alpha, 2), "coverage": _fmt(rep["coverage"]),
             "top-1 accuracy": _fmt(rep["accuracy"]), "mean set size": _fmt(rep["mean_set_size"], 2),
             "refer rate": _fmt(rep["refer_rate"]), "accuracy of single-class sets": _fmt(rep["singleton_accuracy"]),
@@ -98,7 +111,8 @@ def calibration_section(predictions: dict[str, pd.DataFrame], classes: list[str]
             fig = plot_reliability_before_after(cal, classes, out_dir / f"{name}_reliability_before_after.png",
                                                 title=f"{name}: reliability before / after temperature scaling")
             sec.figures.append((fig, f"{name}: reliability before and after temperature scaling (out-of-fold, "
-                                     "cross-fold calibrated)"))
+                                     + ("NOT calibrated: no temperature could be fitted, both panels show the "
+                                        "model's own probabilities)" if uncal else "cross-fold calibrated)")))
         except (DataError, ValueError) as exc:  # pragma: no cover - plotting a validated table
             log.warning("reliability figure for %s failed: %s", name, exc)
     if rows:
@@ -154,6 +168,39 @@ def select_explain_cases(preds: pd.DataFrame, classes: list[str], n: int) -> pd.
                          "why": [picked[i] for i in order]})
 
 
+def bundle_predictions(bundle, source: pd.DataFrame, *, cases: pd.DataFrame | None = None) -> pd.DataFrame:
+    """What ``breastfusion predict`` returns for ``source`` with ``bundle`` (a path or a loaded bundle): the
+    bundle's own predictor, so its calibrated probabilities, prediction sets and ``calibrated`` flag."""
+    from breastfusion.inference.bundle import Bundle, load_bundle
+
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
+    if bundle.meta["model"].get("kind") == "multiscale":
+        from breastfusion.inference.grading import GradingPredictor
+
+        return GradingPredictor(bundle).predict(source, cases=cases)
+    from breastfusion.inference.predictor import Predictor
+
+    return Predictor(bundle, io_workers=1).predict_cases(source)
+
+
+def _quoted(scored: pd.DataFrame, cid: str) -> tuple[str, str]:
+    """(table cell, caption text) of a case's bundle prediction as ``predict`` returns it."""
+    if cid not in scored.index:
+        return "not scored", "bundle: not scored"
+    r = scored.loc[cid]
+    pred = str(r["predicted"])
+    p = float(r[f"prob_{pred}"])
+    calibrated = bool(r.get("calibrated", False)) if "calibrated" in scored.columns else False
+    state = "calibrated" if calibrated else "uncalibrated"
+    cell = f"{pred} {p:.2f}"
+    cap = f"bundle {pred} p = {p:.2f} ({state}"
+    if "prediction_set" in scored.columns and isinstance(r["prediction_set"], str):
+        cell += f"; set {r['prediction_set']}" + ("; refer" if bool(r.get("refer", False)) else "")
+        cap += f", set {r['prediction_set']}" + (", refer to a human" if bool(r.get("refer", False)) else "")
+    return cell, cap + ")"
+
+
 def explanation_section(bundle, source: pd.DataFrame, selection: pd.DataFrame, out_dir: str | Path, *,
                         cases: pd.DataFrame | None = None, background: pd.DataFrame | None = None,
                         max_stacks: int = 1, seed: int = 0) -> ReportSection:
@@ -161,13 +208,20 @@ def explanation_section(bundle, source: pd.DataFrame, selection: pd.DataFrame, o
 
     ``source`` is the cases table (ultrasound) or the tiles table (histology, with ``cases`` the cases table);
     only the selected cases are read. ``background`` (a table with the bundle's input columns, one row per
-    case) is the SHAP reference. Files go to ``out_dir`` (see :mod:`breastfusion.explain.runner`)."""
+    case) is the SHAP reference. Files go to ``out_dir`` (see :mod:`breastfusion.explain.runner`).
+
+    The bundle's prediction quoted in the table and captions is what ``predict`` returns for the case (the
+    bundle's calibrated probability and prediction set, labelled calibrated or uncalibrated), so the report
+    and ``predict`` never show two numbers for one case."""
     from breastfusion.explain import explain_bundle
+    from breastfusion.inference.bundle import Bundle, load_bundle
 
     sec = ReportSection("explanations", "Explanations (final bundle)")
     if selection is None or len(selection) == 0:
         sec.paragraphs.append("No case was selected for explanation.")
         return sec
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
     ids = selection[CASE_ID].astype(str).tolist()
     src = source[source[CASE_ID].astype(str).isin(set(ids))].copy()
     order = {c: i for i, c in enumerate(ids)}
@@ -179,34 +233,43 @@ def explanation_section(bundle, source: pd.DataFrame, selection: pd.DataFrame, o
         background = background.reset_index()
     res = explain_bundle(bundle, src, out_dir, methods="all", cases=cases, background=background,
                          max_stacks=max_stacks, seed=seed)
+    scored = bundle_predictions(bundle, src, cases=cases)
+    scored = scored.assign(**{CASE_ID: scored[CASE_ID].astype(str)}).set_index(CASE_ID)
+    calibrated = bool(len(scored)) and "calibrated" in scored.columns and bool(scored["calibrated"].all())
+    pred_col = f"bundle prediction ({'calibrated' if calibrated else 'uncalibrated'})"
     sec.paragraphs.append(
         "Cases chosen from the out-of-fold predictions: per class the most confident correct case, the most "
         "confident errors and the least certain cases. The maps come from the final bundle, which was trained on "
         "all cases, these included: they show what the deployed model attends to, while the out-of-fold "
-        "prediction in each caption comes from a model that had not seen the case. Grad-CAM and Grad-CAM++ "
+        "prediction in each caption comes from a model that had not seen the case (its probability is the "
+        "uncalibrated network output). The bundle's prediction is quoted as 'breastfusion predict' returns it: "
+        + ("its calibrated probability and prediction set. " if calibrated else
+           "the bundle holds no usable calibration, so its probability is the network's uncalibrated output. ")
+        + "Grad-CAM and Grad-CAM++ "
         "highlight regions that raise the predicted class; occlusion shows how much hiding each patch lowers it"
         + ("; for histology, the cross-scale attention matrix and scale weights show how magnifications were "
            "combined" if cases is not None else "")
-        + ". Modality deltas: the change in the predicted class's probability when a modality is replaced by a "
-          "neutral input. SHAP values: the tabular features' share of the prediction.")
+        + ". Modality deltas: the change in the predicted class's (uncalibrated) probability when a modality is "
+          "replaced by a neutral input. SHAP values: the tabular features' share of the prediction.")
     table = res.table
     sel = selection.set_index(CASE_ID)
     rows = []
     for _, r in table.iterrows():
         cid = str(r[CASE_ID])
         s = sel.loc[cid] if cid in sel.index else None
+        cell, quote = _quoted(scored, cid)
         row = {"case": cid, "why chosen": s["why"] if s is not None else "",
                "true": s[LABEL] if s is not None else r.get(LABEL, ""),
                "out-of-fold prediction": f"{s['predicted']} ({s['probability']:.2f})" if s is not None else "",
-               "bundle prediction": f"{r['predicted']} ({r['probability']:.2f})",
+               pred_col: cell,
                "image Δ": _fmt(r.get("delta_image", np.nan)), "tabular Δ": _fmt(r.get("delta_tabular", np.nan))}
         if "top1_feature" in r and isinstance(r["top1_feature"], str) and r["top1_feature"]:
             row["top tabular feature (SHAP)"] = f"{r['top1_feature']} ({r['top1_shap']:+.3f})"
         rows.append(row)
         fig = r.get("figure")
         if isinstance(fig, str) and fig:
-            cap = (f"{cid}: true {row['true']}, out-of-fold {row['out-of-fold prediction']}, bundle "
-                   f"{row['bundle prediction']} — {row['why chosen']}")
+            cap = (f"{cid}: true {row['true']}, out-of-fold {row['out-of-fold prediction']}, {quote} "
+                   f"\u2014 {row['why chosen']}")
             sec.figures.append((Path(out_dir) / fig, cap))
     sec.table = pd.DataFrame(rows) if rows else None
     if res.shap_summary is not None:

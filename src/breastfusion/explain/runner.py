@@ -126,8 +126,20 @@ def _top_columns(row: dict, top: list[dict], k: int) -> None:
         row[f"top{j + 1}_shap"] = t["shap"]
 
 
-def _prob_title(case_id: str, classes: list[str], target: int, p: float, mod: dict, synthetic: bool) -> str:
-    parts = [f"{case_id}: predicted {classes[target]} (p = {p:.3f})"]
+def quoted_probability(bundle, probs, target: int) -> str:
+    """The explained class's probability as ``predict`` quotes it: temperature-scaled with the bundle's calibration
+    when it has a fitted one (labelled calibrated), else the network's softmax (labelled uncalibrated)."""
+    from breastfusion.evaluation.calibration import apply_bundle_calibration, calibration_status
+
+    cal = bundle.meta.get("calibration")
+    if calibration_status(cal)[0]:
+        pc = apply_bundle_calibration(np.asarray(probs, dtype=float)[None], cal, bundle.classes)[0][0]
+        return f"p = {pc[target]:.3f}, calibrated"
+    return f"p = {float(probs[target]):.3f}, uncalibrated"
+
+
+def _prob_title(case_id: str, classes: list[str], target: int, p: str, mod: dict, synthetic: bool) -> str:
+    parts = [f"{case_id}: predicted {classes[target]} ({p})"]
     if np.isfinite(mod["delta_image"]):
         parts.append(f"image Δ {mod['delta_image']:+.3f}")
     if np.isfinite(mod["delta_tabular"]):
@@ -290,7 +302,8 @@ def _explain_ultrasound(bundle, source, out_dir: Path, *, methods, top_k, backgr
             row.update({"shap_base": sh.base_value, "shap_fx": sh.fx, "shap_method": sh.method})
             _top_columns(row, top, min(top_k, len(sh.names)))
         fig_path = out_dir / "cases" / f"{_safe_name(cid, used)}.png"
-        title = _prob_title(cid, classes, target, mod["p_both"], mod, bundle.synthetic)
+        title = _prob_title(cid, classes, target, quoted_probability(bundle, mod["probs"], target), mod,
+                            bundle.synthetic)
         t0 = time.perf_counter()
         if model.uses_image:
             plot_image_explanation(img, maps, fig_path, title=title, shap_top=top or None)
@@ -391,8 +404,9 @@ def _explain_histology(bundle, source, out_dir: Path, *, cases, max_stacks, meth
                 timer.add("occlusion_stack", time.perf_counter() - t0)
             fig_path = out_dir / "stacks" / f"{_safe_name(f'{cid}__{stack_id}', used)}.png"
             p_stack = float(res.probs[0, target])
-            title = (f"{cid} / stack {stack_id}: case predicted {classes[target]} (case p = {mod['p_both']:.3f}, "
-                     f"this stack {p_stack:.3f})" + ("  [SYNTHETIC model]" if bundle.synthetic else ""))
+            title = (f"{cid} / stack {stack_id}: predicted {classes[target]} (over {len(st)} explained stack(s) "
+                     f"{quoted_probability(bundle, mod['probs'], target)}; this stack {p_stack:.3f}, uncalibrated)"
+                     + ("  [SYNTHETIC model]" if bundle.synthetic else ""))
             t0 = time.perf_counter()
             plot_stack_explanation(tl, mags, maps, fig_path, title=title, cross_scale=res.cross_scale[0],
                                    scale_weights=res.scale_weights[0])
