@@ -9,6 +9,11 @@ from pathlib import Path
 
 from breastfusion.errors import BreastfusionError
 
+log = logging.getLogger("breastfusion.cli")
+
+EXIT_ERROR = 2  # an error message on stderr, or nothing was produced (every item skipped)
+EXIT_INTERRUPTED = 130
+
 
 def _common_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
@@ -68,28 +73,56 @@ def cmd_train(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from breastfusion.inference.predictor import Predictor, write_predictions
+    from breastfusion.inference.predictor import (
+        ABSENT_CLINICAL,
+        Predictor,
+        check_clinical_columns,
+        check_output_path,
+        write_predictions,
+    )
 
+    check_output_path(args.out)  # before the bundle loads and anything is scored
     predictor = Predictor.load(args.bundle, model=args.model, batch_size=args.batch_size, backend=args.backend)
     if hasattr(predictor, "last_stacks"):  # histology grading bundle: tiles in, cases out
+        from breastfusion.data.cases import read_cases
         from breastfusion.utils import atomic_path
 
-        preds = predictor.predict(args.input, cases=args.cases, progress=not args.quiet)
+        cases, absent = None, []
+        if args.cases:
+            cases = read_cases(args.cases, require_labels=False, require_images=False, check_files=False)
+        if predictor.clinical and predictor.bundle.tabular is not None:
+            if cases is None:
+                log.info("no --cases table: scored as 'no clinical data' (the bundle also reads %s).",
+                         predictor.clinical)
+            else:
+                absent = check_clinical_columns(predictor.clinical, cases.columns, source=f"cases table '{args.cases}'",
+                                                model=predictor.model_name, strict=args.strict)
+        preds = predictor.predict(args.input, cases=cases, progress=not args.quiet)
+        if absent:
+            preds[ABSENT_CLINICAL] = ", ".join(absent)
         out, skipped = write_predictions(preds, predictor.last_skipped, args.out)
         stacks_path = Path(args.out).with_name(Path(args.out).stem + ".stacks.csv")
         with atomic_path(stacks_path) as tmp:
             predictor.last_stacks.to_csv(tmp, index=False)
         print(f"per-stack probabilities and attention → {stacks_path}")
     else:
-        preds = predictor.predict(args.input, progress=not args.quiet)
+        preds = predictor.predict(args.input, progress=not args.quiet, strict=args.strict)
+        absent = predictor.last_absent
         out, skipped = write_predictions(preds, predictor.last_skipped, args.out)
+    n_skipped = len(predictor.last_skipped)
+    synthetic = predictor.bundle.synthetic
+    if len(preds) == 0:  # every item skipped: a failure, whatever was written
+        print(f"error: nothing scored: all {n_skipped} case(s) were skipped, reasons in {skipped}", file=sys.stderr)
+        return EXIT_ERROR
     print(f"scored {len(preds)} case(s) → {out}")
     if skipped:
-        print(f"skipped {len(predictor.last_skipped)} case(s), reasons in {skipped}", file=sys.stderr)
-    if predictor.bundle.synthetic:
+        print(f"skipped {n_skipped} case(s), reasons in {skipped}", file=sys.stderr)
+    if absent:
+        print(f"note: scored without clinical column(s) {', '.join(absent)} (absent from the input; "
+              f"column '{ABSENT_CLINICAL}' of the output)", file=sys.stderr)
+    if synthetic:
         print("note: this bundle was trained on SYNTHETIC data", file=sys.stderr)
     return 0
-
 
 
 def cmd_export(args) -> int:
@@ -143,20 +176,51 @@ def cmd_calibrate(args) -> int:
     """Fit temperature scaling + split-conformal sets for an existing bundle from out-of-fold predictions."""
     import pandas as pd
 
-    from breastfusion.evaluation.calibration import fit_bundle_calibration
+    from breastfusion.evaluation.calibration import calibration_status, fit_bundle_calibration
     from breastfusion.inference.bundle import read_bundle_meta
     from breastfusion.inference.model_card import refresh_bundle
 
     meta = read_bundle_meta(args.bundle)
-    preds = pd.read_csv(args.predictions, dtype={"case_id": str, "label": str})
+    preds = _read_oof_predictions(Path(args.predictions), list(meta["classes"]))
     cal = fit_bundle_calibration(preds, meta["classes"], method=args.method, alpha=args.alpha,
                                  class_conditional={"auto": "auto", "yes": True, "no": False}[args.by_class])
     refresh_bundle(args.bundle, calibration=cal)
     per = "one threshold per class" if cal["conformal"].get("class_conditional") else "one overall threshold"
-    print(f"calibrated {args.bundle}: T = {cal['temperature']['temperature']:.3f}, {cal['conformal']['method']} sets "
+    calibrated, reason = calibration_status(cal)
+    if not calibrated:  # e.g. no out-of-fold error: the temperature has no finite optimum and stays 1
+        print(f"NOT calibrated {args.bundle}: {reason}; probabilities are the model's own (T = 1).", file=sys.stderr)
+    print(f"{'calibrated' if calibrated else 'updated'} {args.bundle}: T = {cal['temperature']['temperature']:.3f}, "
+          f"{cal['conformal']['method']} sets "
           f"({per}) for coverage {cal['target_coverage']:.2f} (mean set size {cal['mean_set_size']:.2f} on "
           f"{cal['fitted_on']}); model card: {Path(args.bundle) / 'MODEL_CARD.md'}")
     return 0
+
+
+def _read_oof_predictions(path: Path, classes: list[str]):
+    """Out-of-fold predictions for ``calibrate``, checked: a CSV with ``label`` and one ``prob_<class>`` per class."""
+    import pandas as pd
+
+    from breastfusion.errors import DataError
+
+    if path.is_dir():
+        raise DataError(f"Predictions '{path}' is a folder; give its CSV file, e.g. RUN/predictions/fusion.csv.")
+    if not path.is_file():
+        raise DataError(f"Predictions file not found: '{path}'.")
+    try:
+        preds = pd.read_csv(path, dtype={"case_id": str, "label": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"Predictions '{path}' is not a readable CSV table: {str(exc).splitlines()[0]}") from None
+    need = ["label"] + [f"prob_{c}" for c in classes]
+    missing = [c for c in need if c not in preds.columns]
+    if missing:
+        raise DataError(f"Predictions '{path}' lacks column(s) {missing}; out-of-fold predictions of this bundle's "
+                        f"recipe have {need} (found {list(preds.columns)[:20]}).")
+    bad = preds.index[~preds["label"].isin(classes)]
+    if len(bad):
+        case = f" (case '{preds.at[bad[0], 'case_id']}')" if "case_id" in preds.columns else ""
+        raise DataError(f"Predictions '{path}', row {int(bad[0]) + 2}{case}: label '{preds.at[bad[0], 'label']}' is "
+                        f"not one of the bundle's classes {classes} ({len(bad)} such row(s)).")
+    return preds
 
 
 def cmd_synthetic(args) -> int:
@@ -321,7 +385,11 @@ def cmd_features(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from breastfusion import __version__
 
-    parser = argparse.ArgumentParser(prog="breastfusion", description="Multimodal breast-cancer classifiers.")
+    parser = argparse.ArgumentParser(
+        prog="breastfusion", description="Multimodal breast-cancer classifiers.",
+        epilog=f"exit codes: 0 done (skipped items, if any, are listed on stderr and in a .skipped.csv); "
+               f"{EXIT_ERROR} an error (one line on stderr) or nothing produced (every item skipped); "
+               f"{EXIT_INTERRUPTED} interrupted.")
     parser.add_argument("--version", action="version", version=f"breastfusion {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -352,11 +420,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("input")
     p.add_argument("--cases", help="histology: cases table with the clinical columns the bundle expects")
-    p.add_argument("--out", required=True, help="CSV or Parquet file")
+    p.add_argument("--out", required=True, help="output file: .csv, .tsv, .parquet/.pq, or .xlsx (needs openpyxl)")
     p.add_argument("--model", help="a classical model stored in the bundle (e.g. lgbm) instead of the deep model")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="deep model forward pass: torch, or onnx (ONNX Runtime on CPU; needs 'breastfusion export')")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a cases table (or histology --cases table) that lacks clinical columns the model "
+                        "reads (default: warn, score them as unknown and name them in the output column "
+                        "absent_clinical_columns); images without a table are the 'no clinical data' case")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
 
@@ -509,13 +581,28 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except BreastfusionError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except OSError as exc:  # a path the user gave: missing, read-only, a file where a folder is needed, ...
+        print(f"error: {_os_error_message(exc)}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted; re-run with --resume to continue", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def _os_error_message(exc: OSError) -> str:
+    """One line for a file-system error: what went wrong, on which path, and the file in the way if any."""
+    what = exc.strerror or str(exc)
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    msg = f"{what}: " + " -> ".join(f"'{n}'" for n in names) if names else what
+    if names and isinstance(exc, (FileExistsError, NotADirectoryError)):
+        p = Path(names[0])
+        blocker = next((a for a in (p, *p.parents) if a.exists() and not a.is_dir()), None)
+        if blocker is not None:
+            msg += f" ('{blocker}' is a file where a folder is needed)"
+    elif isinstance(exc, PermissionError):
+        msg += " (is the folder writable?)"
+    return msg
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@ loses the batch, and output files are written atomically (no half-written files)
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import logging
+import os
 import re
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,10 +19,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from breastfusion.data.cases import CASE_ID, IMAGE_PATH, LABEL, MASK_PATH, MASK_SEP, read_cases
+from breastfusion.data.cases import CASE_ID, IMAGE_PATH, LABEL, MASK_PATH, MASK_SEP, feature_columns, read_cases
+from breastfusion.data.images import MAX_SCORED_PIXELS, load_for_scoring
 from breastfusion.errors import DataError
 from breastfusion.inference.bundle import Bundle, load_bundle
-from breastfusion.training.data import load_resized
 from breastfusion.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,46 @@ def cases_from_input(path: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+ABSENT_CLINICAL = "absent_clinical_columns"
+
+
+def _near_miss(name: str, candidates: list[str]) -> str | None:
+    """The input column a user most likely meant for ``name`` ('Age' for 'age', 'breast_density' for 'density')."""
+    norm = re.sub(r"[^0-9a-z]", "", name.lower())
+    for c in candidates:
+        if re.sub(r"[^0-9a-z]", "", str(c).lower()) == norm:
+            return str(c)
+    close = difflib.get_close_matches(name.lower(), [str(c).lower() for c in candidates], n=1, cutoff=0.6)
+    if close:
+        return next(str(c) for c in candidates if str(c).lower() == close[0])
+    contains = [str(c) for c in candidates if len(norm) >= 3 and norm in re.sub(r"[^0-9a-z]", "", str(c).lower())]
+    return contains[0] if len(contains) == 1 else None
+
+
+def check_clinical_columns(expected: list[str], columns, *, source: str, model: str, strict: bool = False) -> list[str]:
+    """The ``expected`` clinical columns absent from an input table's ``columns``. Absent columns are scored as
+    unknown for every case, which silently turns a fusion model into an image model; so they are logged as a
+    warning naming the expected, found and missing columns (with near-miss suggestions), or, with ``strict``,
+    refused with a :class:`DataError`."""
+    present = set(map(str, columns))
+    missing = [c for c in expected if str(c) not in present]
+    if not missing:
+        return []
+    found = [c for c in feature_columns(pd.DataFrame(columns=list(columns))) if c not in expected]
+    hints = []
+    for c in missing:
+        near = _near_miss(str(c), found)
+        hints.append(f"'{c}'" + (f" (did you mean '{near}'?)" if near else ""))
+    shown = found[:30] + ([f"... {len(found) - 30} more"] if len(found) > 30 else [])
+    msg = (f"{source} lacks {len(missing)} of the {len(expected)} clinical column(s) that model '{model}' reads: "
+           f"{', '.join(hints)}; expected: {list(expected)}; found other columns: {shown}.")
+    if strict:
+        raise DataError(msg + " Refused (strict): rename the columns, or leave out --strict to score them as unknown.")
+    log.warning("%s Scoring every case with %s unknown (recorded in the '%s' output column).", msg,
+                "that value" if len(missing) == 1 else "those values", ABSENT_CLINICAL)
+    return missing
+
+
 class Predictor:
     """Class probabilities from a bundle. ``Predictor.load(path).predict(input)`` returns a DataFrame with
     ``case_id, image_path, prob_<class>..., predicted`` (and ``label`` when the input had one).
@@ -84,6 +128,7 @@ class Predictor:
         self._mean_np, self._std_np = self.mean.numpy(), self.std.numpy()
         self.radiomics = (bundle.meta.get("features") or {}).get("radiomics")
         self.last_skipped: pd.DataFrame = pd.DataFrame(columns=[CASE_ID, IMAGE_PATH, "reason"])
+        self.last_absent: list[str] = []  # clinical columns the last input table lacked
         self.classical = None
         self.model_name = bundle.meta["model"]["variant"]
         if model is not None and model != self.model_name:
@@ -121,6 +166,17 @@ class Predictor:
     @property
     def classes(self) -> list[str]:
         return self.bundle.classes
+
+    @property
+    def expected_clinical(self) -> list[str]:
+        """Clinical columns the chosen model reads from an input table (radiomics come from the masks)."""
+        if self.classical is None and (not self.model.uses_tabular or self.bundle.tabular is None):
+            return []
+        cols = (self.bundle.meta.get("features") or {}).get("clinical_columns")
+        if cols is None and self.bundle.tabular is not None:  # bundles without the list: preprocessor less radiomics
+            rad = set((self.radiomics or {}).get("columns") or [])
+            cols = [c for c in self.bundle.tabular.columns_ if c not in rad and not str(c).startswith("rad_")]
+        return list(cols or [])
 
     # -- row preparation ---------------------------------------------------------------------------------
 
@@ -181,8 +237,12 @@ class Predictor:
             probs[good] = predict_proba_frame(self.classical, pd.concat(rows), self.classes).to_numpy()
         return probs
 
+    #: Largest image scored (width x height), as ``serve --max-pixels``; checked before decoding.
+    max_pixels: int | None = MAX_SCORED_PIXELS
+
     def _load_image(self, path: str) -> np.ndarray:
-        return load_resized(path, self.size)
+        # training's load_resized, decoded with bounded memory; too small, blank and too large images are skipped
+        return load_for_scoring(path, self.size, max_pixels=self.max_pixels)
 
     # -- scoring ---------------------------------------------------------------------------------------------
 
@@ -204,12 +264,25 @@ class Predictor:
         x_tab = torch.from_numpy(tab).to(self.device) if tab is not None else None
         return torch.softmax(self.model(x_img, x_tab).float(), dim=1).cpu().numpy()
 
-    def predict_cases(self, cases: pd.DataFrame, *, progress: bool = False) -> pd.DataFrame:
-        """Score a cases table. Bad rows are skipped and listed in ``self.last_skipped`` (and logged)."""
+    def predict_cases(self, cases: pd.DataFrame, *, progress: bool = False, strict: bool = False,
+                      source: str = "input table", images_only: bool = False) -> pd.DataFrame:
+        """Score a cases table. Bad rows are skipped and listed in ``self.last_skipped`` (and logged).
+
+        Clinical columns the model reads but the table lacks are scored as unknown, logged, and named in an
+        ``absent_clinical_columns`` output column; ``strict=True`` refuses such a table instead. ``images_only``:
+        the input was images without a table, the documented "no clinical data" case (said once, in the log)."""
         from tqdm.auto import tqdm
 
         if len(cases) == 0:
             raise DataError("Nothing to predict: the input holds no cases.")
+        self.last_absent = []
+        expected = self.expected_clinical
+        if expected and images_only:
+            log.info("%s is image(s) without a table: scored as 'no clinical data' (model '%s' also reads %s; "
+                     "give a cases table with those columns to use them).", source, self.model_name, expected)
+        elif expected:
+            self.last_absent = check_clinical_columns(expected, cases.columns, source=source, model=self.model_name,
+                                                      strict=strict)
         cases = cases.reset_index(drop=True).copy()
         cases[CASE_ID] = cases[CASE_ID].astype(str)
         if cases[CASE_ID].duplicated().any():
@@ -273,26 +346,85 @@ class Predictor:
         out = out[ok].reset_index(drop=True)
         out["predicted"] = np.asarray(self.classes, dtype=object)[probs[ok].argmax(1)] if ok.any() else []
         out["model"] = self.model_name
+        if self.last_absent:
+            out[ABSENT_CLINICAL] = ", ".join(map(str, self.last_absent))
         if sets is not None:
             out["prediction_set"], out["set_size"], out["refer"] = sets
-            out["calibrated"] = True
+            from breastfusion.evaluation.calibration import calibration_status
+
+            out["calibrated"] = calibration_status(cal)[0]  # False when the temperature fit was refused (T = 1)
         if self.bundle.synthetic:
             out["synthetic_model"] = True
         return out
 
-    def predict(self, source: str | Path | pd.DataFrame, *, progress: bool = False) -> pd.DataFrame:
-        cases = source if isinstance(source, pd.DataFrame) else cases_from_input(source)
-        return self.predict_cases(cases, progress=progress)
+    def predict(self, source: str | Path | pd.DataFrame, *, progress: bool = False,
+                strict: bool = False) -> pd.DataFrame:
+        """Score an image, a folder of images, a cases table file or a DataFrame; ``strict``: refuse a table
+        that lacks clinical columns the model reads (see :meth:`predict_cases`)."""
+        if isinstance(source, pd.DataFrame):
+            return self.predict_cases(source, progress=progress, strict=strict)
+        path = Path(source)
+        images_only = not (path.is_file() and path.suffix.lower() in TABLE_SUFFIXES)
+        return self.predict_cases(cases_from_input(path), progress=progress, strict=strict,
+                                  source=f"input '{path}'", images_only=images_only)
+
+
+def _has_openpyxl() -> bool:
+    return importlib.util.find_spec("openpyxl") is not None
+
+
+def _writers() -> dict:
+    w = {".csv": lambda df, p: df.to_csv(p, index=False),
+         ".tsv": lambda df, p: df.to_csv(p, index=False, sep="\t"),
+         ".parquet": lambda df, p: df.to_parquet(p, index=False),
+         ".pq": lambda df, p: df.to_parquet(p, index=False)}
+    if _has_openpyxl():
+        w[".xlsx"] = lambda df, p: df.to_excel(p, index=False, engine="openpyxl")
+    return w
+
+
+def _writer_for(out: Path):
+    writers = _writers()
+    suffix = out.suffix.lower()
+    if suffix not in writers:
+        hint = " (.xlsx needs the openpyxl package: pip install openpyxl)" if suffix in (".xlsx", ".xls") and \
+            ".xlsx" not in writers else ""
+        raise DataError(f"Output '{out}': unsupported file type '{suffix or '(no extension)'}'{hint}; "
+                        f"supported: {', '.join(writers)}.")
+    return writers[suffix]
+
+
+def check_output_path(out: str | Path) -> Path:
+    """Check, before any work, that predictions can be written to ``out``: a supported file type, not a folder,
+    under a folder that exists or can be made, and writable (probed with a temporary file, which also catches a
+    read-only file system for root)."""
+    out = Path(out)
+    if out.is_dir():
+        raise DataError(f"Output '{out}' is a folder; give a file name, e.g. '{out / 'predictions.csv'}'.")
+    _writer_for(out)
+    for anc in (out.parent, *out.parent.parents):
+        if anc.exists():
+            if not anc.is_dir():
+                raise DataError(f"Output '{out}' cannot be written: '{anc}' is a file, not a folder.")
+            break
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise DataError(f"Output '{out}' cannot be written: {exc.strerror or exc} "
+                        f"(folder '{out.parent}').") from None
+    return out
 
 
 def write_predictions(preds: pd.DataFrame, skipped: pd.DataFrame, out: str | Path) -> tuple[Path, Path | None]:
-    """Write predictions (CSV or Parquet by suffix) and, when rows were skipped, ``<out>.skipped.csv``."""
+    """Write predictions (CSV, TSV, Parquet, or Excel when openpyxl is installed, by suffix; any other suffix is
+    refused) and, when rows were skipped, ``<out>.skipped.csv``."""
     out = Path(out)
+    writer = _writer_for(out)
     with atomic_path(out) as tmp:
-        if out.suffix.lower() in (".parquet", ".pq"):
-            preds.to_parquet(tmp, index=False)
-        else:
-            preds.to_csv(tmp, index=False)
+        writer(preds, tmp)
     skipped_path = out.with_name(out.name + ".skipped.csv")
     if len(skipped):
         with atomic_path(skipped_path) as tmp:
