@@ -67,15 +67,18 @@ def numeric_for_classical(table: pd.DataFrame, *, missing_values: list[str] | No
 
 
 def numeric_like(table: pd.DataFrame, features: list[str], *, source: str = "input",
-                 missing_values: list[str] | None = None) -> pd.DataFrame:
+                 missing_values: list[str] | None = None,
+                 text_as_missing: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Rebuild the columns :func:`numeric_for_classical` produced at training (``features``) for new rows.
 
     ``col=cat`` columns are one-hot indicators (NaN when the cell is missing); other columns are numbers (a
     missing token, default
     :data:`~breastfusion.features.column_types.DEFAULT_MISSING_VALUES`, is NaN). A value that is not a number, or a category
-    never seen in training, raises :class:`DataError` naming row and column.
+    never seen in training, raises :class:`DataError` naming row and column. ``text_as_missing``: per column, the
+    text that training read as missing in a mostly-numeric column (as the fitted preprocessor records it).
     """
     tok = missing_tokens(missing_values)
+    text_as_missing = text_as_missing or {}
     out = {}
     ids = list(table.index)
     onehot: dict[str, list[str]] = {}
@@ -90,7 +93,8 @@ def numeric_like(table: pd.DataFrame, features: list[str], *, source: str = "inp
             present = [v for v in s if not is_missing(v, tok)]
             kind = "bool" if present and not pd.api.types.is_numeric_dtype(s) and all(
                 yes_no(v) is not None for v in present) else "numeric"
-            out[f] = parse_numbers(s, f, kind, tok, source=source, row_ids=ids)
+            out[f] = parse_numbers(s, f, kind, tok, text_as_missing=text_as_missing.get(f, ()), source=source,
+                                   row_ids=ids)
         elif "=" in f and f.split("=", 1)[0] in table.columns:
             col, cat = f.split("=", 1)
             s = table[col]

@@ -224,12 +224,16 @@ class Predictor:
         clinical = (self.bundle.meta.get("features") or {}).get("clinical_columns", [])
         table = self._tabular_table(cases, skipped, clinical)
         probs = np.full((len(cases), len(self.classes)), np.nan)
+        # Read cells as training did: the run's missing tokens and the text it read as missing, both recorded
+        # by the bundle's fitted preprocessing (bundles without it: the defaults).
+        pre = self.bundle.tabular
+        reading = {} if pre is None else {"missing_values": pre.missing_values, "text_as_missing": pre.text_as_missing_}
         rows, good = [], []
         for i, cid in enumerate(table.index):
             if cid in skipped:
                 continue
             try:
-                rows.append(numeric_like(table.iloc[[i]], self.classical_features))
+                rows.append(numeric_like(table.iloc[[i]], self.classical_features, **reading))
                 good.append(i)
             except DataError as exc:
                 skipped[cid] = str(exc)

@@ -386,7 +386,9 @@ class ServeModel:
             more = f" (and {len(self.fields) - 40} more)" if len(self.fields) > 40 else ""
             raise InputError(f"Unknown clinical field '{unknown[0][:100]}'; this bundle expects: {expected}{more}.",
                              field=unknown[0][:100])
-        values = {f.name: self._check_value(f, raw[f.name]) if f.name in raw else None for f in self.fields}
+        pre = self.bundle.tabular
+        is_missing = pre.is_missing if pre is not None else _is_missing  # the bundle's own missing tokens
+        values = {f.name: self._check_value(f, raw[f.name], is_missing) if f.name in raw else None for f in self.fields}
         out_warnings = []
         missing = [k for k, v in values.items() if v is None]
         if missing:
@@ -401,13 +403,13 @@ class ServeModel:
         return values, out_warnings
 
     @staticmethod
-    def _check_value(f: FieldSpec, v: Any):
+    def _check_value(f: FieldSpec, v: Any, is_missing=_is_missing):
         name = f.name
         if isinstance(v, str):
             if len(v) > MAX_VALUE_CHARS:
                 raise InputError(f"Field '{name}': value longer than {MAX_VALUE_CHARS} characters.", field=name)
             v = v.strip()
-        if _is_missing(v):
+        if is_missing(v):
             return None
         if f.kind == "numeric":
             if isinstance(v, bool):
