@@ -241,6 +241,18 @@ def test_partial_success_is_zero_and_says_how_many_were_skipped(bundle, images, 
     assert "scored 2 case(s)" in captured.out and "skipped 1 case(s)" in captured.err
 
 
+
+def test_predict_caps_pixels_like_the_service(bundle, images, tmp_path, capsys):
+    """Item 8: the CLI caps image size as `serve --max-pixels` does; an image over the cap is skipped with the
+    reason, before it is decoded (64 x 64 = 4096 pixels here)."""
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(bundle), str(images[0]), "--out", str(out), "--quiet", "--max-pixels", "4000"]) == 2
+    skipped = pd.read_csv(tmp_path / "p.csv.skipped.csv")
+    assert "4,096 pixels" in skipped["reason"][0] and "4,000" in skipped["reason"][0]
+    assert main(["predict", str(bundle), str(images[0]), "--out", str(out), "--quiet", "--max-pixels", "5000"]) == 0
+    assert main(["predict", str(bundle), str(images[0]), "--out", str(out), "--max-pixels", "0"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
 # -- item 10: config overrides and files ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, needle", [("a=[1", "a=[1"), ("train.batch_size", "key=value"),

@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from breastfusion.errors import BreastfusionError
+from breastfusion.data.images import MAX_SCORED_PIXELS
+from breastfusion.errors import BreastfusionError, DataError
 
 log = logging.getLogger("breastfusion.cli")
 
@@ -106,6 +107,9 @@ def cmd_predict(args) -> int:
             predictor.last_stacks.to_csv(tmp, index=False)
         print(f"per-stack probabilities and attention → {stacks_path}")
     else:
+        if args.max_pixels < 1:
+            raise DataError(f"--max-pixels must be a positive number of pixels; got {args.max_pixels}.")
+        predictor.max_pixels = args.max_pixels
         preds = predictor.predict(args.input, progress=not args.quiet, strict=args.strict)
         absent = predictor.last_absent
         out, skipped = write_predictions(preds, predictor.last_skipped, args.out)
@@ -199,8 +203,6 @@ def cmd_calibrate(args) -> int:
 def _read_oof_predictions(path: Path, classes: list[str]):
     """Out-of-fold predictions for ``calibrate``, checked: a CSV with ``label`` and one ``prob_<class>`` per class."""
     import pandas as pd
-
-    from breastfusion.errors import DataError
 
     if path.is_dir():
         raise DataError(f"Predictions '{path}' is a folder; give its CSV file, e.g. RUN/predictions/fusion.csv.")
@@ -425,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="deep model forward pass: torch, or onnx (ONNX Runtime on CPU; needs 'breastfusion export')")
+    p.add_argument("--max-pixels", type=int, default=MAX_SCORED_PIXELS,
+                   help=f"largest image scored, width x height, checked before decoding; larger ones are skipped "
+                        f"with the reason (default {MAX_SCORED_PIXELS:,}, as serve)")
     p.add_argument("--strict", action="store_true",
                    help="refuse a cases table (or histology --cases table) that lacks clinical columns the model "
                         "reads (default: warn, score them as unknown and name them in the output column "
@@ -468,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each loads the bundle)")
     p.add_argument("--max-upload-mb", type=float, default=10, help="largest accepted file (default 10 MiB)")
-    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image, width x height")
+    p.add_argument("--max-pixels", type=int, default=MAX_SCORED_PIXELS,
+                   help=f"largest accepted image, width x height (default {MAX_SCORED_PIXELS:,})")
     p.add_argument("--timeout", type=float, default=30, help="seconds one prediction may take (504 after)")
     p.add_argument("--max-concurrency", type=int, default=4, help="predictions computed at once per worker")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: every core)")

@@ -42,6 +42,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from breastfusion import __version__
+from breastfusion.data.images import MAX_SCORED_PIXELS
 from breastfusion.serve.engine import RESERVED_FIELDS, InputError, ServeModel
 
 log = logging.getLogger(__name__)
@@ -318,7 +319,7 @@ def field_view(engine: ServeModel) -> list[dict[str, Any]]:
              "about": info[f.name]["description"]} for f in engine.fields]
 
 
-def create_app(bundle_path: str | Path, *, max_upload_mb: float = 10, max_pixels: int = 40_000_000,
+def create_app(bundle_path: str | Path, *, max_upload_mb: float = 10, max_pixels: int = MAX_SCORED_PIXELS,
                timeout_s: float = 30, max_concurrency: int = 4, max_queue: int | None = None,
                threads: int | None = None, malloc_arenas: int | None = 2) -> FastAPI:
     """The service for one bundle, loaded once here (a bad bundle fails now, not on the first request).
