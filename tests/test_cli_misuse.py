@@ -248,7 +248,7 @@ def test_predict_caps_pixels_like_the_service(bundle, images, tmp_path, capsys):
     out = tmp_path / "p.csv"
     assert main(["predict", str(bundle), str(images[0]), "--out", str(out), "--quiet", "--max-pixels", "4000"]) == 2
     skipped = pd.read_csv(tmp_path / "p.csv.skipped.csv")
-    assert "4,096 pixels" in skipped["reason"][0] and "4,000" in skipped["reason"][0]
+    assert "4096 pixels" in skipped["reason"][0] and "limit is 4000" in skipped["reason"][0]
     assert main(["predict", str(bundle), str(images[0]), "--out", str(out), "--quiet", "--max-pixels", "5000"]) == 0
     assert main(["predict", str(bundle), str(images[0]), "--out", str(out), "--max-pixels", "0"]) == 2
     assert "Traceback" not in capsys.readouterr().err
