@@ -104,7 +104,7 @@ def _post(client, png, data=None, **kw):
 def test_health_fields_page_and_openapi(client):
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["classes"] == CLASSES and h["synthetic"] is True
-    assert h["bundle"] == "bundle" and h["version"] and h["calibrated"] is False
+    assert h["bundle"] == "bundle" and h["version"] and h["calibrated"] is False and h["prediction_sets"] is False
     fields = {f["name"]: f for f in client.get("/schema/fields").json()["fields"]}
     assert set(fields) == {"age", "density", "family_history"}
     assert fields["age"]["type"] == "number" and fields["density"]["categories"] == ["A", "B", "C", "D"]
@@ -130,7 +130,8 @@ def test_predict_form_fields_and_json_clinical_agree_with_batch_predictor(client
     assert set(res["probabilities"]) == set(CLASSES)
     assert abs(sum(res["probabilities"].values()) - 1) < 1e-5
     assert res["predicted"] == max(res["probabilities"], key=res["probabilities"].get)
-    assert res["prediction_set"] == [res["predicted"]] and res["calibrated"] is False and res["refer"] is None
+    assert res["prediction_set"] == [res["predicted"]] and res["prediction_sets"] is False and res["refer"] is None
+    assert res["calibrated"] is False
     assert res["synthetic_model"] is True and any("SYNTHETIC" in w for w in res["warnings"])
     assert res["explanation_png_base64"] is None and r.headers["cache-control"] == "no-store"
     r2 = _post(client, png, {"clinical": json.dumps({"age": 61, "density": "C", "family_history": True})})
@@ -273,9 +274,10 @@ def test_calibrated_bundle_returns_conformal_set_and_refer(tmp_path, png):
     path = make_bundle(tmp_path / "cal", calibration={"temperature": ts.to_dict(), "conformal": cp.to_dict()})
     with TestClient(create_app(path)) as c:
         h = c.get("/health").json()
-        assert h["calibrated"] is True and h["calibration"]["target_coverage"] == pytest.approx(0.9)
+        assert h["prediction_sets"] is True and h["calibration"]["target_coverage"] == pytest.approx(0.9)
+        assert h["calibrated"] is h["probabilities_calibrated"]  # one meaning, as predict's 'calibrated' column
         res = c.post("/predict", files={"image": ("x.png", png, "image/png")}).json()
-    assert res["calibrated"] is True and res["predicted"] in res["prediction_set"]
+    assert res["prediction_sets"] is True and res["predicted"] in res["prediction_set"]
     assert res["refer"] is (len(res["prediction_set"]) > 1)
     assert res["model_probabilities"] and abs(sum(res["probabilities"].values()) - 1) < 1e-6
     # random labels: the 90% set must hold more than one class, so the case is referred

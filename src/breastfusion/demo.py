@@ -24,7 +24,7 @@ def run_demo(out_dir: str | Path = "demo_run", *, n_cases: int = 120, n_new: int
              progress: bool = True) -> dict:
     """Synthetic cohort → audit → cross-validated models → report → bundle → prediction of new synthetic cases
     (a second cohort drawn with another seed, so the bundle scores cases it never saw)."""
-    from breastfusion.data.synthetic import make_synthetic_cohort
+    from breastfusion.data.synthetic import column_info, column_types, make_synthetic_cohort
     from breastfusion.inference.predictor import Predictor, write_predictions
     from breastfusion.pipeline import run_experiment
 
@@ -37,6 +37,9 @@ def run_demo(out_dir: str | Path = "demo_run", *, n_cases: int = 120, n_new: int
     if not (new_dir / "cases.csv").exists():
         make_synthetic_cohort(new_dir, n_cases=n_new, image_size=128, seed=1)
     cfg = load_config(None, DEMO_OVERRIDES + [f"data.source={data_dir / 'cases.csv'}"] + list(overrides or []))
+    # The generator knows each column's type and unit: declared, so nothing is guessed and the form shows units.
+    cfg.data.column_types = {**column_types(), **cfg.data.column_types}
+    cfg.data.column_info = {**column_info(), **cfg.data.column_info}
     result = run_experiment(cfg, out_dir / "run", resume=True, progress=progress)
     predictor = Predictor.load(result.bundle)
     preds = predictor.predict(new_dir / "cases.csv", progress=progress)

@@ -108,6 +108,20 @@ CATEGORIES = {
 }
 CLINICAL_COLUMNS: list[str] = list(_CLINICAL)
 BIOMARKER_COLUMNS: list[str] = list(_BIOMARKERS)
+
+
+def column_info() -> dict[str, dict[str, str | None]]:
+    """Unit and description of every synthetic clinical and biomarker column, as ``data.column_info`` takes them
+    (shown by the web form and the model card)."""
+    return {name: {"unit": unit or None, "description": desc}
+            for name, (_, unit, desc) in {**_CLINICAL, **_BIOMARKERS}.items()}
+
+
+def column_types() -> dict[str, str]:
+    """Declared types (``data.column_types``): the generator knows them, so nothing is left to inference (a count
+    such as parity, with few integer levels, would otherwise be flagged as possibly a code)."""
+    kinds = {"integer": "numeric", "numeric": "numeric", "boolean": "bool", "categorical": "categorical"}
+    return {name: kinds[kind] for name, (kind, _, _) in {**_CLINICAL, **_BIOMARKERS}.items()}
 FEATURE_INFO: dict[str, dict] = {
     name: {
         "group": group,

@@ -78,10 +78,12 @@ class HealthResponse(BaseModel):
     uses_image: bool
     uses_tabular: bool
     accepts_mask: bool
-    calibrated: bool = Field(description="true when the bundle carries conformal prediction sets (and so a referral "
-                                         "flag)")
-    probabilities_calibrated: bool = Field(description="true when a fitted temperature makes the probabilities "
-                                                       "calibrated; false: they are the model's own softmax")
+    calibrated: bool = Field(description="true when a fitted temperature makes the probabilities calibrated; "
+                                         "false: they are the model's own softmax (the same meaning as the "
+                                         "'calibrated' column of `breastfusion predict`)")
+    probabilities_calibrated: bool = Field(description="the same as calibrated (kept for clients that read it)")
+    prediction_sets: bool = Field(description="true when the bundle carries conformal prediction sets (and so a "
+                                              "referral flag)")
     calibration: dict[str, Any] | None = Field(None, description="temperature, conformal settings, status "
                                                                  "('calibrated'/'uncalibrated'), reason and warnings")
     explanation: str | None = Field(None, description="method of the optional explanation overlay")
@@ -127,9 +129,10 @@ class PredictResponse(BaseModel):
     prediction_set: list[str] = Field(description="conformal prediction set when calibrated, else the top class")
     refer: bool | None = Field(description="calibrated: true when the set holds more than one class; "
                                            "null when the bundle has no conformal calibration")
-    calibrated: bool = Field(description="true when the bundle carries conformal prediction sets")
-    probabilities_calibrated: bool = Field(description="false: the probabilities are the model's own softmax, not "
-                                                       "calibrated (calibration.reason says why)")
+    calibrated: bool = Field(description="true when the probabilities are temperature-calibrated; false: the "
+                                         "model's own softmax (calibration.reason says why); as `predict`'s column")
+    probabilities_calibrated: bool = Field(description="the same as calibrated (kept for clients that read it)")
+    prediction_sets: bool = Field(description="true when the bundle carries conformal prediction sets")
     calibration: dict[str, Any] | None = None
     model_probabilities: dict[str, float] | None = Field(None, description="before temperature scaling")
     explanation_png_base64: str | None = None
@@ -409,8 +412,8 @@ def create_app(bundle_path: str | Path, *, max_upload_mb: float = 10, max_pixels
         return HealthResponse(
             status="ok", bundle=engine.name, classes=engine.classes, synthetic=engine.synthetic, version=__version__,
             model=engine.predictor.model_name, image_size=engine.size, uses_image=engine.uses_image,
-            uses_tabular=engine.uses_tabular, accepts_mask=engine.accepts_mask, calibrated=engine.calibrated,
-            probabilities_calibrated=probs_calibrated, calibration=calibration, explanation=engine.explanation_method,
+            uses_tabular=engine.uses_tabular, accepts_mask=engine.accepts_mask, calibrated=probs_calibrated,
+            probabilities_calibrated=probs_calibrated, prediction_sets=engine.calibrated, calibration=calibration, explanation=engine.explanation_method,
             limits={"max_upload_mb": float(max_upload_mb), "max_pixels": float(max_pixels),
                     "timeout_s": float(timeout_s), "max_concurrency": float(max_concurrency),
                     "max_queue": float(max_queue)},
@@ -445,7 +448,9 @@ def create_app(bundle_path: str | Path, *, max_upload_mb: float = 10, max_pixels
         result = await run_bounded(engine.predict, image_bytes, values, mask_bytes=mask_bytes,
                                    explain=bool(explain or explain_form))
         result["warnings"] = field_warnings + result["warnings"]
-        result["probabilities_calibrated"], result["calibration"] = probs_calibrated, calibration
+        result["prediction_sets"] = result["calibrated"]  # the engine's flag: conformal sets present
+        result["calibrated"] = result["probabilities_calibrated"] = probs_calibrated
+        result["calibration"] = calibration
         if calibration is not None and not probs_calibrated:
             result["warnings"].append(f"Probabilities are the model's own, not calibrated: {calibration['reason']}.")
         if calibration is not None:

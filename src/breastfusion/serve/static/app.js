@@ -57,7 +57,7 @@ function pct(target) {
 function calibrationSummary(h) {
   if (!h.calibration) return "NOT calibrated: probabilities are the model's own; no prediction sets, no referral flag";
   const parts = [h.probabilities_calibrated ? "calibrated probabilities" : "probabilities NOT calibrated"];
-  if (h.calibrated) parts.push("conformal prediction sets at " + pct(h.calibration.target_coverage) + " coverage");
+  if (h.prediction_sets) parts.push("conformal prediction sets at " + pct(h.calibration.target_coverage) + " coverage");
   return parts.join(" · ");
 }
 
@@ -139,7 +139,7 @@ function render(res) {
     bars.appendChild(row);
   }
   $("set-line").textContent = "Prediction set: {" + res.prediction_set.join(", ") + "}" +
-    (res.calibrated ? " (conformal, " + pct(res.calibration.target_coverage) + " target coverage)"
+    (res.prediction_sets ? " (conformal, " + pct(res.calibration.target_coverage) + " target coverage)"
                     : " (no conformal calibration: top class only)");
   const warnings = $("warnings");
   warnings.textContent = "";
