@@ -29,6 +29,38 @@ class ColumnInfo(_Strict):
     description: str | None = Field(None, description="One line on what the value means or how it was measured.")
 
 
+class ColumnRoles(_Strict):
+    """What each non-input column of a clinical sheet is, so that nothing that carries the answer becomes an input
+    unnoticed. Columns named nowhere here are clinical inputs (or those of ``data.tabular_columns``)."""
+
+    reader_block: list[str] = Field(
+        default_factory=list,
+        description="The radiologist's reading of this image (BI-RADS lexicon descriptors: shape, margin, ...): "
+                    "a modality of its own, an input only when listed in data.tabular_columns, and then the "
+                    "report says the model reads the radiologist's reading.")
+    reader_score: str | None = Field(
+        None, description="The reader's own ordinal score (BI-RADS): never an input; every model is compared "
+                          "with it on the same cases.")
+    reader_score_order: list[str] | None = Field(
+        None, description="Levels of reader_score from least to most suspicious, e.g. ['2', '3', '4a', '4b', "
+                          "'4c', '5']; default: numeric order, then the text order of mixed values like '4a'.")
+    reader_positive: str | None = Field(
+        None, description="The class a high reader_score points to (default: 'malignant' when it is a class, else "
+                          "the last class); models are compared with the reader on P(this class).")
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="Columns that must never be inputs (how the truth was established, the histology, the "
+                    "radiologist's conclusion); naming one in data.tabular_columns is an error.")
+    intended: list[str] = Field(
+        default_factory=list,
+        description="Input columns the leakage guard flags but that are meant to be inputs (the run goes on and "
+                    "the report says so).")
+    leakage_auc: float = Field(
+        0.95, gt=0.5, le=1.0,
+        description="The leakage guard flags an input column whose AUC alone for the label, measured inside the "
+                    "training folds, reaches this value; the run stops unless the column is in 'intended'.")
+
+
 class DataConfig(_Strict):
     source: str | None = Field(None, description="Cases table (CSV/Parquet) or a BUSI-style folder.")
     labels: list[str] | None = Field(None, description="Class names in order; default: sorted labels found.")
@@ -44,10 +76,25 @@ class DataConfig(_Strict):
         default_factory=lambda: list(_DEFAULT_MISSING_VALUES),
         description="Text that means 'missing' in a clinical cell (stripped, case-insensitive; replaces the default "
                     "list, so keep the defaults you want). A number here (-999) also matches that number.")
-    column_types: dict[str, Literal["numeric", "bool", "categorical"]] = Field(
+    column_types: dict[str, Literal["numeric", "bool", "categorical", "multi", "ordinal"]] = Field(
         default_factory=dict,
-        description="Declared type of clinical columns (name: numeric | bool | categorical); the rest are inferred "
-                    "and an ambiguous one is reported in the audit and the run log.")
+        description="Declared type of clinical columns (name: numeric | bool | categorical | multi | ordinal); the "
+                    "rest are inferred and an ambiguous one is reported in the audit and the run log. 'multi': "
+                    "several values in one cell joined by multi_value_separator, read as one indicator per value; "
+                    "'ordinal': ordered levels (ordinal_levels), read as their rank.")
+    multi_value_separator: str = Field("&", min_length=1, description="Joins several values in one 'multi' cell.")
+    ordinal_levels: dict[str, list[str]] = Field(
+        default_factory=dict, description="Per ordinal column, its levels from lowest to highest, e.g. "
+                                          "{BIRADS: ['2', '3', '4a', '4b', '4c', '5']}.")
+    roles: ColumnRoles = Field(default_factory=ColumnRoles)
+    drop_labels: list[str] = Field(
+        default_factory=list,
+        description="Cases with these labels are set aside before anything else (logged and counted in the "
+                    "report), e.g. [normal] for a benign-vs-malignant study with 4 normal cases.")
+    pixel_size_column: str | None = Field(
+        None, description="Column holding each image's physical pixel size (isotropic), so shape radiomics come "
+                          "out in millimetres; its unit is pixel_size_unit.")
+    pixel_size_unit: Literal["mm", "cm", "um"] = "mm"
 
     @field_validator("column_types")
     @classmethod
