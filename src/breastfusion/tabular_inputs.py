@@ -10,11 +10,14 @@ import pandas as pd
 from breastfusion.data.cases import CASE_ID, feature_columns
 from breastfusion.errors import DataError
 from breastfusion.features.column_types import (
+    DEFAULT_SEPARATOR,
     category_key,
     infer_column_type,
     is_missing,
     missing_tokens,
+    ordinal_rank,
     report_ambiguous,
+    split_multi,
     yes_no,
 )
 from breastfusion.features.tabular import parse_numbers
@@ -39,36 +42,66 @@ def tabular_table(cases: pd.DataFrame, columns: list[str], handcrafted: pd.DataF
 
 
 def numeric_for_classical(table: pd.DataFrame, *, missing_values: list[str] | None = None,
-                          column_types: dict[str, str] | None = None) -> pd.DataFrame:
-    """Numeric view for scikit-learn pipelines: booleans → 0/1, categoricals → one-hot, missing stays NaN.
+                          column_types: dict[str, str] | None = None, separator: str = DEFAULT_SEPARATOR,
+                          ordinal_levels: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """Numeric view for scikit-learn pipelines: booleans → 0/1, categoricals → one-hot, multi-valued columns →
+    one indicator per value, ordinal columns → rank; missing stays NaN.
 
     Column types are read as :class:`TabularPreprocessor` reads them (missing tokens, declared types; an
     ambiguous column is logged), so a numeric column stays one numeric feature here too. No statistics are
     learned here (imputation and scaling happen inside each fold's pipeline); only the category vocabulary
-    is read, which uses no label information.
+    and the ordinal levels are read, which uses no label information. ``result.attrs['reading']`` holds what
+    :func:`numeric_like` needs to read new rows the same way (see :func:`classical_reading`).
     """
     tok = missing_tokens(missing_values)
     types = column_types or {}
+    levels = ordinal_levels or {}
     ids = list(table.index)
     out = {}
+    reading: dict = {"missing_values": list(tok.original), "text_as_missing": {}, "separator": separator,
+                     "multi": [], "ordinal_levels": {}}
     for c in table.columns:
         s = table[c]
-        ct = infer_column_type(s, str(c), tok, declared=types.get(c), row_ids=ids, source="tabular table")
+        ct = infer_column_type(s, str(c), tok, declared=types.get(c), row_ids=ids, source="tabular table",
+                               separator=separator, levels=levels.get(c))
         report_ambiguous(ct, codes_level=logging.INFO)
         if ct.kind == "categorical":
             keys = [None if is_missing(v, tok) else category_key(v) for v in s]
             for k in sorted({k for k in keys if k is not None}):
                 col = np.array([np.nan if key is None else float(key == k) for key in keys], dtype=float)
                 out[f"{c}={k}"] = col
+        elif ct.kind == "multi":
+            reading["multi"].append(str(c))
+            parts = [None if is_missing(v, tok) else split_multi(v, separator, tok) for v in s]
+            for k in sorted({k for p in parts if p for k in p}):
+                out[f"{c}={k}"] = np.array([np.nan if not p else float(k in p) for p in parts], dtype=float)
+        elif ct.kind == "ordinal":
+            reading["ordinal_levels"][str(c)] = list(ct.levels)
+            out[c] = np.array([np.nan if is_missing(v, tok) else ordinal_rank(v, ct.levels) for v in s], dtype=float)
         else:
+            if ct.text_as_missing:
+                reading["text_as_missing"][str(c)] = list(ct.text_as_missing)
             out[c] = parse_numbers(s, c, ct.kind, tok, text_as_missing=ct.text_as_missing,
                                    source="tabular table", row_ids=ids)
-    return pd.DataFrame(out, index=table.index)
+    frame = pd.DataFrame(out, index=table.index)
+    frame.attrs["reading"] = reading
+    return frame
+
+
+def classical_reading(pre) -> dict:
+    """How :func:`numeric_like` reads cells as training did, from a fitted TabularPreprocessor (or ``{}``)."""
+    if pre is None:
+        return {}
+    return {"missing_values": pre.missing_values, "text_as_missing": pre.text_as_missing_,
+            "separator": pre.multi_separator, "multi": [c for c, k in pre.kinds_.items() if k == "multi"],
+            "ordinal_levels": dict(pre.levels_)}
 
 
 def numeric_like(table: pd.DataFrame, features: list[str], *, source: str = "input",
                  missing_values: list[str] | None = None,
-                 text_as_missing: dict[str, list[str]] | None = None) -> pd.DataFrame:
+                 text_as_missing: dict[str, list[str]] | None = None, separator: str = DEFAULT_SEPARATOR,
+                 multi: list[str] | None = None,
+                 ordinal_levels: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Rebuild the columns :func:`numeric_for_classical` produced at training (``features``) for new rows.
 
     ``col=cat`` columns are one-hot indicators (NaN when the cell is missing); other columns are numbers (a
@@ -76,9 +109,14 @@ def numeric_like(table: pd.DataFrame, features: list[str], *, source: str = "inp
     :data:`~breastfusion.features.column_types.DEFAULT_MISSING_VALUES`, is NaN). A value that is not a number, or a category
     never seen in training, raises :class:`DataError` naming row and column. ``text_as_missing``: per column, the
     text that training read as missing in a mostly-numeric column (as the fitted preprocessor records it).
+    ``multi``: the multi-valued columns (cells split on ``separator``; a value never seen in training is an
+    error); ``ordinal_levels``: the levels of each ordinal column (a cell becomes its rank; another value is an
+    error). Both as ``numeric_for_classical(...).attrs['reading']`` records them.
     """
     tok = missing_tokens(missing_values)
     text_as_missing = text_as_missing or {}
+    multi_cols = set(multi or ())
+    levels = ordinal_levels or {}
     out = {}
     ids = list(table.index)
     onehot: dict[str, list[str]] = {}
@@ -87,7 +125,16 @@ def numeric_like(table: pd.DataFrame, features: list[str], *, source: str = "inp
             col, cat = f.split("=", 1)
             onehot.setdefault(col, []).append(cat)
     for f in features:
-        if f in table.columns:
+        if f in table.columns and f in levels:
+            ranks = []
+            for i, v in enumerate(table[f]):
+                r = None if is_missing(v, tok) else ordinal_rank(v, levels[f])
+                if r is None and not is_missing(v, tok):
+                    raise DataError(f"{source}, case '{ids[i]}', column '{f}': unknown level '{v}'; "
+                                    f"levels: {levels[f]}.")
+                ranks.append(np.nan if r is None else r)
+            out[f] = ranks
+        elif f in table.columns:
             s = table[f]
             # A yes/no word is 0/1 (a bool column at training); anything else must be a number.
             present = [v for v in s if not is_missing(v, tok)]
@@ -102,6 +149,14 @@ def numeric_like(table: pd.DataFrame, features: list[str], *, source: str = "inp
             for i, v in enumerate(s):
                 if is_missing(v, tok):
                     vals.append(np.nan)
+                    continue
+                if col in multi_cols:
+                    parts = split_multi(v, separator, tok)
+                    unknown = [k for k in parts if k not in onehot[col]]
+                    if unknown:
+                        raise DataError(f"{source}, case '{ids[i]}', column '{col}': unknown value '{unknown[0]}' "
+                                        f"in '{v}'; known: {onehot[col]}.")
+                    vals.append(float(cat in parts) if parts else np.nan)
                     continue
                 key = category_key(v)
                 if key not in onehot[col]:

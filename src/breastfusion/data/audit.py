@@ -673,6 +673,8 @@ def audit_cases(
     progress: bool = True,
     missing_values: list[str] | None = None,
     column_types: dict[str, str] | None = None,
+    separator: str = "&",
+    ordinal_levels: dict[str, list[str]] | None = None,
 ) -> AuditResult:
     """Audit a cases table: files, masks, duplicates, label conflicts, class balance, missing values.
 
@@ -681,6 +683,8 @@ def audit_cases(
     ``no_lesion_classes`` are labels whose masks must be empty; every other label must have a lesion.
     ``missing_values`` / ``column_types``: as ``data.missing_values`` / ``data.column_types``; each clinical
     column's type is read the way training will read it, and an ambiguous one is listed and logged.
+    ``separator`` / ``ordinal_levels``: as ``data.multi_value_separator`` / ``data.ordinal_levels`` (an undeclared
+    column whose cells hold the separator is listed as 'looks multi-valued', not split).
     """
     if not isinstance(cases, pd.DataFrame):
         raise TypeError(f"The cases table must be a pandas DataFrame. Got {type(cases).__name__} instead.")
@@ -817,7 +821,8 @@ def audit_cases(
     for col in feature_columns(df):
         s = pd.Series(df[col].to_numpy(), index=pd.Index(ids, name=CASE_ID), name=col)
         try:
-            ct = infer_column_type(s, str(col), missing_values, declared=declared.get(col), source="cases table")
+            ct = infer_column_type(s, str(col), missing_values, declared=declared.get(col), source="cases table",
+                                   separator=separator, levels=(ordinal_levels or {}).get(col))
         except DataError as exc:
             res.column_types[str(col)] = {"kind": declared.get(col), "declared": True, "error": str(exc),
                                           "flags": ["declared_type_contradicted"], "missing": None,
@@ -827,6 +832,8 @@ def audit_cases(
         else:
             report_ambiguous(ct)
             res.column_types[str(col)] = ct.to_dict()
+            if ct.kind == "multi":
+                res.column_types[str(col)]["separator"] = separator
             miss = ct.n_missing
         res.missing_values[str(col)] = {"missing": miss, "fraction": round(miss / len(df), 4)}
     for col in sorted(set(declared) - set(map(str, feature_columns(df)))):
@@ -980,7 +987,9 @@ def render_markdown(result: AuditResult) -> str:
                   "was decided by rule: check it, and declare its type in `data.column_types` if the rule is "
                   "wrong.", ""]
         lines += _md_table(["column", "type", "missing", "missing markers seen", "flag", "note"], [
-            [c, (v.get("kind") or "?") + (" (declared)" if v.get("declared") else ""), v.get("missing"),
+            [c, (v.get("kind") or "?") + (" (declared)" if v.get("declared") else "")
+             + (f" split at '{v['separator']}'" if v.get("separator") else "")
+             + (" levels " + " < ".join(map(str, v["levels"])) if v.get("levels") else ""), v.get("missing"),
              ", ".join(f"'{k}' x{n}" for k, n in (v.get("missing_tokens_seen") or {}).items()),
              ", ".join(v.get("flags") or []),
              v.get("note", "") + ("" if not v.get("examples") else " e.g. " + ", ".join(

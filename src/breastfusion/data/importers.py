@@ -68,8 +68,13 @@ def import_busi(path: str | Path) -> pd.DataFrame:
 
 
 def import_cases(path: str | Path, **kwargs) -> pd.DataFrame:
-    """Import a dataset from a cases table file (CSV/Parquet) or a BUSI-style folder."""
+    """Import a dataset from a cases table file (CSV/Parquet), a BrEaST-Lesions-USG folder (or its
+    ``clinical_data.csv``) or a BUSI-style folder."""
+    from breastfusion.data.breast_lesions_usg import find_root, import_breast_lesions_usg
+
     path = Path(path)
+    if find_root(path) is not None:
+        return import_breast_lesions_usg(path, **kwargs)
     if path.is_dir():
         return import_busi(path)
     return read_cases(path, **kwargs)

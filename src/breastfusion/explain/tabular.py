@@ -59,7 +59,7 @@ def feature_groups(pre, n_features: int | None = None) -> list[tuple[str, list[i
         return [(f"x{i}", [i]) for i in range(n_features)]
     groups, i = [], 0
     for c in pre.columns_:
-        width = len(pre.categories_.get(c, [])) if pre.kinds_[c] == "categorical" else 1
+        width = len(pre.categories_.get(c, [])) if pre.kinds_[c] in ("categorical", "multi") else 1
         groups.append((c, list(range(i, i + width + 1))))
         i += width + 1
     if i != pre.n_features_out_:
@@ -80,6 +80,13 @@ def decode_values(pre, row: np.ndarray) -> dict[str, str]:
         elif pre.kinds_[c] == "categorical":
             cats = pre.categories_[c]
             out[c] = cats[int(np.argmax(block[:-1]))] if len(cats) and block[:-1].max() > 0.5 else "?"
+        elif pre.kinds_[c] == "multi":  # every value whose indicator is set
+            on = [k for k, x in zip(pre.categories_[c], block[:-1]) if x > 0.5]
+            out[c] = pre.multi_separator.join(on) if on else "?"
+        elif pre.kinds_[c] == "ordinal":  # the level of the (unscaled) rank
+            levels = pre.levels_.get(c, [])
+            r = int(round(block[0] * pre.scales_[c] + pre.means_[c]))
+            out[c] = levels[r] if 0 <= r < len(levels) else "?"
         else:
             v = block[0] * pre.scales_[c] + pre.means_[c]
             if abs(v) < 1e-5 * (abs(pre.scales_[c]) + abs(pre.means_[c])):

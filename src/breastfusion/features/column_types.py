@@ -27,7 +27,17 @@ The rule (documented because it decides data)
    values (``>90``, ``66 yrs``, ``approx 50``) are read as missing, flagged ``text_in_numbers``. Only the
    values seen here are read as missing later; new text in that column at prediction is an error.
 5. Anything else -> ``categorical``; if some cells are numbers the column is flagged
-   ``mixed_numbers_and_text`` (``4a``, ``4b``, ``5``: BI-RADS with sub-categories).
+   ``mixed_numbers_and_text`` (``4a``, ``4b``, ``5``: BI-RADS with sub-categories). If some cells hold the
+   multi-value separator (``data.multi_value_separator``, ``skin retraction&palpable``) the column is flagged
+   ``looks_multi_valued``: it is NOT split (each combination stays one category) until it is declared ``multi``.
+
+Two kinds are only ever declared, never inferred:
+
+- ``multi``: several values in one cell joined by the separator; read as one 0/1 indicator per value.
+- ``ordinal``: ordered levels (``data.ordinal_levels``), read as their rank (0, 1, ...). A value that is not a
+  level is an error naming the case. Without declared levels, the levels are the values seen, in natural order
+  (numbers by value, then text: ``2 < 3 < 4a < 4b < 4c < 5``); that is a decision from data, so the column is
+  flagged ``ordinal_levels_inferred`` and reported.
 
 A flagged column is *ambiguous*: the decision is logged as a warning naming the column, the decision, the
 values behind it with a case where each occurs, and how to declare the type; the audit lists it too.
@@ -49,7 +59,8 @@ from breastfusion.features.missing_tokens import DEFAULT_MISSING_VALUES
 
 log = logging.getLogger(__name__)
 
-KINDS = ("numeric", "bool", "categorical")
+KINDS = ("numeric", "bool", "categorical", "multi", "ordinal")
+DEFAULT_SEPARATOR = "&"
 TRUE_WORDS = frozenset({"true", "yes", "y", "1", "t"})
 FALSE_WORDS = frozenset({"false", "no", "n", "0", "f"})
 NUMERIC_SHARE = 0.8
@@ -135,6 +146,7 @@ class ColumnType:
     flags: list = field(default_factory=list)
     examples: list = field(default_factory=list)          # (value, row) behind the flags
     note: str = ""
+    levels: list = field(default_factory=list)           # an ordinal column's levels, lowest first
 
     @property
     def ambiguous(self) -> bool:
@@ -144,17 +156,23 @@ class ColumnType:
         return {"kind": self.kind, "declared": self.declared, "n": self.n, "missing": self.n_missing,
                 "missing_tokens_seen": self.tokens_seen, "text_read_as_missing": self.text_as_missing,
                 "flags": self.flags, "examples": [{"value": v, "row": r} for v, r in self.examples],
-                "note": self.note}
+                "note": self.note, **({"levels": list(self.levels)} if self.kind == "ordinal" else {})}
 
     def message(self) -> str:
         ex = ", ".join(f"'{v}' ({r})" for v, r in self.examples)
         c = self.name
-        if "text_in_numbers" in self.flags:
+        if "ordinal_levels_inferred" in self.flags:
+            hint = f"To confirm or correct the order, list the levels in data.ordinal_levels: {{{c}: [...]}}."
+        elif "looks_multi_valued" in self.flags:
+            hint = (f"To read one indicator per value, declare data.column_types: {{{c}: multi}}; to keep each "
+                    f"combination as one category, declare {{{c}: categorical}}.")
+        elif "text_in_numbers" in self.flags:
             hint = (f"To confirm, list that text in data.missing_values; to make every value a category, declare "
                     f"data.column_types: {{{c}: categorical}}.")
         elif "mixed_numbers_and_text" in self.flags:
             hint = (f"To read numbers, fix the text or list it in data.missing_values and declare "
-                    f"data.column_types: {{{c}: numeric}}; to confirm, declare {{{c}: categorical}}.")
+                    f"data.column_types: {{{c}: numeric}}; for ordered levels ('4a' < '4b'), declare {{{c}: ordinal}} "
+                    f"with data.ordinal_levels; to confirm, declare {{{c}: categorical}}.")
         else:
             hint = (f"If these are codes, declare data.column_types: {{{c}: categorical}}; to confirm, declare "
                     f"{{{c}: numeric}}.")
@@ -171,9 +189,11 @@ def default_row_ids(s: pd.Series) -> list | None:
 
 
 def infer_column_type(s: pd.Series, name: str, tokens=None, *, declared: str | None = None,
-                      row_ids=None, source: str = "table") -> ColumnType:
+                      row_ids=None, source: str = "table", separator: str = DEFAULT_SEPARATOR,
+                      levels: list[str] | None = None) -> ColumnType:
     """Decide the type of column ``s`` by the rule in the module docstring; raise DataError for a declared
-    type the values contradict."""
+    type the values contradict. ``separator``: joins values of a multi-valued cell; ``levels``: the declared
+    levels of an ordinal column (``data.ordinal_levels``), lowest first."""
     tok = missing_tokens(tokens)
     if declared is not None and declared not in KINDS:
         raise DataError(f"data.column_types: column '{name}' is declared '{declared}'; expected one of {list(KINDS)}.")
@@ -201,6 +221,22 @@ def infer_column_type(s: pd.Series, name: str, tokens=None, *, declared: str | N
                 if not _yes_no(v):
                     bad = ((i, v), "is not a yes/no value")
                     break
+        elif declared == "ordinal":
+            if levels:
+                ct.levels = [str(x).strip() for x in levels]
+                known = {x.lower() for x in ct.levels}
+                for i, v in present:
+                    if category_key(v).lower() not in known:
+                        bad = ((i, v), f"is not one of its levels {ct.levels} (data.ordinal_levels)")
+                        break
+            else:
+                ct.levels = natural_levels(category_key(v) for _, v in present)
+                ct.flags.append("ordinal_levels_inferred")
+                ct.note = (f"declared ordinal without data.ordinal_levels: levels read from the data in natural "
+                           f"order, lowest first: {ct.levels}.")
+                ct.examples = [(lv, _row(next(i for i, v in present if category_key(v) == lv), row_ids))
+                               for lv in ct.levels[:_EXAMPLES]]
+                return ct
         if bad:
             (i, v), why = bad
             raise DataError(f"{source}, {_row(i, row_ids)}, column '{name}': '{v}' {why} (the column is declared "
@@ -248,7 +284,49 @@ def infer_column_type(s: pd.Series, name: str, tokens=None, *, declared: str | N
                    f"(each distinct value a category).")
     else:
         ct.note = "text values."
+    joined = [(i, v) for i, v in text if separator in str(v)]
+    if joined:
+        ct.flags.append("looks_multi_valued")
+        ct.note += (f" {len(joined)} cell(s) hold the separator '{separator}' and look like several values in one "
+                    f"cell; not split: each combination is one category.")
+        first = [(str(v).strip()[:60], _row(i, row_ids)) for i, v in joined[:3]]  # the joined cells first
+        ct.examples = first + [e for e in ct.examples if e[0] not in {v for v, _ in first}][:_EXAMPLES - len(first)]
     return ct
+
+
+def split_multi(v, separator: str = DEFAULT_SEPARATOR, tokens=None) -> list[str]:
+    """The values of a multi-valued cell, in cell order without repeats (a part that is a missing token is
+    dropped); [] for a missing cell."""
+    if is_missing(v, tokens):
+        return []
+    out: list[str] = []
+    for part in str(category_key(v)).split(separator):
+        k = part.strip()
+        if k and not is_missing(k, tokens) and k not in out:
+            out.append(k)
+    return out
+
+
+def _natural_key(text: str) -> tuple:
+    import re
+
+    parts = re.findall(r"\d+(?:\.\d+)?|\D+", text.strip().lower())
+    # a number part sorts before a text part at the same place, so '4' < '4a' < '4b' < '5'
+    return tuple((0, float(p), "") if p[0].isdigit() else (1, 0.0, p.strip()) for p in parts)
+
+
+def natural_levels(values: Iterable[str]) -> list[str]:
+    """Distinct values in natural order: numbers by value, then text (``2 < 3 < 4a < 4b < 4c < 5 < 10``)."""
+    return sorted({str(v).strip() for v in values if str(v).strip()}, key=lambda x: (_natural_key(x), x))
+
+
+def ordinal_rank(v, levels: list[str]) -> float | None:
+    """The rank (0 = lowest) of ``v`` among ``levels`` (stripped, case-insensitive), or None when not a level."""
+    key = category_key(v).lower()
+    for j, lv in enumerate(levels):
+        if lv.strip().lower() == key:
+            return float(j)
+    return None
 
 
 def _isnan(v) -> bool:

@@ -9,8 +9,12 @@ One row per case, columns prefixed ``rad_``:
   NaN when there is no lesion; downstream imputers fill them.
 
 Images are read as grey, scaled to [0, 255] and discretised with a fixed bin width (:data:`BIN_WIDTH`).
-Results are cached per case, keyed by the image and mask bytes and the extractor settings, so a re-run is
-instant and a killed run resumes where it stopped.
+Results are cached per case, keyed by the image and mask bytes, the pixel spacing and the extractor settings,
+so a re-run is instant and a killed run resumes where it stopped.
+
+Units: with a physical pixel size per case (``data.pixel_size_column``, see :func:`pixel_spacings_mm`) shape
+features come out in millimetres (area mm², perimeter and diameters mm); without one, in pixels. Every case of
+one table is in the same unit: a table where only some cases have a pixel size is refused.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ EXTRACTOR_SETTINGS = {
     "force2Ddimension": 0,
     "label": 1,
     "normalize": False,  # the [0, 255] scaling is done here, identically for every image
-    "resampledPixelSpacing": None,  # pixel units: BUSI has no physical spacing
+    "resampledPixelSpacing": None,  # no resampling; physical spacing, when known, is set on each image
     "distances": [1],
     "minimumROIDimensions": 2,
     "additionalInfo": False,
@@ -176,10 +180,12 @@ def _is_lesion(mask: np.ndarray) -> bool:
     return rows[-1] > rows[0] and cols[-1] > cols[0]
 
 
-def extract_arrays(image: np.ndarray, masks: list[np.ndarray], *, source: str = "image") -> dict[str, float]:
+def extract_arrays(image: np.ndarray, masks: list[np.ndarray], *, source: str = "image",
+                   spacing_mm: float | None = None) -> dict[str, float]:
     """Features of a grey ``image`` in [0, 255] and a list of boolean lesion masks (their union is the ROI).
 
-    ``masks=[]`` means "no lesion". ``source`` names the case in log and error messages.
+    ``masks=[]`` means "no lesion". ``source`` names the case in log and error messages. ``spacing_mm``: the
+    physical size of a (square) pixel, so shape features are in mm; None: in pixels.
     """
     import SimpleITK as sitk
 
@@ -203,6 +209,9 @@ def extract_arrays(image: np.ndarray, masks: list[np.ndarray], *, source: str = 
     row[N_LESIONS] = float(max(1, sum(_is_lesion(m.astype(bool)) for m in masks)))
     sitk_image = sitk.GetImageFromArray(image.astype(np.float32)[None])
     sitk_mask = sitk.GetImageFromArray(union.astype(np.uint8)[None])
+    if spacing_mm is not None:  # (x, y, z): in-plane pixel size; the single slice's thickness does not enter 2-D shape
+        for im in (sitk_image, sitk_mask):
+            im.SetSpacing((float(spacing_mm), float(spacing_mm), 1.0))
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
@@ -219,20 +228,20 @@ def extract_arrays(image: np.ndarray, masks: list[np.ndarray], *, source: str = 
     return row
 
 
-def extract_case(image_path: str | Path, mask_paths) -> dict[str, float]:
+def extract_case(image_path: str | Path, mask_paths, spacing_mm: float | None = None) -> dict[str, float]:
     """Radiomics of one case: ``{column: value}`` with the columns of :func:`radiomics_columns`.
 
     ``mask_paths``: one path, a ``;``-joined string or a list (their union is the lesion); ``''`` or ``[]``
     means "no lesion"; ``None``/NaN means "no mask available" (every value NaN, ``rad_mask_available`` 0).
     Raises :class:`DataError` naming the file for an unreadable image or mask, or a mask whose size
-    differs from the image's.
+    differs from the image's. ``spacing_mm``: pixel size in mm (shape features in mm), None for pixels.
     """
     masks = _mask_paths(mask_paths)
     if masks is None:
         return _nan_row(0.0)
     image = read_image(image_path, "gray") * np.float32(255.0)
     mask_arrays = [read_mask(p, image.shape) for p in masks]
-    return extract_arrays(image, mask_arrays, source=f"'{image_path}'")
+    return extract_arrays(image, mask_arrays, source=f"'{image_path}'", spacing_mm=spacing_mm)
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -249,9 +258,12 @@ def _file_digest(path: str | Path, what: str) -> str:
     return h.hexdigest()
 
 
-def case_key(image_path: str | Path, mask_paths: list[str]) -> str:
-    """Cache key of one case: hash of the image bytes, the mask bytes and the extractor settings."""
+def case_key(image_path: str | Path, mask_paths: list[str], spacing_mm: float | None = None) -> str:
+    """Cache key of one case: hash of the image bytes, the mask bytes, the pixel spacing and the extractor
+    settings (no spacing: the key of a pixel-unit case, as before spacing existed)."""
     h = hashlib.sha256(_settings_fingerprint().encode())
+    if spacing_mm is not None:
+        h.update(f"spacing_mm={float(spacing_mm)!r}".encode())
     h.update(_file_digest(image_path, "Image").encode())
     # The union and the lesion count do not depend on the order of the mask files.
     for digest in sorted(_file_digest(p, "Mask") for p in mask_paths):
@@ -283,23 +295,89 @@ def _write_cached(path: Path, row: dict[str, float], image_path: str) -> None:
         tmp.write_text(json.dumps(payload))
 
 
-def _extract_cached(case_id: str, image_path, mask_value, cache_dir: str | None):
+def _extract_cached(case_id: str, image_path, mask_value, cache_dir: str | None, spacing_mm: float | None = None):
     """Worker: (case_id, row, error message). Never raises for a bad case, so a batch never dies of one."""
     try:
         masks = _mask_paths(mask_value)
         if masks is None:
             return case_id, _nan_row(0.0), None
         if cache_dir is None:
-            return case_id, extract_case(image_path, masks), None
-        path = _cache_file(Path(cache_dir), case_key(image_path, masks))
+            return case_id, extract_case(image_path, masks, spacing_mm), None
+        path = _cache_file(Path(cache_dir), case_key(image_path, masks, spacing_mm))
         row = _read_cached(path)
         if row is None:
-            row = extract_case(image_path, masks)
+            row = extract_case(image_path, masks, spacing_mm)
             _write_cached(path, row, image_path)
         return case_id, row, None
     except Exception as exc:  # noqa: BLE001 - reported per case, the batch goes on
         msg = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
         return case_id, None, msg
+
+
+# ------------------------------------------------------------------------------------------------ units
+
+#: Millimetres per unit of ``data.pixel_size_unit``.
+MM_PER_UNIT = {"mm": 1.0, "cm": 10.0, "um": 1e-3}
+
+
+def pixel_spacings_mm(cases: pd.DataFrame, column: str | None, unit: str = "mm") -> list[float | None] | None:
+    """Each case's pixel size in mm from ``column`` (in ``unit``), or None (features in pixels) when no column
+    is named or the table lacks it entirely (logged). Cases with a missing or unusable pixel size, while others
+    have one, are refused with a DataError naming them: a table whose shape features mix mm and pixels is
+    silently wrong."""
+    from breastfusion.features.column_types import as_number, is_missing
+
+    if not column:
+        return None
+    if unit not in MM_PER_UNIT:
+        raise DataError(f"data.pixel_size_unit '{unit}': expected one of {sorted(MM_PER_UNIT)}.")
+    if column not in cases.columns:
+        logger.warning("data.pixel_size_column '%s' is not in the cases table: radiomics shape features are in "
+                       "pixels, not mm.", column)
+        return None
+    ids = cases[CASE_ID].astype(str).tolist() if CASE_ID in cases.columns else [str(i) for i in cases.index]
+    out, missing, bad = [], [], []
+    for cid, v in zip(ids, cases[column].tolist()):
+        x = None if is_missing(v) else as_number(v)
+        if is_missing(v):
+            missing.append(cid)
+        elif x is None or not math.isfinite(x) or x <= 0:
+            bad.append(f"{cid} ('{v}')")
+        out.append(None if x is None else x * MM_PER_UNIT[unit])
+    if bad:
+        raise DataError(f"Column '{column}' (pixel size in {unit}): not a positive number for case(s) "
+                        f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}.")
+    if missing and len(missing) == len(ids):
+        logger.warning("data.pixel_size_column '%s' is empty for every case: radiomics shape features are in "
+                       "pixels, not mm.", column)
+        return None
+    if missing:
+        raise DataError(f"Column '{column}' (pixel size) is missing for {len(missing)} of {len(ids)} case(s): "
+                        f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}. Shape features would mix "
+                        "mm and pixels; give those cases a pixel size or remove them.")
+    logger.info("Radiomics: pixel sizes from column '%s' (%s): %.4g to %.4g mm; shape features in mm.", column,
+                unit, min(out), max(out))
+    return out
+
+
+def units_meta(cases: pd.DataFrame, column: str | None, unit: str = "mm") -> dict:
+    """What a bundle records about its radiomics units, so prediction reads each case's pixel size the same way:
+    ``{"units": "mm", "pixel_size_column": ..., "pixel_size_unit": ...}`` or ``{"units": "pixel"}``."""
+    if pixel_spacings_mm(cases, column, unit) is None:
+        return {"units": "pixel"}
+    return {"units": "mm", "pixel_size_column": column, "pixel_size_unit": unit}
+
+
+def case_spacing_mm(value, column: str, unit: str) -> float:
+    """One case's pixel size in mm for a bundle whose shape features are in mm; DataError when missing or bad."""
+    from breastfusion.features.column_types import as_number, is_missing
+
+    x = None if is_missing(value) else as_number(value)
+    if x is None or not math.isfinite(x) or x <= 0:
+        raise DataError(f"column '{column}': pixel size '{value}' is missing or not a positive number; this "
+                        f"bundle's lesion shape features are in mm, so every case with a mask needs its pixel size "
+                        f"(in {unit}).")
+    return x * MM_PER_UNIT[unit]
 
 
 # ------------------------------------------------------------------------------------------------ batch
@@ -311,13 +389,16 @@ def extract_radiomics(
     cache_dir: str | Path | None = None,
     n_jobs: int = 1,
     progress: bool = True,
+    pixel_size_column: str | None = None,
+    pixel_size_unit: str = "mm",
 ) -> pd.DataFrame:
     """Radiomics of every case of a cases table: a float DataFrame indexed by ``case_id``.
 
     Columns are :func:`radiomics_columns`. A case whose image or mask cannot be used is logged and
     gets a row of NaN (the message is kept in ``result.attrs['radiomics_errors']``); if every case
     fails, :class:`DataError` is raised with the first message. With ``cache_dir``, each case's result
-    is stored as it is computed, so a re-run is instant and a killed run resumes.
+    is stored as it is computed, so a re-run is instant and a killed run resumes. ``pixel_size_column`` /
+    ``pixel_size_unit``: see :func:`pixel_spacings_mm`; ``result.attrs['units']`` is ``'mm'`` or ``'pixel'``.
     """
     if not isinstance(cases, pd.DataFrame):
         raise TypeError(f"The cases table must be a pandas DataFrame. Got {type(cases).__name__} instead.")
@@ -331,19 +412,20 @@ def extract_radiomics(
         raise DataError("The cases table has duplicate case_id values; radiomics rows are keyed by case_id.")
     mask_values = cases[MASK_PATH].tolist() if MASK_PATH in cases.columns else [math.nan] * len(ids)
     cache = str(cache_dir) if cache_dir is not None else None
-    tasks = list(zip(ids, cases[IMAGE_PATH].tolist(), mask_values))
+    spacings = pixel_spacings_mm(cases, pixel_size_column, pixel_size_unit)
+    tasks = list(zip(ids, cases[IMAGE_PATH].tolist(), mask_values, spacings or [None] * len(ids)))
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(tasks), desc="radiomics", unit="case", disable=not progress)
     results: dict[str, tuple] = {}
     if n_jobs == 1 or len(tasks) <= 1:
-        outputs = (_extract_cached(cid, img, msk, cache) for cid, img, msk in tasks)
+        outputs = (_extract_cached(cid, img, msk, cache, sp) for cid, img, msk, sp in tasks)
     else:
         from joblib import Parallel, delayed
 
         outputs = Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
-            delayed(_extract_cached)(cid, img, msk, cache) for cid, img, msk in tasks
+            delayed(_extract_cached)(cid, img, msk, cache, sp) for cid, img, msk, sp in tasks
         )
     for case_id, row, error in outputs:
         results[case_id] = (row, error)
@@ -361,6 +443,7 @@ def extract_radiomics(
     table = pd.DataFrame.from_records(rows, columns=columns, index=pd.Index(ids, name=CASE_ID)).astype("float64")
     table.attrs["radiomics_version"] = RADIOMICS_VERSION
     table.attrs["radiomics_errors"] = errors
+    table.attrs["units"] = "mm" if spacings else "pixel"
     if errors:
         logger.warning("Radiomics: %d of %d case(s) skipped; see the warnings above.", len(errors), len(tasks))
     return table

@@ -2,7 +2,8 @@
 
 Fitted on the training part only. Numeric columns: median imputation + standardisation + a missing
 indicator; booleans: 0/1 + indicator; categoricals: one-hot over the categories seen in training +
-indicator. Which type a column has, and which text means "missing", is decided in
+indicator; multi-valued columns (declared ``multi``): one 0/1 indicator per value seen in training +
+indicator; ordinal columns (declared ``ordinal``): the rank among the levels, then as numeric. Which type a column has, and which text means "missing", is decided in
 :mod:`breastfusion.features.column_types` (declared types win; ambiguous columns are logged). The fitted
 state is plain JSON (stored in bundles; nothing pickled) and carries the kinds and the missing tokens, so
 prediction reads a cell the way training did.
@@ -23,12 +24,15 @@ from breastfusion.features.column_types import (
     TRUE_WORDS,
     ColumnType,
     MissingTokens,
+    DEFAULT_SEPARATOR,
     category_key,
     default_row_ids,
     infer_column_type,
     is_missing,
     missing_tokens,
+    ordinal_rank,
     report_ambiguous,
+    split_multi,
     yes_no,
 )
 from breastfusion.features.missing_tokens import LEGACY_MISSING_VALUES
@@ -82,12 +86,16 @@ class TabularPreprocessor:
 
     ``missing_values``: text read as missing (stripped, case-insensitive; default
     :data:`~breastfusion.features.column_types.DEFAULT_MISSING_VALUES`). ``column_types``: declared kinds
-    (``numeric`` / ``bool`` / ``categorical``) of some columns; the rest are inferred.
+    (``numeric`` / ``bool`` / ``categorical`` / ``multi`` / ``ordinal``) of some columns; the rest are inferred.
+    ``multi_separator`` joins the values of a ``multi`` cell; ``ordinal_levels``: declared levels per ordinal
+    column (lowest first; without them the levels seen are put in natural order and reported).
     """
 
     unknown_category: str = "error"  # or "missing"
     missing_values: list[str] = field(default_factory=lambda: list(DEFAULT_MISSING_VALUES))
     column_types: dict[str, str] = field(default_factory=dict)
+    multi_separator: str = DEFAULT_SEPARATOR
+    ordinal_levels: dict[str, list[str]] = field(default_factory=dict)
     columns_: list[str] = field(default_factory=list)
     kinds_: dict[str, str] = field(default_factory=dict)
     medians_: dict[str, float] = field(default_factory=dict)
@@ -95,6 +103,7 @@ class TabularPreprocessor:
     scales_: dict[str, float] = field(default_factory=dict)
     categories_: dict[str, list[str]] = field(default_factory=dict)
     text_as_missing_: dict[str, list[str]] = field(default_factory=dict)
+    levels_: dict[str, list[str]] = field(default_factory=dict)  # fitted levels of each ordinal column
     types_: dict[str, ColumnType] = field(default_factory=dict, repr=False)  # this fit's decisions (not saved)
 
     def __post_init__(self) -> None:
@@ -116,14 +125,20 @@ class TabularPreprocessor:
             s = table[c]
             vocab = vocabulary[c] if vocabulary is not None and c in vocabulary.columns else s
             ct = infer_column_type(vocab, str(c), self._tokens, declared=self.column_types.get(c),
-                                   source="training table")
+                                   source="training table", separator=self.multi_separator,
+                                   levels=self.ordinal_levels.get(c))
             report_ambiguous(ct, codes_level=logging.INFO)
             self.types_[c] = ct
             self.kinds_[c] = ct.kind
             if ct.text_as_missing:
                 self.text_as_missing_[c] = list(ct.text_as_missing)
+            if ct.kind == "ordinal":
+                self.levels_[c] = list(ct.levels)
             if ct.kind == "categorical":
                 self.categories_[c] = sorted({category_key(v) for v in vocab if not is_missing(v, self._tokens)})
+            elif ct.kind == "multi":
+                self.categories_[c] = sorted({k for v in vocab for k in split_multi(v, self.multi_separator,
+                                                                                      self._tokens)})
             else:
                 x = self._numeric(s, c, ct.kind, source="training table", row_ids=default_row_ids(s))
                 finite = x[np.isfinite(x)]
@@ -136,8 +151,53 @@ class TabularPreprocessor:
         return self
 
     def _numeric(self, s: pd.Series, col: str, kind: str, source: str, row_ids=None) -> np.ndarray:
+        if kind == "ordinal":
+            return self._ranks(s, col, source, row_ids)
         return parse_numbers(s, col, kind, self._tokens, text_as_missing=self.text_as_missing_.get(col, ()),
                              source=source, row_ids=row_ids)
+
+    def _ranks(self, s: pd.Series, col: str, source: str, row_ids=None) -> np.ndarray:
+        """An ordinal column as ranks (NaN where missing). A value that is not a level: DataError naming the row,
+        or missing with a warning under ``unknown_category='missing'``."""
+        levels = self.levels_.get(col, [])
+        out = np.full(len(s), np.nan, dtype=np.float64)
+        for i, v in enumerate(s.tolist()):
+            if is_missing(v, self._tokens):
+                continue
+            r = ordinal_rank(v, levels)
+            if r is None:
+                if self.unknown_category == "missing":
+                    log.warning("%s, %s, column '%s': unknown level '%s' treated as missing", source,
+                                self._row(i, row_ids), col, v)
+                    continue
+                raise DataError(f"{source}, {self._row(i, row_ids)}, column '{col}': unknown level '{v}'; "
+                                f"levels: {levels}.")
+            out[i] = r
+        return out
+
+    def _multi(self, s: pd.Series, col: str, miss: np.ndarray, source: str, row_ids=None) -> np.ndarray:
+        """A multi-valued column as one 0/1 indicator per training value; ``miss`` is updated in place (a cell
+        whose every value is unknown, under ``unknown_category='missing'``, becomes missing)."""
+        cats = self.categories_[col]
+        index = {k: j for j, k in enumerate(cats)}
+        block = np.zeros((len(s), len(cats)), dtype=np.float32)
+        for i, v in enumerate(s.tolist()):
+            if miss[i]:
+                continue
+            parts = split_multi(v, self.multi_separator, self._tokens)
+            unknown = [k for k in parts if k not in index]
+            if unknown:
+                if self.unknown_category != "missing":
+                    raise DataError(f"{source}, {self._row(i, row_ids)}, column '{col}': unknown value "
+                                    f"'{unknown[0]}' in '{v}'; known: {cats}.")
+                log.warning("%s, %s, column '%s': unknown value(s) %s in '%s' ignored", source,
+                            self._row(i, row_ids), col, unknown, v)
+            known = [index[k] for k in parts if k in index]
+            if not known:
+                miss[i] = True
+                continue
+            block[i, known] = 1.0
+        return block
 
     def is_missing(self, v) -> bool:
         """Whether a cell is missing under this preprocessor's tokens."""
@@ -151,7 +211,7 @@ class TabularPreprocessor:
     def feature_names_(self) -> list[str]:
         names = []
         for c in self.columns_:
-            if self.kinds_[c] == "categorical":
+            if self.kinds_[c] in ("categorical", "multi"):
                 names += [f"{c}={k}" for k in self.categories_[c]]
             else:
                 names.append(c)
@@ -193,8 +253,12 @@ class TabularPreprocessor:
                         )
                     onehot[i, j] = 1.0
                 blocks.append(onehot)
+            elif self.kinds_[c] == "multi":
+                blocks.append(self._multi(s, c, miss, source, row_ids))
             else:
                 x = self._numeric(s, c, self.kinds_[c], source, row_ids)
+                if self.kinds_[c] == "ordinal":
+                    miss |= ~np.isfinite(x)  # an unknown level read as missing (unknown_category='missing')
                 x = np.where(np.isfinite(x), x, self.medians_[c])
                 blocks.append(((x - self.means_[c]) / self.scales_[c]).astype(np.float32)[:, None])
             blocks.append(miss.astype(np.float32)[:, None])
@@ -208,7 +272,8 @@ class TabularPreprocessor:
             "unknown_category": self.unknown_category, "columns": self.columns_, "kinds": self.kinds_,
             "medians": self.medians_, "means": self.means_, "scales": self.scales_, "categories": self.categories_,
             "missing_values": list(self.missing_values), "column_types": dict(self.column_types),
-            "text_as_missing": self.text_as_missing_,
+            "text_as_missing": self.text_as_missing_, "multi_separator": self.multi_separator,
+            "ordinal_levels": dict(self.ordinal_levels), "levels": self.levels_,
         }
 
     @classmethod
@@ -220,4 +285,8 @@ class TabularPreprocessor:
                    column_types=dict(d.get("column_types") or {}), columns_=list(d["columns"]),
                    kinds_=dict(d["kinds"]), medians_=dict(d["medians"]), means_=dict(d["means"]),
                    scales_=dict(d["scales"]), categories_={k: list(v) for k, v in d["categories"].items()},
-                   text_as_missing_={k: list(v) for k, v in (d.get("text_as_missing") or {}).items()})
+                   text_as_missing_={k: list(v) for k, v in (d.get("text_as_missing") or {}).items()},
+                   # bundles saved before multi/ordinal columns existed hold neither (and need neither)
+                   multi_separator=str(d.get("multi_separator") or DEFAULT_SEPARATOR),
+                   ordinal_levels={k: list(v) for k, v in (d.get("ordinal_levels") or {}).items()},
+                   levels_={k: list(v) for k, v in (d.get("levels") or {}).items()})

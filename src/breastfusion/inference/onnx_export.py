@@ -153,8 +153,8 @@ def _tabular_rows(bundle: Bundle, n: int, rng: np.random.Generator, width: int) 
     cols = {}
     for c in pre.columns_:
         kind = pre.kinds_[c]
-        if kind == "categorical":
-            cats = pre.categories_.get(c) or [None]
+        if kind in ("categorical", "multi", "ordinal"):  # a multi cell of one value; an ordinal level
+            cats = (pre.levels_.get(c) if kind == "ordinal" else pre.categories_.get(c)) or [None]
             vals = [cats[i] for i in rng.integers(0, len(cats), n)]
         elif kind == "bool":
             vals = [bool(v) for v in rng.integers(0, 2, n)]
