@@ -38,8 +38,24 @@ def cmd_audit(args) -> int:
     from breastfusion.data.audit import audit_cases, write_audit
     from breastfusion.data.importers import import_cases
 
-    cases = import_cases(args.source, require_labels=False) if Path(args.source).is_file() else import_cases(args.source)
-    result = audit_cases(cases)
+    cfg = None
+    if args.config or args.overrides:  # read the columns as training will (missing tokens, declared types, ...)
+        from breastfusion.config import load_config
+        from breastfusion.pipeline import drop_label_cases
+
+        cfg = load_config(args.config, args.overrides)
+    source = args.source or (cfg.data.source if cfg is not None else None)
+    if not source:
+        raise DataError("audit: give the data (a cases table or a dataset folder), or a --config with data.source.")
+    cases = import_cases(source, require_labels=False) if Path(source).is_file() else import_cases(source)
+    if cfg is None:
+        result = audit_cases(cases)
+    else:
+        cases, _ = drop_label_cases(cases, cfg.data.drop_labels)
+        d = cfg.data
+        result = audit_cases(cases, no_lesion_classes=tuple(d.no_lesion_labels), missing_values=d.missing_values,
+                             column_types=d.column_types, separator=d.multi_value_separator,
+                             ordinal_levels=d.ordinal_levels)
     md, js = write_audit(result, args.out)
     print(f"audit report: {md}\nmachine-readable: {js}")
     for k, v in result.summary.items():
@@ -197,6 +213,38 @@ def cmd_calibrate(args) -> int:
           f"{cal['conformal']['method']} sets "
           f"({per}) for coverage {cal['target_coverage']:.2f} (mean set size {cal['mean_set_size']:.2f} on "
           f"{cal['fitted_on']}); model card: {Path(args.bundle) / 'MODEL_CARD.md'}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    """External validation of a bundle on a labelled cohort from another site, without retraining."""
+    from breastfusion.evaluation.external import parse_mapping, validate_bundle
+
+    subgroups = [c.strip() for c in (args.subgroups or "").split(",") if c.strip()]
+    drop = [c.strip() for c in (args.drop_labels or "").split(",") if c.strip()]
+    res = validate_bundle(args.bundle, args.cohort, args.out, model=args.model, positive=args.positive,
+                          subgroups=subgroups, mapping=parse_mapping(args.map), drop_labels=drop,
+                          adapt_fraction=args.adapt_fraction, n_boot=args.n_boot, seed=args.seed,
+                          batch_size=args.batch_size, progress=not args.quiet)
+    s = res.summary
+    pooled, ci = s["metrics"]["pooled"], s["metrics"]["ci"]
+    print(f"{s['statement']} ({res.n_scored} case(s) scored)\n  report:      {res.report}\n"
+          f"  metrics:     {res.metrics_json}\n  predictions: {res.predictions}")
+    line = f"  macro-F1 {pooled['macro_f1']:.3f}"
+    if s["positive"]:
+        auc, c = pooled["per_class"][s["positive"]]["auc"], ci.get(f"auc[{s['positive']}]")
+        line += f"  AUC ({s['positive']}) {auc:.3f}" + (f" [{c[0]:.3f}, {c[1]:.3f}]" if c else "")
+        slope = s["calibration"]["per_class"][s["positive"]]["slope"]
+        line += f"  calibration slope {slope:.2f}"
+    print(line)
+    for f in res.findings:
+        print(f"  shift: {f}")
+    if res.adapted_bundle:
+        print(f"  site-adapted bundle: {res.adapted_bundle}")
+    if res.n_skipped:
+        print(f"skipped {res.n_skipped} case(s), reasons in {res.skipped}", file=sys.stderr)
+    if s["synthetic_bundle"]:
+        print("note: this bundle was trained on SYNTHETIC data", file=sys.stderr)
     return 0
 
 
@@ -404,8 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("audit", help="audit a dataset: bad files, masks, duplicates and near-duplicates, balance")
-    p.add_argument("source", help="cases table (CSV/Parquet) or BUSI-style folder")
+    p.add_argument("source", nargs="?", help="cases table (CSV/Parquet) or dataset folder (BUSI, BrEaST-Lesions-USG); "
+                                             "default: the config's data.source")
     p.add_argument("--out", required=True, help="folder for audit.md and audit.json")
+    _common_config_args(p)
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("train", help="cross-validated comparison of classical and deep models + bundle "
@@ -561,6 +611,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one threshold per class (Mondrian): every class covered at 1 - alpha, not only on average; "
                         "auto (default): when every class has enough cases")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("validate", help="external validation of a bundle on a labelled cohort from another site "
+                                        "(no retraining): metrics with CIs, calibration, coverage, subgroups, shift")
+    p.add_argument("bundle")
+    p.add_argument("cohort", help="labelled cases table (CSV/Parquet) or importable folder (e.g. BUSI layout)")
+    p.add_argument("--out", required=True, help="output folder: report.html, metrics.json, predictions.csv, figures/")
+    p.add_argument("--model", help="a classical model stored in the bundle (e.g. lgbm) instead of the deep model")
+    p.add_argument("--positive", help="positive class for the binary figures (default: malignant when present)")
+    p.add_argument("--subgroups", help="comma list of cohort columns to break the metrics down by (numeric columns "
+                                       "are cut into tertiles), e.g. center,age")
+    p.add_argument("--map", help="rename cohort labels to the bundle's: cohort_label=bundle_label,...")
+    p.add_argument("--drop-labels", help="comma list of cohort labels to set aside (e.g. normal)")
+    p.add_argument("--adapt-fraction", type=float, help="re-fit temperature and conformal thresholds on this "
+                   "fraction of the cohort's patients, judge on the rest, write DIR/adapted_bundle")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples over patients (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("synthetic", help="write a SYNTHETIC cohort: ultrasound + clinical, or H&E grading stacks")
     p.add_argument("out")

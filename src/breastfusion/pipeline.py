@@ -57,6 +57,25 @@ def resolve_classes(cases: pd.DataFrame, cfg: Config) -> list[str]:
     return list(cfg.data.labels)
 
 
+def drop_label_cases(cases: pd.DataFrame, drop: list[str]) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Set aside the cases whose label is in ``data.drop_labels`` (before the audit, splits and every model);
+    return the rest and the count per dropped label (logged, and shown in the report's dataset summary)."""
+    if not drop or LABEL not in cases.columns:
+        return cases, {}
+    lab = cases[LABEL].astype(str).str.strip()
+    gone = lab.isin([str(d).strip() for d in drop])
+    counts = {str(k): int(v) for k, v in lab[gone].value_counts().sort_index().items()}
+    absent = [d for d in drop if d not in counts]
+    if absent:
+        log.warning("data.drop_labels names label(s) no case has: %s", absent)
+    if gone.all():
+        raise DataError(f"data.drop_labels {list(drop)} sets aside every case ({len(cases)}); nothing is left.")
+    if gone.any():
+        log.info("data.drop_labels: set aside %d case(s) before anything else: %s", int(gone.sum()),
+                 ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return cases[~gone].reset_index(drop=True), counts
+
+
 def has_masks(cases: pd.DataFrame) -> bool:
     return MASK_PATH in cases.columns and any(mask_list(v) for v in cases[MASK_PATH])
 
@@ -80,7 +99,8 @@ def stage_audit(cases: pd.DataFrame, cfg: Config, run_dir: Path, resume: bool, p
         return g.reindex(cases[CASE_ID]), stored.get("summary", {})
     groups_path.unlink(missing_ok=True)  # the audit is redone: its groups must not count as finished meanwhile
     result = audit_cases(cases, no_lesion_classes=tuple(cfg.data.no_lesion_labels), progress=progress,
-                         missing_values=cfg.data.missing_values, column_types=cfg.data.column_types)
+                         missing_values=cfg.data.missing_values, column_types=cfg.data.column_types,
+                         separator=cfg.data.multi_value_separator, ordinal_levels=cfg.data.ordinal_levels)
     write_audit(result, out)
     # groups.csv marks a finished audit (resume); an audit that found unreadable images is redone next time
     refuse_unreadable(cases, result.unreadable, out / "audit.md", table_rows=table_rows)
@@ -125,22 +145,25 @@ def stage_radiomics(cases: pd.DataFrame, cfg: Config, run_dir: Path, progress: b
         return None
     from breastfusion.features.radiomics import extract_radiomics
 
-    feats = extract_radiomics(cases, cache_dir=run_dir / "features" / "radiomics_cache", progress=progress)
+    feats = extract_radiomics(cases, cache_dir=run_dir / "features" / "radiomics_cache", progress=progress,
+                              pixel_size_column=cfg.data.pixel_size_column, pixel_size_unit=cfg.data.pixel_size_unit)
     with atomic_path(run_dir / "features" / "radiomics.parquet") as tmp:
         feats.to_parquet(tmp)
     return feats
 
 
 def stage_classical(table: pd.DataFrame, cases: pd.DataFrame, splits: pd.DataFrame, classes: list[str], cfg: Config,
-                    run_dir: Path, resume: bool) -> tuple[dict[str, pd.DataFrame], dict[str, Path], list[str]]:
+                    run_dir: Path, resume: bool) -> tuple[dict[str, pd.DataFrame], dict[str, Path], list[str], dict]:
     """Out-of-fold predictions of each classical model, then the same model fitted on every case (saved with
-    skops for the bundle). Returns (predictions, model files, feature names)."""
+    skops for the bundle). Returns (predictions, model files, feature names, how cells were read: for the bundle,
+    so prediction reads multi-valued and ordinal cells the same way)."""
     from breastfusion.models.classical import adapt_to_size, fit_predict_oof, make_classical, save_classical
     from breastfusion.tabular_inputs import numeric_for_classical
 
     if table is None or table.shape[1] == 0 or not cfg.experiment.classical_models:
-        return {}, {}, []
-    X = numeric_for_classical(table, missing_values=cfg.data.missing_values, column_types=cfg.data.column_types)
+        return {}, {}, [], {}
+    X = numeric_for_classical(table, missing_values=cfg.data.missing_values, column_types=cfg.data.column_types,
+                              separator=cfg.data.multi_value_separator, ordinal_levels=cfg.data.ordinal_levels)
     y = cases.set_index(CASE_ID)[LABEL].reindex(X.index)
     out, files = {}, {}
     for name in cfg.experiment.classical_models:
@@ -156,7 +179,7 @@ def stage_classical(table: pd.DataFrame, cases: pd.DataFrame, splits: pd.DataFra
         if not (resume and model_path.exists()):
             save_classical(adapt_to_size(make_classical(name, seed=cfg.seed), len(X)).fit(X, y), model_path)
         files[name] = model_path
-    return out, files, list(X.columns)
+    return out, files, list(X.columns), X.attrs.get("reading", {})
 
 
 def stage_deep(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None, splits: pd.DataFrame,
@@ -225,7 +248,8 @@ def run_stages(cfg: Config, run_dir: Path) -> list:
     def any_of(*paths: Path) -> bool:
         return any(p.exists() for p in paths)
 
-    stages = [Stage("audit", "audit/", ("data.no_lesion_labels", "data.missing_values", "data.column_types"),
+    stages = [Stage("audit", "audit/", ("data.no_lesion_labels", "data.missing_values", "data.column_types",
+                                        "data.multi_value_separator", "data.ordinal_levels", "data.drop_labels"),
                     (run_dir / "audit" / "groups.csv").exists()),
               Stage("splits", "splits.csv", ("seed", "cv"), (run_dir / "splits.csv").exists())]
     names = cfg.experiment.classical_models
@@ -294,7 +318,9 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
     from breastfusion.evaluation.metrics import evaluate, to_jsonable
     from breastfusion.evaluation.report import write_report
     from breastfusion.features.radiomics import EXPERT_MASK_NOTE
-    from breastfusion.tabular_inputs import clinical_columns, tabular_table
+    from breastfusion.data.leakage import roles_section, run_leakage_guard
+    from breastfusion.data.roles import resolve_roles
+    from breastfusion.tabular_inputs import tabular_table
     from breastfusion.training.data import ImageCache
 
     t_start = time.perf_counter()
@@ -311,7 +337,15 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
         if not cfg.data.source:
             raise DataError("No data source: set data.source (a cases table or a BUSI-style folder).")
         cases = import_cases(cfg.data.source)
+    cases, dropped = drop_label_cases(cases, cfg.data.drop_labels)
     classes = resolve_classes(cases, cfg)
+    roles = resolve_roles(cases, cfg.data)  # a role naming a wrong column fails before hours of audit
+    if cfg.data.roles.reader_score:  # a reader score its order cannot place fails before any training
+        from breastfusion.evaluation.reader import check_reader_column
+
+        check_reader_column(cases, cfg.data.roles.reader_score, cfg.data.roles.reader_score_order,
+                            missing_values=cfg.data.missing_values, positive=cfg.data.roles.reader_positive,
+                            classes=classes)
     check_and_record(run_dir, cfg, run_stages(cfg, run_dir), {"cases": table_digest(cases)}, resume=resume)
     save_config(cfg, run_dir / "config.yaml")
     synthetic = is_synthetic(cases)
@@ -323,19 +357,21 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
     cases = cases.assign(dup_group=groups.to_numpy())
     write_cases(cases, run_dir / "cases.csv")
     splits = stage_splits(cases, cases.set_index(CASE_ID)["dup_group"], cfg, run_dir, resume)
+    # before any model trains: an input column that alone predicts the label stops the run (data/leakage.py)
+    leakage = run_leakage_guard(cases, roles.inputs, splits, classes, cfg.data, run_dir, seed=cfg.seed)
 
     t = time.perf_counter()
     radiomics = stage_radiomics(cases, cfg, run_dir, progress)
     timings["radiomics_s"] = time.perf_counter() - t
-    columns = clinical_columns(cases, cfg.data.tabular_columns)
+    columns = roles.inputs
     table = tabular_table(cases, columns, radiomics)
     if table.shape[1] == 0:
         table = None
 
     predictions: dict[str, pd.DataFrame] = {}
     t = time.perf_counter()
-    classical_preds, classical_files, classical_features = stage_classical(table, cases, splits, classes, cfg,
-                                                                           run_dir, resume)
+    classical_preds, classical_files, classical_features, classical_reading = stage_classical(
+        table, cases, splits, classes, cfg, run_dir, resume)
     predictions.update(classical_preds)
     timings["classical_s"] = time.perf_counter() - t
     cache = ImageCache(cfg.image.cache_size or int(round(cfg.image.size * 1.15)))
@@ -388,6 +424,7 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
                                          metrics=metrics.get(name), radiomics_used=radiomics is not None,
                                          clinical_cols=columns,
                                          classical={"files": classical_files, "features": classical_features,
+                                                    "reading": classical_reading,
                                                     "metrics": {k: metrics[k] for k in classical_files}},
                                          calibration=calibration,
                                          data_meta={"audit": audit_summary,
@@ -398,6 +435,16 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
     t = time.perf_counter()
     sections = bundle_sections(results, bundles, classes, cfg, run_dir, source=cases,
                                background=table.reset_index() if table is not None else None)
+    try:
+        sections.insert(0, roles_section(cases, roles, cfg.data, leakage))
+    except Exception as exc:  # noqa: BLE001 - a report section never loses the run
+        from breastfusion.evaluation.insight import failed_section
+
+        sections.insert(0, failed_section("column-roles", "Column roles", exc))
+    if cfg.data.roles.reader_score:  # every model vs the radiologist on the same out-of-fold cases
+        from breastfusion.evaluation.reader import run_reader_comparison
+
+        sections.append(run_reader_comparison(results, cases, cfg, run_dir))
     timings["report_sections_s"] = time.perf_counter() - t
 
     timings["total_s"] = time.perf_counter() - t_start
@@ -416,7 +463,8 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
         "patients": int(cases[PATIENT_ID].nunique()), "centres": sorted(cases["center"].unique().tolist()),
         "tabular columns": (0 if table is None else table.shape[1]), "clinical columns": len(columns),
         "radiomics": "from lesion masks" if radiomics is not None else "not used",
-        "audit": audit_summary, "timings (s)": {k: round(v, 1) for k, v in timings.items()},
+        "set aside (data.drop_labels)": dropped, "audit": audit_summary,
+        "timings (s)": {k: round(v, 1) for k, v in timings.items()},
     }
     report = write_report(run_dir / "report", title=f"breastfusion — {cfg.name}", model_results=results,
                           dataset_summary=summary, config_text=config_to_yaml(cfg), notes=notes, synthetic=synthetic,

@@ -148,7 +148,9 @@ def fit_grader(variant: str, cases: pd.DataFrame, stacks: pd.DataFrame, table: p
     pre = None
     if cols:
         pre = TabularPreprocessor(unknown_category=cfg.data.unknown_category,
-                                  missing_values=cfg.data.missing_values, column_types=cfg.data.column_types)
+                                  missing_values=cfg.data.missing_values, column_types=cfg.data.column_types,
+                                  multi_separator=cfg.data.multi_value_separator,
+                                  ordinal_levels=cfg.data.ordinal_levels)
         pre.fit(table.reindex(cases.loc[~val, CASE_ID].astype(str).tolist())[cols], cols, vocabulary=table[cols])
     label_of = dict(zip(cases[CASE_ID], y_case))
 
@@ -294,7 +296,9 @@ def stage_classical(cases, table, deep, splits, classes, cfg: Config, run_dir: P
     sets = {}
     if table is not None and table.shape[1]:
         sets[""] = numeric_for_classical(table, missing_values=cfg.data.missing_values,
-                                          column_types=cfg.data.column_types)
+                                          column_types=cfg.data.column_types,
+                                          separator=cfg.data.multi_value_separator,
+                                          ordinal_levels=cfg.data.ordinal_levels)
     if deep is not None:
         base = sets.get("")
         sets["+deep"] = deep.reindex(cases[CASE_ID]) if base is None else base.join(deep, how="left")

@@ -64,6 +64,13 @@ def cases_from_input(path: str | Path) -> pd.DataFrame:
 ABSENT_CLINICAL = "absent_clinical_columns"
 
 
+def _mask_given(value) -> bool:
+    """Whether a mask_path cell names at least one mask file ('' is "no lesion", NaN "no mask")."""
+    from breastfusion.features.radiomics import _mask_paths
+
+    return bool(_mask_paths(value))
+
+
 def _near_miss(name: str, candidates: list[str]) -> str | None:
     """The input column a user most likely meant for ``name`` ('Age' for 'age', 'breast_density' for 'density')."""
     norm = re.sub(r"[^0-9a-z]", "", name.lower())
@@ -188,9 +195,17 @@ class Predictor:
 
             rad_rows = []
             masks = cases[MASK_PATH] if MASK_PATH in cases.columns else [np.nan] * len(cases)
-            for cid, img, msk in zip(cases[CASE_ID], cases[IMAGE_PATH], masks):
+            # a bundle whose shape features are in mm reads each case's pixel size as training did
+            size_col = self.radiomics.get("pixel_size_column") if self.radiomics.get("units") == "mm" else None
+            sizes = cases[size_col] if size_col in cases.columns else [np.nan] * len(cases)
+            for cid, img, msk, size in zip(cases[CASE_ID], cases[IMAGE_PATH], masks, sizes):
                 try:
-                    rad_rows.append(extract_case(img, msk))
+                    spacing = None
+                    if size_col and _mask_given(msk):
+                        from breastfusion.features.radiomics import case_spacing_mm
+
+                        spacing = case_spacing_mm(size, size_col, self.radiomics.get("pixel_size_unit", "mm"))
+                    rad_rows.append(extract_case(img, msk, spacing))
                 except Exception as exc:  # noqa: BLE001 - reported per row
                     skipped[cid] = f"radiomics: {exc}"
                     rad_rows.append({})
@@ -226,8 +241,14 @@ class Predictor:
         probs = np.full((len(cases), len(self.classes)), np.nan)
         # Read cells as training did: the run's missing tokens and the text it read as missing, both recorded
         # by the bundle's fitted preprocessing (bundles without it: the defaults).
-        pre = self.bundle.tabular
-        reading = {} if pre is None else {"missing_values": pre.missing_values, "text_as_missing": pre.text_as_missing_}
+        # Multi-valued and ordinal columns likewise (their separator and levels); the classical models' own record
+        # of them wins (a bundle whose deep model reads no table has no fitted preprocessing).
+        from breastfusion.tabular_inputs import classical_reading
+
+        reading = classical_reading(self.bundle.tabular)
+        stored = ((self.bundle.meta.get("features") or {}).get("classical") or {}).get("reading")
+        if stored:
+            reading.update(stored)
         rows, good = [], []
         for i, cid in enumerate(table.index):
             if cid in skipped:

@@ -96,9 +96,11 @@ class FieldModel(BaseModel):
     label: str = Field(description="display name for people (the bundle's column_info, else the name humanised)")
     unit: str | None = Field(None, description="unit of the value, when the bundle declares one")
     about: str | None = Field(None, description="what the value means, when the bundle declares it")
-    kind: str = Field(description="numeric, bool or categorical")
+    kind: str = Field(description="numeric, bool, categorical, multi (several values joined by 'separator'), "
+                                  "ordinal (one of 'categories', lowest first) or pixel_size (needed with a mask)")
     type: str = Field(description="JSON type: number, boolean or string")
     categories: list[str] | None = None
+    separator: str | None = Field(None, description="joins several values of a multi field")
     median: float | None = None
     mean: float | None = None
     sd: float | None = None

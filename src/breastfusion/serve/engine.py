@@ -69,9 +69,10 @@ class FieldSpec:
     """One clinical input of a bundle, as the web form and the OpenAPI schema describe it."""
 
     name: str
-    kind: str  # numeric | bool | categorical
+    kind: str  # numeric | bool | categorical | multi | ordinal | pixel_size
     type: str  # number | boolean | string (JSON schema type)
-    categories: list[str] | None = None
+    categories: list[str] | None = None  # categories; a multi field's values; an ordinal field's levels
+    separator: str | None = None  # joins several values of a multi field
     median: float | None = None
     mean: float | None = None
     sd: float | None = None
@@ -81,11 +82,13 @@ class FieldSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "type": self.type, "categories": self.categories,
                 "median": self.median, "mean": self.mean, "sd": self.sd, "required": self.required,
-                "description": self.description}
+                "description": self.description, **({"separator": self.separator} if self.separator else {})}
 
     def json_schema(self) -> dict[str, Any]:
-        if self.kind == "categorical":
+        if self.kind in ("categorical", "ordinal"):
             return {"type": "string", "enum": list(self.categories or []), "description": self.description}
+        if self.kind == "multi":
+            return {"type": "string", "description": self.description}
         if self.kind == "bool":
             return {"type": "boolean", "description": self.description}
         return {"type": "number", "description": self.description}
@@ -341,6 +344,14 @@ class ServeModel:
                 cats = list(pre.categories_.get(c, []))
                 specs.append(FieldSpec(c, kind, "string", categories=cats,
                                        description=f"one of {cats}; leave out if unknown"))
+            elif kind == "multi":
+                cats, sep = list(pre.categories_.get(c, [])), pre.multi_separator
+                specs.append(FieldSpec(c, kind, "string", categories=cats, separator=sep,
+                                       description=f"one or more of {cats} joined by '{sep}'; leave out if unknown"))
+            elif kind == "ordinal":
+                levels = list(pre.levels_.get(c, []))
+                specs.append(FieldSpec(c, kind, "string", categories=levels,
+                                       description=f"one of {levels} (lowest first); leave out if unknown"))
             elif kind == "bool":
                 specs.append(FieldSpec(c, kind, "boolean", description="yes/no (true/false, 1/0); leave out if unknown"))
             else:
@@ -348,6 +359,12 @@ class ServeModel:
                 specs.append(FieldSpec(c, kind, "number", median=med, mean=mean, sd=sd,
                                        description=f"a number (training median {med:.4g}); leave out if unknown"
                                        if med is not None else "a number; leave out if unknown"))
+        rad = self.radiomics or {}
+        if rad.get("units") == "mm" and rad.get("pixel_size_column") and rad["pixel_size_column"] not in names:
+            # lesion shape features are in mm: a mask needs its image's pixel size, as in training
+            specs.append(FieldSpec(rad["pixel_size_column"], "pixel_size", "number",
+                                   description=f"physical size of a pixel in {rad.get('pixel_size_unit', 'mm')}; "
+                                               "needed with 'mask' (lesion shape features are in mm)"))
         return specs
 
     # -- clinical values ----------------------------------------------------------------------------------
@@ -411,7 +428,7 @@ class ServeModel:
             v = v.strip()
         if is_missing(v):
             return None
-        if f.kind == "numeric":
+        if f.kind in ("numeric", "pixel_size"):
             if isinstance(v, bool):
                 raise InputError(f"Field '{name}': expected a number, got {str(v).lower()}.", field=name)
             try:
@@ -420,6 +437,8 @@ class ServeModel:
                 raise InputError(f"Field '{name}': '{str(v)[:50]}' is not a number.", field=name) from None
             if not math.isfinite(x):
                 raise InputError(f"Field '{name}': {str(v)[:50]} is not a finite number.", field=name)
+            if f.kind == "pixel_size" and x <= 0:
+                raise InputError(f"Field '{name}': a pixel size must be positive, got {x:g}.", field=name)
             if f.sd and abs(x - (f.mean or 0.0)) / f.sd > MAX_Z:
                 raise InputError(f"Field '{name}': {x:g} is implausible (training median {f.median:.4g}).", field=name)
             return x
@@ -434,7 +453,20 @@ class ServeModel:
             if t in _FALSE or t == "off":
                 return False
             raise InputError(f"Field '{name}': '{str(v)[:50]}' is not a yes/no value (use true/false).", field=name)
-        # categorical
+        if f.kind == "multi":  # several values joined by the separator, each one seen in training
+            if not isinstance(v, str):
+                raise InputError(f"Field '{name}': expected values of {f.categories} joined by '{f.separator}', "
+                                 f"got {v!r:.50}.", field=name)
+            parts = [p.strip() for p in v.split(f.separator or "&") if p.strip()]
+            out = []
+            for part in parts:
+                folded = [c for c in (f.categories or []) if c.lower() == part.lower()]
+                if len(folded) != 1:
+                    raise InputError(f"Field '{name}': unknown value '{part[:50]}'; allowed: {f.categories} "
+                                     f"(several joined by '{f.separator}').", field=name)
+                out.append(folded[0])
+            return (f.separator or "&").join(out) if out else None
+        # categorical, or an ordinal level
         if isinstance(v, bool) or not isinstance(v, (str, int)):
             raise InputError(f"Field '{name}': expected one of {f.categories}, got {v!r:.50}.", field=name)
         s = str(v).strip()
@@ -469,8 +501,15 @@ class ServeModel:
                 mk = m.gray
                 mask = mk > 0.5 * max(float(mk.max()), 1e-6) if mk.max() > 0 else np.zeros(mk.shape, dtype=bool)
                 try:
+                    spacing = None
+                    if self.radiomics.get("units") == "mm":  # shape features in mm, as in training
+                        from breastfusion.features.radiomics import case_spacing_mm
+
+                        col = self.radiomics["pixel_size_column"]
+                        spacing = case_spacing_mm(values.get(col), col, self.radiomics.get("pixel_size_unit", "mm"))
                     with self._radiomics_lock:  # one shared PyRadiomics extractor, not documented as thread-safe
-                        rad = extract_arrays(gray * np.float32(255.0), [mask], source="uploaded image")
+                        rad = extract_arrays(gray * np.float32(255.0), [mask], source="uploaded image",
+                                             spacing_mm=spacing)
                 except DataError as exc:
                     raise InputError(f"'mask': {exc}", field="mask") from None
             else:

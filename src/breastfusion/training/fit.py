@@ -90,7 +90,9 @@ def fit_deep_model(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None
     if variant in ("fusion", "tabular"):
         cols = list(table.columns)
         pre = TabularPreprocessor(unknown_category=cfg.data.unknown_category,
-                                  missing_values=cfg.data.missing_values, column_types=cfg.data.column_types)
+                                  missing_values=cfg.data.missing_values, column_types=cfg.data.column_types,
+                                  multi_separator=cfg.data.multi_value_separator,
+                                  ordinal_levels=cfg.data.ordinal_levels)
         pre.fit(table.reindex(tr_cases[CASE_ID].astype(str).tolist()), cols, vocabulary=table)
     backbone, source = None, "none"
     data_cfg = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
@@ -145,14 +147,17 @@ def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | No
     feature_meta = {"clinical_columns": clinical_cols, "radiomics": None,
                     "column_info": resolve_column_info(list(clinical_cols or []), cfg.data.column_info)}
     if radiomics_used:
-        from breastfusion.features.radiomics import RADIOMICS_VERSION, radiomics_columns
+        from breastfusion.features.radiomics import RADIOMICS_VERSION, radiomics_columns, units_meta
 
-        feature_meta["radiomics"] = {"version": RADIOMICS_VERSION, "columns": radiomics_columns()}
+        # the unit of shape features, and where prediction reads each case's pixel size (mm bundles)
+        feature_meta["radiomics"] = {"version": RADIOMICS_VERSION, "columns": radiomics_columns(),
+                                     **units_meta(cases, cfg.data.pixel_size_column, cfg.data.pixel_size_unit)}
     extra_files = {}
     if classical and classical.get("files"):
         extra_files = {f"classical/{n}.skops": p for n, p in classical["files"].items()}
         feature_meta["classical"] = {"models": sorted(classical["files"]), "features": classical["features"],
-                                     "format": "skops", "metrics": classical.get("metrics", {})}
+                                     "format": "skops", "metrics": classical.get("metrics", {}),
+                                     "reading": classical.get("reading") or {}}  # multi/ordinal cells at prediction
     image_meta = {"size": cfg.image.size, "mean": fitted.data_cfg["mean"], "std": fitted.data_cfg["std"],
                   "interpolation": fitted.data_cfg.get("interpolation", "bicubic"), "color": "gray_to_rgb"}
     n_tab = fitted.tabular.n_features_out_ if fitted.tabular is not None else 0
@@ -160,6 +165,13 @@ def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | No
                 "inner_val_macro_f1": fitted.result.best_val_macro_f1, "seconds": round(fitted.result.seconds, 1),
                 "weights_init": fitted.weight_source,
                 "class_counts": {c: int((cases[LABEL] == c).sum()) for c in classes}}
+    from breastfusion.data.fingerprint import training_fingerprint
+
+    try:  # what `validate` compares a new site with; a bundle without it is still usable
+        training["data_fingerprint"] = training_fingerprint(fitted, cases.reset_index(drop=True), table, cfg,
+                                                            cache=cache, clinical_cols=clinical_cols)
+    except Exception as exc:  # noqa: BLE001 - reported here and, as "unavailable", by validate
+        log.warning("bundle %s: no training-data fingerprint (%s: %s)", name, type(exc).__name__, exc)
     path = save_bundle(run_dir / "bundles" / name, fitted.model, classes=classes, model_meta=model_meta(variant, cfg, n_tab),
                        image_meta=image_meta, tabular=fitted.tabular, feature_meta=feature_meta,
                        config_yaml=config_to_yaml(cfg), synthetic=synthetic, training=training,

@@ -31,7 +31,7 @@ function fieldInput(f, i) {
     hints.push("training median " + fmt(f.median) + (f.unit ? " " + f.unit : ""));
   }
   let input;
-  if (f.kind === "categorical") {
+  if (f.kind === "categorical" || f.kind === "ordinal") {
     input = el("select", { id, name: f.name, "data-kind": f.kind });
     input.appendChild(el("option", { value: "" }, "— unknown —"));
     for (const c of f.categories || []) input.appendChild(el("option", { value: c }, c));
@@ -40,6 +40,9 @@ function fieldInput(f, i) {
     input.appendChild(el("option", { value: "" }, "— unknown —"));
     input.appendChild(el("option", { value: "true" }, "yes"));
     input.appendChild(el("option", { value: "false" }, "no"));
+  } else if (f.kind === "multi") {
+    input = el("input", { id, name: f.name, type: "text", "data-kind": f.kind,
+                          placeholder: "optional; several joined by " + (f.separator || "&") });
   } else {
     input = el("input", { id, name: f.name, type: "number", step: "any", "data-kind": f.kind,
                           placeholder: "optional" });
