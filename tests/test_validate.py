@@ -177,7 +177,8 @@ def test_validate_scores_maps_labels_and_compares_with_the_training_record(train
     assert "slope" in s["calibration"]["per_class"]["malignant"]
     assert any("width" in f and "outside the training" in f for f in res.findings)  # 80 px vs 64 px in training
     html = res.report.read_text()
-    assert "the bundle never saw these cases" in html and "Input shift" in html and "data:image/png;base64" in html
+    assert "none of these images is among the" in html and "Input shift" in html
+    assert "data:image/png;base64" in html
     for f in ("roc.png", "confusion_matrix.png", "reliability.png", "ood_distance.png"):
         assert (tmp_path / "v" / "figures" / f).is_file()
     js = json.loads(res.metrics_json.read_text())
@@ -206,6 +207,9 @@ def test_validate_flags_training_images_in_the_cohort(trained, tmp_path):
     res = validate_bundle(trained["bundle"], trained["train"], tmp_path / "v", n_boot=0)
     assert res.summary["shift"]["training_image_overlap"] == 36
     assert "byte-identical to training images" in res.findings[0]
+    # the headline must not call this an external validation (it did before: "the bundle never saw these cases")
+    assert res.summary["statement"].startswith("NOT an external validation")
+    assert "NOT an external validation" in res.report.read_text()
 
 
 def test_adapt_writes_a_sealed_bundle_fitted_on_the_adaptation_part_only(trained, tmp_path):
@@ -245,7 +249,8 @@ def test_cli_validate_end_to_end_and_exit_codes(trained, tmp_path, capsys):
     rc = main(["validate", str(trained["bundle"]), str(trained["site"]), "--out", str(tmp_path / "v"),
                "--drop-labels", "normal", "--subgroups", "center,age", "--n-boot", "30", "--quiet"])
     out = capsys.readouterr()
-    assert rc == 0 and "the bundle never saw these cases" in out.out and "AUC (malignant)" in out.out
+    assert rc == 0 and "none of these images is among the bundle's training images" in out.out
+    assert "AUC (malignant)" in out.out
     assert "SYNTHETIC" in out.err and (tmp_path / "v" / "report.html").is_file()
 
     rc = main(["validate", str(trained["bundle"]), str(trained["site"]), "--out", str(tmp_path / "w"), "--quiet"])

@@ -433,6 +433,22 @@ def _cohort_images(scored: _Scored, record: dict | None) -> tuple[dict, int, lis
     return image_statistics(W, H, M, S), len(overlap), overlap
 
 
+
+def _statement(cohort_name: str, n_scored: int, n_overlap: int, checked: bool) -> str:
+    """What kind of figure this is. It is an external validation only as far as the toolkit can tell: images
+    byte-identical to the bundle's training images are caught (re-saved or cropped copies are not)."""
+    if n_overlap >= n_scored > 0:
+        return (f"NOT an external validation on {cohort_name}: every scored image is byte-identical to an image "
+                f"this bundle was trained on")
+    if n_overlap:
+        return (f"NOT a clean external validation on {cohort_name}: {n_overlap} of {n_scored} scored images are "
+                f"byte-identical to images this bundle was trained on")
+    if checked:
+        return (f"external validation on {cohort_name}: none of these images is among the bundle's training images "
+                f"(checked by file content; re-saved or cropped copies would not be caught), nothing was retrained")
+    return (f"validation on {cohort_name}, nothing retrained: the bundle records no training images, so whether it "
+            f"saw these cases cannot be checked")
+
 def validate_bundle(bundle_path: str | Path, cohort: str | Path, out_dir: str | Path, *, model: str | None = None,
                     positive: str | None = None, subgroups: list[str] | None = None,
                     mapping: dict[str, str] | None = None, drop_labels: list[str] | None = None,
@@ -594,7 +610,7 @@ def validate_bundle(bundle_path: str | Path, cohort: str | Path, out_dir: str | 
     cv = _bundle_cv(bundle.meta, scored.model_name)
     summary = {
         "cohort": str(cohort), "bundle": str(bundle_path), "model": scored.model_name,
-        "statement": f"external validation on {cohort_name}: the bundle never saw these cases",
+        "statement": _statement(cohort_name, n, n_overlap, bool((record or {}).get("image_hashes"))),
         "synthetic_bundle": bundle.synthetic, "bundle_classes": classes, "cohort_classes": cohort_classes,
         "label_mapping": mapping or {}, "set_aside": dropped, "positive": positive,
         "restricted": len(cohort_classes) < len(classes),
