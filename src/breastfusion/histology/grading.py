@@ -529,7 +529,8 @@ def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
     from breastfusion.evaluation.report import write_report
     from breastfusion.histology.dataset import TileCache
     from breastfusion.pipeline import RunResult, bundle_sections, resolve_classes, stage_splits
-    from breastfusion.tabular_inputs import clinical_columns, tabular_table
+    from breastfusion.data.roles import resolve_roles
+    from breastfusion.tabular_inputs import tabular_table
 
     from breastfusion.run_state import check_and_record, table_digest
     from breastfusion.training.trainer import check_epochs
@@ -552,7 +553,14 @@ def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
         if not hc.tiles:
             raise DataError("No tiles table: set histology.tiles (columns case_id, stack_id, magnification, image_path).")
         tiles = read_tiles(hc.tiles, cases)
+    from breastfusion.pipeline import drop_label_cases
+
+    cases, _ = drop_label_cases(cases, cfg.data.drop_labels)
+    tiles = tiles[tiles[CASE_ID].isin(set(cases[CASE_ID]))]
     classes = resolve_classes(cases, cfg)
+    if cfg.data.roles.reader_score:  # said, not silently ignored
+        log.warning("data.roles.reader_score is set, but the comparison with a reader and the leakage guard run for "
+                    "ultrasound tasks only for now; %s is kept out of the inputs.", cfg.data.roles.reader_score)
     if dist_utils.is_main():  # (torchrun stops the other ranks when this one refuses)
         check_and_record(run_dir, cfg, grading_stages(cfg, run_dir),
                          {"cases": table_digest(cases), "tiles": table_digest(tiles)}, resume=resume)
@@ -593,7 +601,7 @@ def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
             t = time.perf_counter()
             deep_emb = stage_deep_embeddings(stacks, cfg, run_dir, r, cache, progress)
             timings["embeddings_s"] = time.perf_counter() - t
-        columns = clinical_columns(cases, cfg.data.tabular_columns)
+        columns = resolve_roles(cases, cfg.data).inputs  # excluded / reader columns never become inputs
         table = tabular_table(cases, columns, pathomics)
         if table.shape[1] == 0:
             table = None
