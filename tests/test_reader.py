@@ -278,6 +278,9 @@ def test_pipeline_writes_the_section_and_json(tmp_path):
     assert "logreg" in out["models"]
     html = res.report.read_text()
     assert "Models vs the radiologist" in html
+    # the reader is in the summary's caveats, before any model detail, not only in its own section
+    summary = html.split('<section id="summary">', 1)[1].split("<section", 1)[0]
+    assert "The radiologist (" in summary and "on the same" in summary
 
 
 def test_breast_lesions_usg_birads_auc():

@@ -454,6 +454,11 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
                      "software works, not how a model performs on patients.")
     if radiomics is not None:
         notes.append(EXPERT_MASK_NOTE)
+    reader_path = run_dir / "reader_comparison.json"
+    if cfg.data.roles.reader_score and reader_path.exists():  # the radiologist belongs in the summary, not only below
+        from breastfusion.evaluation.reader import summary_note
+
+        notes.append(summary_note(json.loads(reader_path.read_text())))
     notes.append(f"Splits: {cfg.cv.strategy}, {cfg.cv.n_splits} folds, seed {cfg.seed}; a patient and a "
                  "near-duplicate group always stay on one side. Confidence intervals: percentile bootstrap "
                  f"({cfg.experiment.n_boot} resamples) over near-duplicate groups. Deep models stop early on an inner "

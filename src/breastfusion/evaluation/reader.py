@@ -521,3 +521,21 @@ def run_reader_comparison(results: dict[str, dict], cases: pd.DataFrame, cfg, ru
         return reader_section(res, run_dir / "reader")
     except (DataError, ConfigError, ValueError) as exc:
         return failed_section("reader", SECTION_TITLE, exc)
+
+
+def summary_note(res: dict) -> str:
+    """One sentence for the report's summary: the reader on the same cases, and the best model against it."""
+    r = res["reader"]
+    models = res.get("models") or {}
+    text = (f"The radiologist ({res['reader_column']}) on the same {res['n_cases']} cases: AUC {r['auc']:.3f} "
+            f"({r['auc_ci'][0]:.3f}–{r['auc_ci'][1]:.3f}) for {res['positive']}.")
+    if models:
+        name, m = max(models.items(), key=lambda kv: kv[1]["auc"])
+        lo, hi = m["auc_diff_ci"]
+        text += (f" Best model, {name}: AUC {m['auc']:.3f}, {m['auc_diff']:+.3f} against the reader "
+                 f"(95% CI {lo:+.3f} to {hi:+.3f}): {m['verdict']}.")
+    combined = res.get("combined") or {}
+    if combined:
+        name, m = max(combined.items(), key=lambda kv: kv[1]["auc"])
+        text += f" Best model + reader, {name}: {m['auc_diff']:+.3f} over the reader alone ({m['verdict']})."
+    return text + " See 'Models vs the radiologist'."
