@@ -375,3 +375,30 @@ def test_clinical_column_types_reported(tmp_path, caplog):
     assert "## Clinical column types" in text and "text_in_numbers" in text and "'not available' x1" in text
     declared = audit_cases(cases, progress=False, check_duplicates=False, column_types={"ldh": "numeric"})
     assert "case 'c18'" in declared.column_types["ldh"]["error"]
+
+
+def test_only_input_columns_are_warned_about(tmp_path, caplog):
+    """Issue 10: a sheet's excluded columns (how the truth was found, the histology) are typed and listed in the
+    audit, but their ambiguities are not run-log warnings; an input column's still are. SYNTHETIC table."""
+    import logging
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from breastfusion.data.audit import audit_cases
+
+    rows = []
+    for i in range(12):
+        p = tmp_path / f"c{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40), dtype=np.uint8)).save(p)
+        rows.append({"case_id": f"c{i}", "image_path": str(p), "label": "benign" if i % 2 else "malignant",
+                     "signs": "palpable&pain" if i % 3 == 0 else "no",
+                     "diagnosis": "fibroadenoma&cyst" if i % 4 == 0 else "carcinoma"})
+    cases = pd.DataFrame(rows)
+    with caplog.at_level(logging.INFO):
+        res = audit_cases(cases, check_duplicates=False, progress=False, input_columns=["signs"])
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("'signs'" in m for m in warned)
+    assert not any("'diagnosis'" in m for m in warned)
+    assert "looks_multi_valued" in res.column_types["diagnosis"]["flags"]  # still in the audit report

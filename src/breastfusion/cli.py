@@ -51,11 +51,13 @@ def cmd_audit(args) -> int:
     if cfg is None:
         result = audit_cases(cases)
     else:
+        from breastfusion.data.roles import resolve_roles
+
         cases, _ = drop_label_cases(cases, cfg.data.drop_labels)
         d = cfg.data
         result = audit_cases(cases, no_lesion_classes=tuple(d.no_lesion_labels), missing_values=d.missing_values,
                              column_types=d.column_types, separator=d.multi_value_separator,
-                             ordinal_levels=d.ordinal_levels)
+                             ordinal_levels=d.ordinal_levels, input_columns=resolve_roles(cases, d).inputs)
     md, js = write_audit(result, args.out)
     print(f"audit report: {md}\nmachine-readable: {js}")
     for k, v in result.summary.items():

@@ -84,7 +84,7 @@ def has_masks(cases: pd.DataFrame) -> bool:
 
 
 def stage_audit(cases: pd.DataFrame, cfg: Config, run_dir: Path, resume: bool, progress: bool, *,
-                table_rows: bool = True) -> tuple[pd.Series, dict]:
+                table_rows: bool = True, input_columns: list[str] | None = None) -> tuple[pd.Series, dict]:
     """Audit the data; return the duplicate group of every case and a short summary for the report.
     Every image must be readable before the first model trains: otherwise DataError lists the bad ones (with their
     cases-table row when ``table_rows``) and nothing is trained."""
@@ -100,7 +100,8 @@ def stage_audit(cases: pd.DataFrame, cfg: Config, run_dir: Path, resume: bool, p
     groups_path.unlink(missing_ok=True)  # the audit is redone: its groups must not count as finished meanwhile
     result = audit_cases(cases, no_lesion_classes=tuple(cfg.data.no_lesion_labels), progress=progress,
                          missing_values=cfg.data.missing_values, column_types=cfg.data.column_types,
-                         separator=cfg.data.multi_value_separator, ordinal_levels=cfg.data.ordinal_levels)
+                         separator=cfg.data.multi_value_separator, ordinal_levels=cfg.data.ordinal_levels,
+                         input_columns=input_columns)
     write_audit(result, out)
     # groups.csv marks a finished audit (resume); an audit that found unreadable images is redone next time
     refuse_unreadable(cases, result.unreadable, out / "audit.md", table_rows=table_rows)
@@ -352,7 +353,8 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
     timings = {}
 
     t = time.perf_counter()
-    groups, audit_summary = stage_audit(cases, cfg, run_dir, resume, progress, table_rows=table_rows)
+    groups, audit_summary = stage_audit(cases, cfg, run_dir, resume, progress, table_rows=table_rows,
+                                        input_columns=roles.inputs)
     timings["audit_s"] = time.perf_counter() - t
     cases = cases.assign(dup_group=groups.to_numpy())
     write_cases(cases, run_dir / "cases.csv")

@@ -675,6 +675,7 @@ def audit_cases(
     column_types: dict[str, str] | None = None,
     separator: str = "&",
     ordinal_levels: dict[str, list[str]] | None = None,
+    input_columns: list[str] | None = None,
 ) -> AuditResult:
     """Audit a cases table: files, masks, duplicates, label conflicts, class balance, missing values.
 
@@ -684,7 +685,9 @@ def audit_cases(
     ``missing_values`` / ``column_types``: as ``data.missing_values`` / ``data.column_types``; each clinical
     column's type is read the way training will read it, and an ambiguous one is listed and logged.
     ``separator`` / ``ordinal_levels``: as ``data.multi_value_separator`` / ``data.ordinal_levels`` (an undeclared
-    column whose cells hold the separator is listed as 'looks multi-valued', not split).
+    column whose cells hold the separator is listed as 'looks multi-valued', not split). ``input_columns``: the
+    model inputs, when known: every column is still typed and listed, but only inputs' ambiguities are warned about
+    in the log (an excluded column that looks multi-valued is not a problem of the run).
     """
     if not isinstance(cases, pd.DataFrame):
         raise TypeError(f"The cases table must be a pandas DataFrame. Got {type(cases).__name__} instead.")
@@ -830,7 +833,8 @@ def audit_cases(
             log.warning("%s", exc)
             miss = int(df[col].isna().sum())
         else:
-            report_ambiguous(ct)
+            quiet = input_columns is not None and str(col) not in set(map(str, input_columns))
+            report_ambiguous(ct, level=logging.INFO if quiet else None)
             res.column_types[str(col)] = ct.to_dict()
             if ct.kind == "multi":
                 res.column_types[str(col)]["separator"] = separator

@@ -353,13 +353,14 @@ def _yes_no(v) -> bool:
 _REPORTED: set[str] = set()
 
 
-def report_ambiguous(ct: ColumnType, *, codes_level: int = logging.WARNING) -> None:
+def report_ambiguous(ct: ColumnType, *, codes_level: int = logging.WARNING, level: int | None = None) -> None:
     """Log an ambiguous column's decision as a warning, once per process for the same message (a preprocessor
     is fitted once per fold and model; the decision, read from the whole cohort, is the same each time).
 
     ``codes_level``: the level for a column flagged only ``few_integer_levels``. Training passes INFO: it also
     sees computed features (a lesion count from radiomics) that are numbers by construction; the audit, which
-    sees exactly the clinical columns, warns.
+    sees exactly the clinical columns, warns. ``level``: one level for every flag (the audit logs columns that are
+    not model inputs, such as excluded ones, at INFO: they are listed in the audit report, not warned about).
     """
     if not ct.ambiguous:
         return
@@ -368,4 +369,6 @@ def report_ambiguous(ct: ColumnType, *, codes_level: int = logging.WARNING) -> N
         log.debug("%s", msg)
         return
     _REPORTED.add(msg)
-    log.log(codes_level if ct.flags == ["few_integer_levels"] else logging.WARNING, "%s", msg)
+    if level is None:
+        level = codes_level if ct.flags == ["few_integer_levels"] else logging.WARNING
+    log.log(level, "%s", msg)
