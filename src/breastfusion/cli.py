@@ -35,7 +35,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from breastfusion.data.audit import audit_cases, write_audit
+    from breastfusion.data.audit import audit_cases, audit_for_config, write_audit
     from breastfusion.data.importers import import_cases
 
     cfg = None
@@ -54,10 +54,7 @@ def cmd_audit(args) -> int:
         from breastfusion.data.roles import resolve_roles
 
         cases, _ = drop_label_cases(cases, cfg.data.drop_labels)
-        d = cfg.data
-        result = audit_cases(cases, no_lesion_classes=tuple(d.no_lesion_labels), missing_values=d.missing_values,
-                             column_types=d.column_types, separator=d.multi_value_separator,
-                             ordinal_levels=d.ordinal_levels, input_columns=resolve_roles(cases, d).inputs)
+        result = audit_for_config(cases, cfg.data, input_columns=resolve_roles(cases, cfg.data).inputs)
     md, js = write_audit(result, args.out)
     print(f"audit report: {md}\nmachine-readable: {js}")
     for k, v in result.summary.items():
@@ -196,8 +193,6 @@ def cmd_serve(args) -> int:
 
 def cmd_calibrate(args) -> int:
     """Fit temperature scaling + split-conformal sets for an existing bundle from out-of-fold predictions."""
-    import pandas as pd
-
     from breastfusion.evaluation.calibration import calibration_status, fit_bundle_calibration
     from breastfusion.inference.bundle import read_bundle_meta
     from breastfusion.inference.model_card import refresh_bundle

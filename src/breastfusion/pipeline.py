@@ -88,7 +88,7 @@ def stage_audit(cases: pd.DataFrame, cfg: Config, run_dir: Path, resume: bool, p
     """Audit the data; return the duplicate group of every case and a short summary for the report.
     Every image must be readable before the first model trains: otherwise DataError lists the bad ones (with their
     cases-table row when ``table_rows``) and nothing is trained."""
-    from breastfusion.data.audit import audit_cases, write_audit
+    from breastfusion.data.audit import audit_for_config, write_audit
 
     out = run_dir / "audit"
     groups_path = out / "groups.csv"
@@ -98,10 +98,7 @@ def stage_audit(cases: pd.DataFrame, cfg: Config, run_dir: Path, resume: bool, p
         g = pd.read_csv(groups_path, dtype=str).set_index(CASE_ID)["dup_group"]
         return g.reindex(cases[CASE_ID]), stored.get("summary", {})
     groups_path.unlink(missing_ok=True)  # the audit is redone: its groups must not count as finished meanwhile
-    result = audit_cases(cases, no_lesion_classes=tuple(cfg.data.no_lesion_labels), progress=progress,
-                         missing_values=cfg.data.missing_values, column_types=cfg.data.column_types,
-                         separator=cfg.data.multi_value_separator, ordinal_levels=cfg.data.ordinal_levels,
-                         input_columns=input_columns)
+    result = audit_for_config(cases, cfg.data, input_columns=input_columns, progress=progress)
     write_audit(result, out)
     # groups.csv marks a finished audit (resume); an audit that found unreadable images is redone next time
     refuse_unreadable(cases, result.unreadable, out / "audit.md", table_rows=table_rows)
@@ -159,12 +156,11 @@ def stage_classical(table: pd.DataFrame, cases: pd.DataFrame, splits: pd.DataFra
     skops for the bundle). Returns (predictions, model files, feature names, how cells were read: for the bundle,
     so prediction reads multi-valued and ordinal cells the same way)."""
     from breastfusion.models.classical import adapt_to_size, fit_predict_oof, make_classical, save_classical
-    from breastfusion.tabular_inputs import numeric_for_classical
+    from breastfusion.tabular_inputs import classical_matrix
 
     if table is None or table.shape[1] == 0 or not cfg.experiment.classical_models:
         return {}, {}, [], {}
-    X = numeric_for_classical(table, missing_values=cfg.data.missing_values, column_types=cfg.data.column_types,
-                              separator=cfg.data.multi_value_separator, ordinal_levels=cfg.data.ordinal_levels)
+    X = classical_matrix(table, cfg.data)
     y = cases.set_index(CASE_ID)[LABEL].reindex(X.index)
     out, files = {}, {}
     for name in cfg.experiment.classical_models:

@@ -41,6 +41,12 @@ def tabular_table(cases: pd.DataFrame, columns: list[str], handcrafted: pd.DataF
     return table
 
 
+def classical_matrix(table: pd.DataFrame, data) -> pd.DataFrame:
+    """:func:`numeric_for_classical` reading cells as ``data`` (the config's ``data`` section) says."""
+    return numeric_for_classical(table, missing_values=data.missing_values, column_types=data.column_types,
+                                 separator=data.multi_value_separator, ordinal_levels=data.ordinal_levels)
+
+
 def numeric_for_classical(table: pd.DataFrame, *, missing_values: list[str] | None = None,
                           column_types: dict[str, str] | None = None, separator: str = DEFAULT_SEPARATOR,
                           ordinal_levels: dict[str, list[str]] | None = None) -> pd.DataFrame:

@@ -663,6 +663,16 @@ def _image_mode(path) -> str | None:
         return None
 
 
+def audit_for_config(cases: pd.DataFrame, data, *, input_columns: list[str] | None = None,
+                     progress: bool = True) -> AuditResult:
+    """:func:`audit_cases` reading the clinical columns as ``data`` (the config's ``data`` section) says, as
+    training will: the same call for ``breastfusion audit --config`` and a run's audit stage."""
+    return audit_cases(cases, no_lesion_classes=tuple(data.no_lesion_labels), progress=progress,
+                       missing_values=data.missing_values, column_types=data.column_types,
+                       separator=data.multi_value_separator, ordinal_levels=data.ordinal_levels,
+                       input_columns=input_columns)
+
+
 def audit_cases(
     cases: pd.DataFrame,
     root: Path | str | None = None,

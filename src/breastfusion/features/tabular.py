@@ -264,6 +264,13 @@ class TabularPreprocessor:
             blocks.append(miss.astype(np.float32)[:, None])
         return np.concatenate(blocks, axis=1) if blocks else np.zeros((n, 0), dtype=np.float32)
 
+    @classmethod
+    def for_config(cls, data) -> "TabularPreprocessor":
+        """An unfitted preprocessor that reads cells as ``data`` (the config's ``data`` section) says."""
+        return cls(unknown_category=data.unknown_category, missing_values=data.missing_values,
+                   column_types=data.column_types, multi_separator=data.multi_value_separator,
+                   ordinal_levels=data.ordinal_levels)
+
     def fit_transform(self, table: pd.DataFrame, columns: list[str] | None = None, **kw) -> np.ndarray:
         return self.fit(table, columns).transform(table, **kw)
 

@@ -147,10 +147,7 @@ def fit_grader(variant: str, cases: pd.DataFrame, stacks: pd.DataFrame, table: p
     cols = [] if table is None else [c for c in table.columns if use_path or not str(c).startswith("path_")]
     pre = None
     if cols:
-        pre = TabularPreprocessor(unknown_category=cfg.data.unknown_category,
-                                  missing_values=cfg.data.missing_values, column_types=cfg.data.column_types,
-                                  multi_separator=cfg.data.multi_value_separator,
-                                  ordinal_levels=cfg.data.ordinal_levels)
+        pre = TabularPreprocessor.for_config(cfg.data)
         pre.fit(table.reindex(cases.loc[~val, CASE_ID].astype(str).tolist())[cols], cols, vocabulary=table[cols])
     label_of = dict(zip(cases[CASE_ID], y_case))
 
@@ -288,17 +285,14 @@ def stage_deep_embeddings(stacks: pd.DataFrame, cfg: Config, run_dir: Path, resu
 
 def stage_classical(cases, table, deep, splits, classes, cfg: Config, run_dir: Path, resume: bool) -> dict:
     from breastfusion.models.classical import fit_predict_oof
-    from breastfusion.tabular_inputs import numeric_for_classical
+    from breastfusion.tabular_inputs import classical_matrix
 
     out = {}
     if not cfg.experiment.classical_models:
         return out
     sets = {}
     if table is not None and table.shape[1]:
-        sets[""] = numeric_for_classical(table, missing_values=cfg.data.missing_values,
-                                          column_types=cfg.data.column_types,
-                                          separator=cfg.data.multi_value_separator,
-                                          ordinal_levels=cfg.data.ordinal_levels)
+        sets[""] = classical_matrix(table, cfg.data)
     if deep is not None:
         base = sets.get("")
         sets["+deep"] = deep.reindex(cases[CASE_ID]) if base is None else base.join(deep, how="left")

@@ -89,10 +89,7 @@ def fit_deep_model(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None
     pre = None
     if variant in ("fusion", "tabular"):
         cols = list(table.columns)
-        pre = TabularPreprocessor(unknown_category=cfg.data.unknown_category,
-                                  missing_values=cfg.data.missing_values, column_types=cfg.data.column_types,
-                                  multi_separator=cfg.data.multi_value_separator,
-                                  ordinal_levels=cfg.data.ordinal_levels)
+        pre = TabularPreprocessor.for_config(cfg.data)
         pre.fit(table.reindex(tr_cases[CASE_ID].astype(str).tolist()), cols, vocabulary=table)
     backbone, source = None, "none"
     data_cfg = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
