@@ -1,7 +1,7 @@
 """Do the image branch's explanation maps point at the lesion? Scored against BUSI's expert masks.
 
     python benchmarks/explain_localisation_busi.py [--run runs/busi] [--occlusion-cases 60] \\
-        [--out runs/explain_localisation/busi.json]
+        [--clean auto|none|fov|fov_marks] [--out runs/explain_localisation/busi.json]
 
 Uses the image-only fold models of a finished BUSI run (``<run>/deep/image_only/fold<k>/best.safetensors``).
 Each fold model explains only its *own held-out* cases, so no map comes from a model that saw the case. Only
@@ -14,7 +14,15 @@ Scores per method (Grad-CAM, Grad-CAM++, and occlusion on ``--occlusion-cases`` 
   ``--tolerance`` px at model resolution. Chance level is the dilated mask's share of the image.
 - **energy inside the mask**: the share of the map's total mass that falls on the lesion. Chance level is the
   mask's share of the image.
+- **energy on burnt-in marks**: the share of the map's mass on the calipers, dotted lines and text found by
+  :mod:`breastfusion.data.cleaning` (grown by 2 px at model resolution), and how often the peak lies on them.
+  Chance level is the marks' share of the image. With cleaning the marks are painted over, but their places
+  are still scored: a model that no longer looks there has stopped reading them.
 Each score comes with a 95 % case-bootstrap CI and is split by class and by whether the fold model was right.
+
+``--clean`` (default ``auto``: the run's ``image.clean``) reads each case as the run's models were trained to read
+it: cropped to the field of view (``fov``) and with the marks painted over (``fov_marks``); the lesion and mark
+masks get the same crop. Compare a run trained with ``--set image.clean=none`` and one with ``fov_marks``.
 Writes JSON and a figure of example maps with mask outlines beside the JSON.
 """
 
@@ -38,7 +46,8 @@ from _machine import machine_description, peak_rss_mb
 
 from breastfusion.config import load_config
 from breastfusion.data.cases import CASE_ID, IMAGE_PATH, LABEL, MASK_PATH, mask_list
-from breastfusion.data.images import read_image, read_mask
+from breastfusion.data.cleaning import clean_image, read_for_cleaning
+from breastfusion.data.images import read_mask
 from breastfusion.explain.gradcam import cam_maps, occlusion
 from breastfusion.explain.modality import grey_in_model_space
 from breastfusion.models.fusion import FusionClassifier
@@ -59,10 +68,30 @@ def fold_model(cfg, classes: list[str], weights: Path):
     return model.eval(), backbone_data_config(backbone)
 
 
-def case_mask(row, size: int) -> np.ndarray:
-    shape = read_image(row[IMAGE_PATH], mode="gray").shape[:2]
-    m = read_mask(mask_list(row[MASK_PATH]), shape)
+def _to_model(m: np.ndarray, box, size: int) -> np.ndarray:
+    y0, y1, x0, x1 = box
+    m = m[y0:y1, x0:x1]
     return np.array(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)) > 127
+
+
+def case_geometry(row, size: int, clean: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(model input uint8, lesion mask, burnt-in marks mask), the masks cropped as the image is (``clean``)."""
+    found = clean_image(read_for_cleaning(row[IMAGE_PATH], "fov_marks"), "fov_marks")
+    shape = found.gray.shape
+    box = found.fov_box if clean != "none" else (0, shape[0], 0, shape[1])
+    lesion = read_mask(mask_list(row[MASK_PATH]), shape)
+    marks = ndimage.binary_dilation(_to_model(found.marks_mask, box, size), iterations=2)
+    return load_resized(row[IMAGE_PATH], size, clean), _to_model(lesion, box, size), marks
+
+
+def mark_scores(heat: np.ndarray, marks: np.ndarray) -> dict[str, float]:
+    heat = np.clip(np.nan_to_num(heat.astype(np.float64)), 0, None)
+    total = heat.sum()
+    if total <= 0 or not marks.any():
+        return {"mark_hit": float("nan"), "mark_energy": float("nan"), "chance_mark": float(marks.mean())}
+    peak = np.unravel_index(np.argmax(heat), heat.shape)
+    return {"mark_hit": float(marks[peak]), "mark_energy": float(heat[marks].sum() / total),
+            "chance_mark": float(marks.mean())}
 
 
 def scores(heat: np.ndarray, mask: np.ndarray, tol: int) -> dict[str, float]:
@@ -124,6 +153,8 @@ def main() -> int:
     ap.add_argument("--occlusion-cases", type=int, default=60, help="cases also explained by occlusion (slow)")
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--clean", default="auto", choices=["auto", "none", "fov", "fov_marks"],
+                    help="how cases are read (auto: the run's image.clean, as its models were trained)")
     ap.add_argument("--out", default="runs/explain_localisation/busi.json")
     args = ap.parse_args()
     if args.threads:
@@ -141,6 +172,10 @@ def main() -> int:
     cases = cases.merge(splits[[CASE_ID, "fold"]], on=CASE_ID)
     lesion = cases[cases[MASK_PATH].map(lambda v: bool(mask_list(v))) & ~cases[LABEL].isin(cfg.data.no_lesion_labels)]
     size = cfg.image.size
+    clean = cfg.image.clean if args.clean == "auto" else args.clean
+    if clean != cfg.image.clean:
+        print(f"note: the run's models were trained with image.clean={cfg.image.clean}; reading with {clean}",
+              file=sys.stderr)
     rows, examples = [], []
     t0 = time.perf_counter()
     n_occ, seen = 0, 0
@@ -152,8 +187,7 @@ def main() -> int:
         grey = grey_in_model_space(dc["mean"], dc["std"])
         test = lesion[lesion["fold"] == fold].reset_index(drop=True)
         for i, row in test.iterrows():
-            img = load_resized(row[IMAGE_PATH], size)
-            mask = case_mask(row, size)
+            img, mask, marks = case_geometry(row, size, clean)
             if not mask.any():
                 continue
             x = (torch.from_numpy(img).float().div(255.0)[None, None].expand(1, 3, -1, -1) - mean) / std
@@ -166,9 +200,10 @@ def main() -> int:
             seen += 1
             p = res.probs[0]
             rec = {CASE_ID: row[CASE_ID], LABEL: row[LABEL], "fold": int(fold), "p_true": float(p[target]),
-                   "correct": bool(int(np.argmax(p)) == target), "mask_fraction": float(mask.mean())}
+                   "correct": bool(int(np.argmax(p)) == target), "mask_fraction": float(mask.mean()),
+                   "marks_fraction": float(marks.mean())}
             for m, h in maps.items():
-                for k, v in scores(h, mask, args.tolerance).items():
+                for k, v in {**scores(h, mask, args.tolerance), **mark_scores(h, marks)}.items():
                     rec[f"{m}_{k}"] = v
             rows.append(rec)
             if len(examples) < 8 and i % 17 == 0 and rec["correct"] == (len(examples) % 2 == 0):
@@ -192,23 +227,33 @@ def main() -> int:
                 continue
             hit = boot_ci(sub[f"{method}_hit"].to_numpy(), args.n_boot, 0)
             en = boot_ci(sub[f"{method}_energy"].to_numpy(), args.n_boot, 1)
+            marked = sub[sub[f"{method}_mark_energy"].notna()]
             summary.append({"method": method, "group": group, "n": len(sub), "pointing_game": hit,
                             "pointing_chance": float(sub[f"{method}_chance_hit"].mean()), "energy_in_mask": en,
-                            "energy_chance": float(sub[f"{method}_chance_energy"].mean())})
+                            "energy_chance": float(sub[f"{method}_chance_energy"].mean()),
+                            "n_with_marks": len(marked),
+                            "peak_on_marks": boot_ci(marked[f"{method}_mark_hit"].to_numpy(), args.n_boot, 2),
+                            "energy_on_marks": boot_ci(marked[f"{method}_mark_energy"].to_numpy(), args.n_boot, 3),
+                            "marks_chance": float(marked[f"{method}_chance_mark"].mean()) if len(marked) else None})
     fig = overlay_figure(examples, out.with_suffix(".png")) if examples else None
     res = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_description(),
            "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "run": str(run),
-           "fold_models": args.model, "tolerance_px": args.tolerance, "image_size": size, "n_cases": len(df),
+           "fold_models": args.model, "clean": clean, "trained_clean": cfg.image.clean,
+           "tolerance_px": args.tolerance, "image_size": size, "n_cases": len(df),
            "occlusion_cases": n_occ, "wall_s": round(wall, 1), "peak_rss_mb": peak_rss_mb(),
            "summary": summary, "figure": str(fig) if fig else None}
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"\n{len(df)} held-out lesion cases, {wall:.0f} s, {machine_description()}\n")
-    print("| method | cases | n | pointing game (95% CI) | chance | energy in mask (95% CI) | chance |")
-    print("|---|---|---:|---|---:|---|---:|")
+    print(f"image.clean: trained {cfg.image.clean}, read {clean}\n")
+    print("| method | cases | n | pointing game (95% CI) | chance | energy in mask (95% CI) | chance "
+          "| peak on marks (95% CI) | energy on marks (95% CI) | chance (n marked) |")
+    print("|---|---|---:|---|---:|---|---:|---|---|---|")
     for s in summary:
-        h, e = s["pointing_game"], s["energy_in_mask"]
+        h, e, mh, me = s["pointing_game"], s["energy_in_mask"], s["peak_on_marks"], s["energy_on_marks"]
+        mc = f"{s['marks_chance']:.3f} ({s['n_with_marks']})" if s["marks_chance"] is not None else "—"
         print(f"| {s['method']} | {s['group']} | {s['n']} | {h[0]:.3f} ({h[1]:.3f}–{h[2]:.3f}) | {s['pointing_chance']:.3f} "
-              f"| {e[0]:.3f} ({e[1]:.3f}–{e[2]:.3f}) | {s['energy_chance']:.3f} |")
+              f"| {e[0]:.3f} ({e[1]:.3f}–{e[2]:.3f}) | {s['energy_chance']:.3f} "
+              f"| {mh[0]:.3f} ({mh[1]:.3f}–{mh[2]:.3f}) | {me[0]:.3f} ({me[1]:.3f}–{me[2]:.3f}) | {mc} |")
     print(f"\n→ {out}", file=sys.stderr)
     return 0
 

@@ -42,6 +42,14 @@ the weakest link it needed (``min_link``). A group whose labels differ but that 
 copies of one frame score 0.8-1 (every BUSI label conflict scores >= 0.9). The rejected pairs that
 scored highest are kept in the report (``borderline_pairs``) for a person to look at. Memory and time
 of the candidate stage grow with the square of the number of images (fine for thousands, not 10^5).
+
+Screen and burnt-in marks
+-------------------------
+Each image also goes through :mod:`breastfusion.data.cleaning` (field of view, burnt-in marks; detection only,
+nothing painted): how many images had a margin or scanner panel cropped away, coloured overlays, grey marks, and
+marks on the scan itself (calipers, dotted lines, text; not corner icons or frame lines along the edge), with
+example case ids, the share per class (a class that carries marks far more often than another is a shortcut a
+network can learn) and the seconds per image. Colour files are decoded a second time, in colour.
 """
 
 from __future__ import annotations
@@ -86,6 +94,9 @@ _BLOCK_MIN = 0.5  # a texture block counts only if this share of it is content i
 _MIN_BLOCKS = 4   # fewer usable blocks than this: no texture score (0)
 _STRONG_LINK = 0.6  # a group with several labels held together by a weaker link is flagged as suspicious
 _LARGE_GROUP = 8    # ... as is a group with more images than this (chained unrelated images?)
+_MARK_KINDS = ("fov_cropped", "colour_marks", "grey_marks", "inner_marks", "with_marks")
+_MARK_EXAMPLES = 10
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -583,6 +594,7 @@ class AuditResult:
     dup_group: dict = field(default_factory=dict)         # case_id -> group id
     paths: dict = field(default_factory=dict)             # case_id -> image path relative to root
     params: dict = field(default_factory=dict)
+    marks: dict = field(default_factory=dict)             # screen and burnt-in marks (see the module docstring)
     seconds: float = 0.0
 
     @property
@@ -620,7 +632,9 @@ class AuditResult:
                 "label_conflict_groups": len(self.label_conflicts),
                 "suspicious_groups": len(self.suspicious),
                 "ambiguous_columns": sum(bool(t["flags"]) for t in self.column_types.values()),
+                **({f"images_{k}": self.marks[k]["n"] for k in _MARK_KINDS} if self.marks else {}),
             },
+            "marks": self.marks,
             "exact_duplicate_groups": [[self.paths.get(c, c) for c in g] for g in self.exact_groups],
             "near_duplicate_groups": self.dup_groups,
             "label_conflicts": self.label_conflicts,
@@ -686,6 +700,7 @@ def audit_cases(
     separator: str = "&",
     ordinal_levels: dict[str, list[str]] | None = None,
     input_columns: list[str] | None = None,
+    check_marks: bool = True,
 ) -> AuditResult:
     """Audit a cases table: files, masks, duplicates, label conflicts, class balance, missing values.
 
@@ -697,7 +712,8 @@ def audit_cases(
     ``separator`` / ``ordinal_levels``: as ``data.multi_value_separator`` / ``data.ordinal_levels`` (an undeclared
     column whose cells hold the separator is listed as 'looks multi-valued', not split). ``input_columns``: the
     model inputs, when known: every column is still typed and listed, but only inputs' ambiguities are warned about
-    in the log (an excluded column that looks multi-valued is not a problem of the run).
+    in the log (an excluded column that looks multi-valued is not a problem of the run). ``check_marks``: look for
+    scanner margins and burnt-in marks in every image (:mod:`breastfusion.data.cleaning`).
     """
     if not isinstance(cases, pd.DataFrame):
         raise TypeError(f"The cases table must be a pandas DataFrame. Got {type(cases).__name__} instead.")
@@ -727,6 +743,8 @@ def audit_cases(
     modes: Counter = Counter()
     sizes = []
     mask_col = df[MASK_PATH].tolist() if MASK_PATH in df.columns else [float("nan")] * len(df)
+    mark_rows: list[dict] = []
+    mark_seconds = 0.0
     for k in _progress(range(len(df)), len(df), "reading images", progress):
         cid, path = ids[k], df.at[k, IMAGE_PATH]
         if _is_missing(path):
@@ -737,13 +755,20 @@ def audit_cases(
         except DataError as exc:
             res.unreadable.append({"case_id": cid, "path": res.paths[cid], "error": str(exc)})
             continue
-        modes[_image_mode(path) or "?"] += 1
+        file_mode = _image_mode(path) or "?"
+        modes[file_mode] += 1
+        if check_marks:
+            tm = time.perf_counter()
+            mark_rows.append(_mark_row(cid, labels[k], path, gray, file_mode, res.paths[cid]))
+            mark_seconds += time.perf_counter() - tm
         sizes.append(gray.shape)
         hashes[k] = _pixel_hash(gray)
         if check_duplicates:
             sigs[k] = _signature(gray)
         _check_masks(res, cid, mask_col[k], gray.shape, labels[k], no_lesion, root)
     t_read = time.perf_counter() - t0
+    if check_marks:
+        res.marks = _marks_summary([r for r in mark_rows if r is not None], mark_seconds)
 
     # Duplicates -----------------------------------------------------------------------------------
     exact, pairs, n_cand = ([], [], 0)
@@ -870,9 +895,55 @@ def audit_cases(
         "check_duplicates": bool(check_duplicates),
         "candidate_pairs": n_cand,
         "read_seconds": round(t_read, 2),
+        "check_marks": bool(check_marks),
     }
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _mark_row(cid: str, label, path, gray: np.ndarray, file_mode: str, rel: str) -> dict | None:
+    """What :mod:`breastfusion.data.cleaning` finds in one image (field of view, marks; nothing painted)."""
+    from breastfusion.data.cleaning import burnt_in_marks, field_of_view, read_for_cleaning
+
+    try:
+        image = gray if file_mode in _GREY_MODES else read_for_cleaning(path, "fov_marks")
+        box, flags = field_of_view(gray)
+        _, counts = burnt_in_marks(image)
+    except (DataError, ValueError) as exc:  # logged and left out; the audit goes on
+        log.warning("audit: marks of '%s' not checked (%s)", rel, exc)
+        return None
+    h, w = gray.shape
+    cut = 1.0 - (box[1] - box[0]) * (box[3] - box[2]) / float(h * w)
+    return {"case_id": cid, "image": rel, "label": label, "fov_cropped": "fov_cropped" in flags,
+            "fov_refused": "fov_refused" in flags, "cropped_fraction": round(cut, 4),
+            "colour_px": counts["colour"], "grey_px": counts["grey"], "inner_px": counts["inner"]}
+
+
+def _marks_summary(rows: list[dict], seconds: float) -> dict:
+    """Counts, example case ids and per-class shares of the images with a cropped margin or marks."""
+    from breastfusion.data.cleaning import CLEANING_VERSION
+
+    tests = {"fov_cropped": lambda r: r["fov_cropped"], "colour_marks": lambda r: r["colour_px"] > 0,
+             "grey_marks": lambda r: r["grey_px"] > 0, "inner_marks": lambda r: r["inner_px"] > 0,
+             "with_marks": lambda r: r["colour_px"] + r["grey_px"] > 0}
+    n = len(rows)
+    out: dict = {"n_checked": n, "cleaning_version": CLEANING_VERSION,
+                 "seconds_per_image": round(seconds / max(n, 1), 4)}
+    for kind, test in tests.items():
+        hit = [r for r in rows if test(r)]
+        out[kind] = {"n": len(hit), "fraction": round(len(hit) / max(n, 1), 4),
+                     "examples": [r["case_id"] for r in hit[:_MARK_EXAMPLES]]}
+    cropped = [r["cropped_fraction"] for r in rows if r["fov_cropped"]]
+    out["fov_cropped"]["mean_area_cut"] = round(float(np.mean(cropped)), 4) if cropped else 0.0
+    out["fov_refused"] = [r["case_id"] for r in rows if r["fov_refused"]]
+    by: dict = {}
+    for r in rows:
+        by.setdefault(str(r["label"]) if r["label"] is not None else "<missing>", []).append(r)
+    out["by_class"] = {c: {"n": len(rs), **{k: round(sum(map(tests[k], rs)) / len(rs), 4)
+                                           for k in ("inner_marks", "with_marks", "fov_cropped")}}
+                       for c, rs in sorted(by.items())}
+    out["cases"] = [r for r in rows if r["fov_cropped"] or r["colour_px"] or r["grey_px"]]
+    return out
 
 
 def _check_masks(res: AuditResult, cid: str, mask_value, shape, label, no_lesion: set, root: Path) -> None:
@@ -952,6 +1023,35 @@ def _md_table(header: list[str], rows: list[list]) -> list[str]:
     return out
 
 
+def _marks_markdown(m: dict) -> list[str]:
+    n = m["n_checked"]
+    names = {"fov_cropped": "margins or scanner panels cropped away (field of view smaller than the image)",
+             "colour_marks": "coloured overlays (Doppler or region boxes, coloured calipers or text)",
+             "grey_marks": "grey burnt-in marks (calipers, dotted lines, text, icons, frame lines)",
+             "inner_marks": "marks on the scan itself (not corner icons or lines along the image's edge)",
+             "with_marks": "any mark"}
+    lines = ["", "## Screen and burnt-in marks", "",
+             f"Found by `breastfusion.data.cleaning` (version {m['cleaning_version']}) in {n} images, "
+             f"{m['seconds_per_image']:.3f} s per image. `image.clean: fov_marks` crops to the field of view and "
+             "paints the marks over, in training and in scoring.", ""]
+    lines += _md_table(["finding", "images", "share", "examples"],
+                       [[names[k], m[k]["n"], f"{m[k]['fraction']:.1%}", ", ".join(m[k]["examples"][:5])]
+                        for k in names])
+    if m["fov_cropped"]["n"]:
+        lines += ["", f"Cropped images lose {m['fov_cropped']['mean_area_cut']:.1%} of their area on average."]
+    if m.get("fov_refused"):
+        lines += ["", "Field of view not believed (under 40 % of the image; the whole image is used): "
+                  + ", ".join(m["fov_refused"][:10])]
+    by = m.get("by_class") or {}
+    if len(by) > 1:
+        lines += ["", "Per class (a class that carries marks far more often than another gives the network a "
+                  "shortcut: clean the images, `image.clean: fov_marks`):", ""]
+        lines += _md_table(["class", "images", "marks on the scan", "any mark", "cropped"],
+                           [[c, v["n"], f"{v['inner_marks']:.1%}", f"{v['with_marks']:.1%}",
+                             f"{v['fov_cropped']:.1%}"] for c, v in by.items()])
+    return lines
+
+
 def render_markdown(result: AuditResult) -> str:
     r = result
     d = r.to_dict()["summary"]
@@ -971,6 +1071,9 @@ def render_markdown(result: AuditResult) -> str:
         f"- suspicious groups (check by eye: labels differ over a weak link, or a very large group): "
         f"**{d['suspicious_groups']}**",
         f"- clinical columns whose type was decided by rule (check them below): **{d['ambiguous_columns']}**",
+        *([f"- images with burnt-in marks on the scan (calipers, text): **{d['images_inner_marks']}**; with any "
+           f"mark: **{d['images_with_marks']}**; field of view cropped: **{d['images_fov_cropped']}**"]
+          if r.marks else []),
         "",
         "## Class balance",
         "",
@@ -989,6 +1092,8 @@ def render_markdown(result: AuditResult) -> str:
             f"width {st['width']['min']}–{st['width']['max']} px (median {st['width']['median']:.0f}); "
             f"{st['distinct_sizes']} distinct sizes",
         ]
+    if r.marks:
+        lines += _marks_markdown(r.marks)
     lines += ["", "## Missing values in clinical columns", ""]
     if r.missing_values:
         lines += _md_table(["column", "missing", "fraction"],

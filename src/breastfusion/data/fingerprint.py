@@ -211,7 +211,8 @@ def training_fingerprint(fitted, cases: pd.DataFrame, table: pd.DataFrame | None
             W.append(w)
             H.append(h)
             # the cached, resized grey image when there is one (the model's input up to a final resize)
-            u8 = resize_u8(cache.get(p), cfg.image.size) if cache is not None else load_resized(p, cfg.image.size)
+            u8 = (resize_u8(cache.get(p), cfg.image.size) if cache is not None
+                  else load_resized(p, cfg.image.size, cfg.image.clean))
             m, s = intensity(u8)
             M.append(m)
             S.append(s)

@@ -207,14 +207,26 @@ def check_not_blank(model_input: np.ndarray, source) -> None:
 
 
 def load_for_scoring(path: str | Path, side: int, *, max_pixels: int | None = MAX_SCORED_PIXELS,
-                     check_content: bool = True) -> np.ndarray:
+                     check_content: bool = True, clean: str | None = None) -> np.ndarray:
     """An image file as the models read it (grey uint8, side x side, bicubic), identical to training's
     :func:`breastfusion.training.data.load_resized`, decoded with bounded memory.
 
+    ``clean`` (``none``, ``fov``, ``fov_marks``: the bundle's ``image.clean``, see :mod:`breastfusion.data.cleaning`)
+    crops to the field of view and paints over burnt-in marks before resizing, as training did.
     Raises :class:`DataError` naming the file for more than ``max_pixels`` pixels (checked before decoding)
     and, with ``check_content``, for a side below :data:`MIN_IMAGE_SIDE` or a blank or constant image."""
     path = Path(path)
-    img = _open_fully(path, max_pixels=max_pixels, min_side=MIN_IMAGE_SIDE if check_content else None)
+    min_side = MIN_IMAGE_SIDE if check_content else None
+    if clean not in (None, "none"):
+        from breastfusion.data.cleaning import check_mode, model_input, read_for_cleaning
+
+        arr = read_for_cleaning(path, check_mode(clean), max_pixels=max_pixels, min_side=min_side)
+        out = model_input(arr, side, clean)
+        del arr
+        if check_content:
+            check_not_blank(out, path)
+        return out
+    img = _open_fully(path, max_pixels=max_pixels, min_side=min_side)
     try:
         gray, _ = to_gray(img, uint8=True, source=path)
     finally:
