@@ -39,6 +39,8 @@ class ReportSection:
     paragraphs: list[str] = field(default_factory=list)
     table: pd.DataFrame | None = None
     figures: list[tuple[Path, str]] = field(default_factory=list)
+    first: bool = False  # shown before the summary (the cross-site figures of a multi-centre cohort)
+    data: dict | None = None  # machine-readable content, when the run writes it out
 
 
 def _fmt(v: float, digits: int = 3) -> str:

@@ -505,13 +505,18 @@ def write_report(
                     "<small>Every number and figure below comes from generated data. It demonstrates the "
                     "software only and says nothing about clinical performance.</small></div>")
 
-    toc = [("summary", "Summary"), ("dataset", "Dataset"), ("models", "Models in detail")]
-    toc += [(f"x-{sec.id}", sec.title) for sec in sections]
+    toc = [(f"x-{sec.id}", sec.title) for sec in sections if getattr(sec, "first", False)]
+    toc += [("summary", "Summary"), ("dataset", "Dataset"), ("models", "Models in detail")]
+    toc += [(f"x-{sec.id}", sec.title) for sec in sections if not getattr(sec, "first", False)]
     toc += [("extra", "Additional figures"), ("config", "Configuration"), ("methods", "Methods")]
     have = {"dataset": bool(dataset_summary), "config": bool(config_text), "extra": bool(extra_figures)}
     body.append("<nav>" + "".join(f'<a href="#{_e(a)}">{_e(t)}</a>' for a, t in toc if have.get(a, True))
                 + "</nav>")
 
+    # a section marked ``first`` (the cross-site figures of a multi-centre cohort) opens the report
+    first = [sec for sec in sections if getattr(sec, "first", False)]
+    body += [_extra_section(sec) for sec in first]
+    sections = [sec for sec in sections if sec not in first]
     body.append(_summary_section(results, preds, fig_dir, slugs, notes, synthetic, sections, expert_mask))
     if dataset_summary:
         body.append(_dataset_section(dataset_summary))
