@@ -19,7 +19,7 @@ import pandas as pd
 
 from breastfusion.config import Config, config_to_yaml, save_config
 from breastfusion.data.cases import CASE_ID, LABEL, MASK_PATH, PATIENT_ID, mask_list, write_cases
-from breastfusion.data.importers import import_cases
+from breastfusion.data.cohorts import import_sources
 from breastfusion.errors import DataError
 from breastfusion.run_state import check_and_record, table_digest
 from breastfusion.utils import atomic_path, remove_stale_temporaries, seed_everything, stable_seed, write_json
@@ -150,6 +150,67 @@ def stage_radiomics(cases: pd.DataFrame, cfg: Config, run_dir: Path, progress: b
     return feats
 
 
+def stage_segmentation(cases: pd.DataFrame, splits: pd.DataFrame, classes: list[str], cfg: Config, run_dir: Path,
+                       resume: bool, progress: bool) -> tuple[pd.DataFrame, Path, dict]:
+    """``data.masks: predicted``: out-of-fold lesion masks for every case, on the classifier's own folds, and a
+    segmenter trained on every expert mask for the bundle.
+
+    Each case's predicted mask comes from the segmenter of its fold, which never saw it: the radiomics the
+    classifiers learn from look like those a new case gets at prediction. (The masks of the *training* cases of
+    fold k come from segmenters that saw fold k's expert outlines, not its labels; the out-of-fold scheme of
+    stacking.) Returns the cases with ``mask_path`` = predicted masks (``expert_mask_path`` keeps the expert's),
+    the final segmenter file and the out-of-fold quality summary (Dice / IoU / HD95 against the expert)."""
+    from breastfusion.segmentation import cross_validate_segmenter, train_lesion_segmenter
+
+    if not has_masks(cases):
+        raise DataError("data.masks is 'predicted' but no case has an expert lesion mask (mask_path) to train the "
+                        "segmenter on. Add masks, or set data.masks: none (no radiomics).")
+    out = run_dir / "segmentation"
+    require_lesion = not (set(classes) & set(cfg.data.no_lesion_labels))
+    oof, scores = cross_validate_segmenter(cases, splits, cfg.segmentation, out / "cv", seed=cfg.seed,
+                                           progress=progress, require_lesion=require_lesion)
+    final = out / "segmenter.safetensors"
+    if not (resume and final.exists()):
+        train_lesion_segmenter(cases, cfg.segmentation, final, seed=stable_seed(cfg.seed, "segmenter", "final"),
+                               progress=progress)
+    summary_path = out / "cv" / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary["require_lesion"] = require_lesion
+    predicted = oof.set_index(CASE_ID)[MASK_PATH].reindex(cases[CASE_ID])
+    expert = cases[MASK_PATH] if MASK_PATH in cases.columns else pd.Series(np.nan, index=cases.index)
+    rad_cases = cases.assign(expert_mask_path=expert.to_numpy(), **{MASK_PATH: predicted.to_numpy()})
+    missing = rad_cases[MASK_PATH].isna()
+    if missing.any():  # a case the segmenter could not read: its radiomics are unknown, never "no lesion"
+        log.warning("%d case(s) have no predicted mask (unreadable image?): their radiomics are unknown: %s",
+                    int(missing.sum()), ", ".join(rad_cases.loc[missing, CASE_ID].astype(str).head(10)))
+    return rad_cases, final, summary
+
+
+def segmentation_section(summary: dict, cv_dir: Path):
+    """The report's section on the predicted masks: out-of-fold quality against the expert (with CIs), per
+    fold, and overlays of expert (green) and predicted (red) outlines, worst cases first."""
+    from breastfusion.evaluation.insight import ReportSection
+    from breastfusion.segmentation.metrics import format_summary
+
+    paras = ["Every case's mask was predicted by the segmenter of its fold, which never saw it; the classifiers "
+             "learned from these masks, as they will read a new case's. Quality against the expert outline (mean "
+             f"and 95% bootstrap CI over split groups), all cases: "
+             f"{format_summary(summary, summary.get('hd95_unit', 'px')) or 'n/a'}."]
+    lesion = summary.get("lesion_cases")
+    if isinstance(lesion, dict) and lesion.get("dice"):
+        paras.append(f"Cases whose expert mask holds a lesion ({lesion.get('n_cases', '?')}): "
+                     f"{format_summary(lesion, summary.get('hd95_unit', 'px'))}.")
+    if summary.get("require_lesion"):
+        paras.append("Every class of this cohort has a lesion: when the segmenter finds none, its most likely "
+                     "region is kept (flagged in segmentation/cv/scores.csv as fallback_used).")
+    rows = [{"fold": k, "cases scored": f.get("n"), "mean Dice": f"{f['dice']:.3f}"}
+            for k, f in sorted((summary.get("per_fold") or {}).items(), key=lambda kv: str(kv[0]))
+            if isinstance(f, dict) and isinstance(f.get("dice"), (int, float))]
+    figs = [(p, f"expert (green) vs predicted (red): {p.stem}") for p in sorted((cv_dir / "overlays").glob("*.png"))]
+    return ReportSection("segmentation", "Lesion segmentation (out-of-fold, against the expert)", paras,
+                         pd.DataFrame(rows) if rows else None, figs)
+
+
 def stage_classical(table: pd.DataFrame, cases: pd.DataFrame, splits: pd.DataFrame, classes: list[str], cfg: Config,
                     run_dir: Path, resume: bool) -> tuple[dict[str, pd.DataFrame], dict[str, Path], list[str], dict]:
     """Out-of-fold predictions of each classical model, then the same model fitted on every case (saved with
@@ -232,8 +293,13 @@ _BUNDLE_EXTRA = ("name", "data.column_info", "experiment.classical_models", "exp
                  "experiment.conformal_method", "experiment.conformal_alpha", "experiment.conformal_class_conditional")
 
 
-def _deep_keys(variant: str) -> tuple[str, ...]:
-    data = ("data.labels",) if variant == "image" else _TABULAR_DATA
+def _tab_keys(cfg: Config) -> tuple[str, ...]:
+    """Keys of the tabular reading; the segmenter's settings count only when it makes the masks."""
+    return (*_TABULAR_DATA, *(("segmentation",) if cfg.data.masks == "predicted" else ()))
+
+
+def _deep_keys(variant: str, cfg: Config) -> tuple[str, ...]:
+    data = ("data.labels",) if variant == "image" else _tab_keys(cfg)
     image = () if variant == "tabular" else ("image",)
     return ("seed", "cv", *data, *image, "model", "train")
 
@@ -249,13 +315,17 @@ def run_stages(cfg: Config, run_dir: Path) -> list:
                                         "data.multi_value_separator", "data.ordinal_levels", "data.drop_labels"),
                     (run_dir / "audit" / "groups.csv").exists()),
               Stage("splits", "splits.csv", ("seed", "cv"), (run_dir / "splits.csv").exists())]
+    if cfg.data.masks == "predicted":
+        stages.append(Stage("segmentation", "segmentation/", ("seed", "cv", "segmentation", "data.labels",
+                                                              "data.drop_labels", "data.no_lesion_labels"),
+                            (run_dir / "segmentation").exists()))
     names = cfg.experiment.classical_models
-    stages.append(Stage("classical", "classical models (predictions/, classical/)", ("seed", "cv", *_TABULAR_DATA),
+    stages.append(Stage("classical", "classical models (predictions/, classical/)", ("seed", "cv", *_tab_keys(cfg)),
                         any_of(*(run_dir / "predictions" / f"{n}.csv" for n in names),
                                *(run_dir / "classical" / f"{n}.skops" for n in names)), exclude=_DATA_EXCLUDE))
     for variant in cfg.experiment.deep_models:
         name = DEEP_NAMES[variant]
-        stages.append(Stage(f"deep:{name}", f"deep/{name}", _deep_keys(variant),
+        stages.append(Stage(f"deep:{name}", f"deep/{name}", _deep_keys(variant, cfg),
                             any_of(run_dir / "deep" / name, run_dir / "predictions" / f"{name}.csv"),
                             exclude=_DATA_EXCLUDE))
     # a fusion or tabular bundle falls back to image-only when the cases have no tabular data
@@ -263,7 +333,7 @@ def run_stages(cfg: Config, run_dir: Path) -> list:
                             *(["image"] if set(cfg.experiment.final_models) - {"image"} else [])])
     for variant in finals:
         name = DEEP_NAMES[variant]
-        stages.append(Stage(f"bundle:{name}", f"bundles/{name}", (*_deep_keys(variant), *_BUNDLE_EXTRA),
+        stages.append(Stage(f"bundle:{name}", f"bundles/{name}", (*_deep_keys(variant, cfg), *_BUNDLE_EXTRA),
                             any_of(run_dir / "bundles" / name / "bundle.json",
                                    run_dir / "deep" / f"final_{name}" / "last.pt"),
                             exclude=_DATA_EXCLUDE[:1]))
@@ -318,7 +388,7 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
     from breastfusion.data.leakage import roles_section, run_leakage_guard
     from breastfusion.data.roles import resolve_roles
     from breastfusion.tabular_inputs import tabular_table
-    from breastfusion.training.data import ImageCache
+    from breastfusion.training.data import image_cache_for
 
     t_start = time.perf_counter()
     from breastfusion.training.trainer import check_epochs
@@ -329,11 +399,11 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)  # left by a killed process; no writer of ours runs here yet
     seed_everything(cfg.seed)
-    table_rows = cases is not None or not (cfg.data.source and Path(cfg.data.source).is_dir())
+    table_rows = cases is not None or isinstance(cfg.data.source, str) and not Path(cfg.data.source).is_dir()
     if cases is None:
         if not cfg.data.source:
             raise DataError("No data source: set data.source (a cases table or a BUSI-style folder).")
-        cases = import_cases(cfg.data.source)
+        cases = import_sources(cfg.data.source)
     cases, dropped = drop_label_cases(cases, cfg.data.drop_labels)
     classes = resolve_classes(cases, cfg)
     roles = resolve_roles(cases, cfg.data)  # a role naming a wrong column fails before hours of audit
@@ -358,9 +428,15 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
     # before any model trains: an input column that alone predicts the label stops the run (data/leakage.py)
     leakage = run_leakage_guard(cases, roles.inputs, splits, classes, cfg.data, run_dir, seed=cfg.seed)
 
+    segmenter, seg_summary, mask_cases = None, None, cases
+    if cfg.data.masks == "predicted" and cfg.data.radiomics:
+        t = time.perf_counter()
+        mask_cases, segmenter, seg_summary = stage_segmentation(cases, splits, classes, cfg, run_dir, resume, progress)
+        timings["segmentation_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    radiomics = stage_radiomics(cases, cfg, run_dir, progress)
+    radiomics = None if cfg.data.masks == "none" else stage_radiomics(mask_cases, cfg, run_dir, progress)
     timings["radiomics_s"] = time.perf_counter() - t
+    expert_mask = radiomics is not None and cfg.data.masks == "expert"
     columns = roles.inputs
     table = tabular_table(cases, columns, radiomics)
     if table.shape[1] == 0:
@@ -372,7 +448,7 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
         table, cases, splits, classes, cfg, run_dir, resume)
     predictions.update(classical_preds)
     timings["classical_s"] = time.perf_counter() - t
-    cache = ImageCache(cfg.image.cache_size or int(round(cfg.image.size * 1.15)))
+    cache = image_cache_for(cfg)  # resized (and, with image.clean, cleaned) images, shared by every model
     for variant in cfg.experiment.deep_models:
         if variant in ("fusion", "tabular") and table is None:
             log.warning("skipping the %s model: the cases have no tabular data (no clinical columns, no masks)", variant)
@@ -391,7 +467,7 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
                          "metrics": evaluate(preds, classes, n_boot=cfg.experiment.n_boot, seed=cfg.seed,
                                              group_col=group_col),
                          # every model but the image-only network reads the tabular table, radiomics included
-                         "expert_mask": radiomics is not None and name != DEEP_NAMES["image"]}
+                         "expert_mask": expert_mask and name != DEEP_NAMES["image"]}
     metrics = {name: to_jsonable(r["metrics"]) for name, r in results.items()}
     write_json({"classes": classes, "synthetic_data": synthetic, "timings": timings, "models": metrics},
                run_dir / "metrics.json")
@@ -424,7 +500,8 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
                                          classical={"files": classical_files, "features": classical_features,
                                                     "reading": classical_reading,
                                                     "metrics": {k: metrics[k] for k in classical_files}},
-                                         calibration=calibration,
+                                         calibration=calibration, segmenter=segmenter,
+                                         segmentation_summary=seg_summary,
                                          data_meta={"audit": audit_summary,
                                                     "splits": f"{cfg.cv.strategy}, {cfg.cv.n_splits} folds, seed {cfg.seed}, "
                                                               "patients and near-duplicate groups kept together"})
@@ -439,6 +516,27 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
         from breastfusion.evaluation.insight import failed_section
 
         sections.insert(0, failed_section("column-roles", "Column roles", exc))
+    if seg_summary is not None:
+        try:
+            sections.insert(0, segmentation_section(seg_summary, run_dir / "segmentation" / "cv"))
+        except Exception as exc:  # noqa: BLE001 - a report section never loses the run
+            from breastfusion.evaluation.insight import failed_section
+
+            sections.insert(0, failed_section("segmentation", "Lesion segmentation", exc))
+    if cases["center"].nunique() > 1:  # several centres: the figures per centre open the report
+        from breastfusion.evaluation.sites import cross_site_section
+
+        try:
+            sec = cross_site_section(results, cases, classes, strategy=cfg.cv.strategy,
+                                     n_boot=min(cfg.experiment.n_boot, 500), seed=cfg.seed,
+                                     expert_mask={n: r["expert_mask"] for n, r in results.items()})
+            if sec is not None:
+                write_json(sec.data, run_dir / "cross_site.json")
+                sections.insert(0, sec)
+        except Exception as exc:  # noqa: BLE001 - a report section never loses the run
+            from breastfusion.evaluation.insight import failed_section
+
+            sections.insert(0, failed_section("across-sites", "Across sites", exc))
     if cfg.data.roles.reader_score:  # every model vs the radiologist on the same out-of-fold cases
         from breastfusion.evaluation.reader import run_reader_comparison
 
@@ -450,8 +548,15 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
     if synthetic:
         notes.append("Every case in this run comes from the built-in SYNTHETIC phantom cohort: the numbers show the "
                      "software works, not how a model performs on patients.")
-    if radiomics is not None:
+    if expert_mask:
         notes.append(EXPERT_MASK_NOTE)
+    elif radiomics is not None and seg_summary is not None:
+        from breastfusion.segmentation.metrics import format_summary
+
+        notes.append("Radiomics come from PREDICTED lesion masks: out-of-fold masks of a segmenter trained on the "
+                     "expert outlines of the other folds, so no figure here needs the radiologist's outline at "
+                     "prediction; the bundle carries the segmenter. Out-of-fold segmentation quality against the "
+                     f"expert: {format_summary(seg_summary) or 'not available'}.")
     reader_path = run_dir / "reader_comparison.json"
     if cfg.data.roles.reader_score and reader_path.exists():  # the radiologist belongs in the summary, not only below
         from breastfusion.evaluation.reader import summary_note
@@ -465,7 +570,8 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
         "cases": len(cases), "classes": {c: int((cases[LABEL] == c).sum()) for c in classes},
         "patients": int(cases[PATIENT_ID].nunique()), "centres": sorted(cases["center"].unique().tolist()),
         "tabular columns": (0 if table is None else table.shape[1]), "clinical columns": len(columns),
-        "radiomics": "from lesion masks" if radiomics is not None else "not used",
+        "radiomics": ("not used" if radiomics is None else "from the expert's lesion masks" if expert_mask
+                      else "from predicted lesion masks (out-of-fold segmenter)"),
         "set aside (data.drop_labels)": dropped, "audit": audit_summary,
         "timings (s)": {k: round(v, 1) for k, v in timings.items()},
     }

@@ -32,7 +32,8 @@ FINGERPRINTS = "fingerprints.json"
 FORMAT = 1
 # Never part of a fingerprint: where the data lives (a moved folder is the same data: the table digest covers
 # the content) and how many CPU threads to use.
-IGNORED = ("data.source", "histology.tiles", "train.threads", "histology.workers", "histology.scheduler")
+IGNORED = ("data.source", "histology.tiles", "train.threads", "histology.workers", "histology.scheduler",
+           "segmentation.threads", "segmentation.checkpoint_every")
 
 
 @dataclass
@@ -97,9 +98,15 @@ def _file_token(value) -> str:
     return MASK_SEP.join(parts)
 
 
+def _ignored(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in IGNORED)
+
+
 def _changes(old: dict, new: dict) -> list[str]:
+    """``key: old → new`` for each setting that differs; keys that never count (IGNORED, e.g. thread counts) are
+    skipped on both sides, so a run recorded before such a key was ignored still resumes."""
     out = []
-    for k in sorted(set(old) | set(new)):
+    for k in sorted(k for k in set(old) | set(new) if not _ignored(k)):
         a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
         if a != b:
             out.append(f"{k}: {_short(a)} → {_short(b)}")

@@ -9,6 +9,8 @@ Columns
 ``image_path``  image file (absolute in memory; relative to the table when saved).
 ``mask_path``   lesion mask file(s), several joined with ``;``; empty string = "no mask file"
                 (an empty mask means "no lesion"), missing (NaN) = "no mask available".
+``bbox``        optional: box(es) around the lesion, ``x0,y0,x1,y1`` in pixels, several joined with ``;``;
+                prediction segments a case without a mask from its box (LiteMedSAM).
 Any other column is a clinical / biomarker feature (numeric, boolean or categorical; missing allowed).
 Columns starting with ``_`` are bookkeeping (e.g. ``_synthetic``) and never used as features.
 """
@@ -25,7 +27,11 @@ from breastfusion.errors import DataError
 CASE_ID, PATIENT_ID, CENTER, LABEL, IMAGE_PATH, MASK_PATH = (
     "case_id", "patient_id", "center", "label", "image_path", "mask_path",
 )
-RESERVED = (CASE_ID, PATIENT_ID, CENTER, LABEL, IMAGE_PATH, MASK_PATH, "dup_group", "fold")
+#: ``bbox``: box(es) around the lesion for box-prompted segmentation; ``expert_mask_path``: the expert's masks
+#: kept beside predicted ones (data.masks: predicted). Neither is ever a clinical feature.
+RESERVED = (CASE_ID, PATIENT_ID, CENTER, LABEL, IMAGE_PATH, MASK_PATH, "dup_group", "fold", "bbox", "expert_mask_path",
+            # written by breastfusion.segmentation.segment_cases beside predicted masks: never clinical features
+            "lesion_prob", "mask_area_px", "n_components", "fallback_used", "segmentation_error")
 MASK_SEP = ";"
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from breastfusion.data.cases import CASE_ID, IMAGE_PATH, LABEL, PATIENT_ID
+from breastfusion.data.cases import CASE_ID, IMAGE_PATH, LABEL, MASK_PATH, PATIENT_ID
 from breastfusion.errors import BundleError, ConfigError, DataError
 from breastfusion.evaluation.metrics import _resample_weights, evaluate, to_jsonable
 from breastfusion.utils import atomic_path, write_json
@@ -434,6 +434,19 @@ def _cohort_images(scored: _Scored, record: dict | None) -> tuple[dict, int, lis
 
 
 
+def _mask_phrase(masks: dict) -> str:
+    """Whether the figure needed the expert's outline: said beside the number."""
+    src = masks.get("sources") or {}
+    if not src:
+        return ""
+    n = sum(src.values())
+    if src.get("expert"):
+        return (f"; {src['expert']} of {n} cases scored WITH the cohort's expert lesion masks (not an images-alone "
+                "figure; --masks ignore for that)")
+    parts = [f"{v} {k}" for k, v in src.items()]
+    return f"; scored from the images alone (lesion outlines: {', '.join(parts)})"
+
+
 def _statement(cohort_name: str, n_scored: int, n_overlap: int, checked: bool) -> str:
     """What kind of figure this is. It is an external validation only as far as the toolkit can tell: images
     byte-identical to the bundle's training images are caught (re-saved or cropped copies are not)."""
@@ -453,8 +466,12 @@ def validate_bundle(bundle_path: str | Path, cohort: str | Path, out_dir: str | 
                     positive: str | None = None, subgroups: list[str] | None = None,
                     mapping: dict[str, str] | None = None, drop_labels: list[str] | None = None,
                     adapt_fraction: float | None = None, n_boot: int = 1000, seed: int = 0, batch_size: int = 32,
-                    progress: bool = False) -> ValidationResult:
-    """External validation of a bundle on a labelled cohort (see the module docstring). Nothing is retrained."""
+                    progress: bool = False, masks: str = "use") -> ValidationResult:
+    """External validation of a bundle on a labelled cohort (see the module docstring). Nothing is retrained.
+
+    ``masks``: "use" scores with the cohort's own lesion masks where it has them (a figure that needs the
+    expert's outline); "ignore" drops them, so each case is scored from its image alone (the bundle's segmenter
+    outlines the lesion, or the radiomics are unknown): what a site without outlines gets."""
     from breastfusion.data.fingerprint import (
         compare_images,
         compare_tabular,
@@ -481,7 +498,11 @@ def validate_bundle(bundle_path: str | Path, cohort: str | Path, out_dir: str | 
         raise ConfigError(f"--adapt-fraction re-fits the deep model's temperature and conformal thresholds; the "
                           f"classical model '{model}' has neither. Leave out --model to adapt.")
     classes = bundle.classes
+    if masks not in ("use", "ignore"):
+        raise ConfigError(f"--masks must be 'use' or 'ignore'; got {masks!r}.")
     cases, dropped = load_cohort(cohort, drop_labels)
+    if masks == "ignore" and MASK_PATH in cases.columns:
+        cases[MASK_PATH] = np.nan  # no outline given: the bundle's segmenter (if any) makes its own
     cohort_name = Path(cohort).name or str(cohort)
     original = cases[LABEL].copy()
     cases[LABEL], cohort_classes = map_labels(cases[LABEL], classes, mapping, source=f"cohort '{cohort}'")
@@ -622,7 +643,11 @@ def validate_bundle(bundle_path: str | Path, cohort: str | Path, out_dir: str | 
         "shift": {"record": bool(record), "images": img_stats, "tabular": cohort_tab, "ood": ood,
                   "training_image_overlap": n_overlap, "findings": findings},
         "adaptation": adaptation,
+        "masks": {"cohort_masks": masks,
+                  "sources": ({str(k): int(v) for k, v in scored.preds["mask_source"].value_counts().items()}
+                              if "mask_source" in scored.preds.columns else {})},
     }
+    summary["statement"] += _mask_phrase(summary["masks"])
     metrics_path = write_json(to_jsonable(summary), out_dir / "metrics.json")
     figs = _figures(ev, cohort_classes, fig_dir, cohort_name, preds, ref)
     report = _write_report(out_dir, summary, figs, img_table, tab_table, sub_table)

@@ -46,11 +46,20 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+#: Where a bundle trained with ``data.masks: predicted`` keeps its lesion segmenter.
+SEGMENTER_FILE = "segmenter/lesion.safetensors"
+
+
 def weight_files(path: str | Path, meta: dict) -> list[str]:
     """Bundle-relative names of the files whose bytes decide predictions, as the metadata describes them: the
-    network's weights, each listed classical model and the recorded ONNX file (when it lies in the bundle)."""
-    classical = (meta.get("features") or {}).get("classical") or {}
+    network's weights, each listed classical model, the lesion segmenter and the recorded ONNX file (when it lies
+    in the bundle)."""
+    features = meta.get("features") or {}
+    classical = features.get("classical") or {}
     files = [WEIGHTS] + [f"classical/{name}.skops" for name in classical.get("models") or []]
+    seg = features.get("segmenter") or {}
+    if isinstance(seg.get("file"), str):
+        files.append(seg["file"])
     onnx = _onnx_file(Path(path), meta)
     return list(dict.fromkeys(files + ([onnx] if onnx else [])))
 

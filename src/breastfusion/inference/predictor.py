@@ -64,6 +64,18 @@ def cases_from_input(path: str | Path) -> pd.DataFrame:
 ABSENT_CLINICAL = "absent_clinical_columns"
 
 
+#: Optional input column: box(es) around the lesion, "x0,y0,x1,y1" in pixels (several joined with ';'), used
+#: when a case has no mask (LiteMedSAM, zero-shot; see breastfusion.segmentation.resolve).
+BBOX = "bbox"
+
+
+def _mask_reference(value) -> bool:
+    """Whether a mask_path cell says anything: mask file(s), or '' ("no lesion"); NaN/None says nothing."""
+    from breastfusion.features.radiomics import _mask_paths
+
+    return _mask_paths(value) is not None
+
+
 def _mask_given(value) -> bool:
     """Whether a mask_path cell names at least one mask file ('' is "no lesion", NaN "no mask")."""
     from breastfusion.features.radiomics import _mask_paths
@@ -129,11 +141,17 @@ class Predictor:
         if self.model.uses_image:
             self.model.to(memory_format=torch.channels_last)
         im = bundle.meta["image"]
+        from breastfusion.data.cleaning import meta_mode
+
+        self.clean = meta_mode(im.get("clean"))  # the cleaning its network was trained with ('none' for old bundles)
         self.size = int(im["size"])
         self.mean = torch.tensor(im["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(im["std"], dtype=torch.float32).view(1, 3, 1, 1)
         self._mean_np, self._std_np = self.mean.numpy(), self.std.numpy()
         self.radiomics = (bundle.meta.get("features") or {}).get("radiomics")
+        self.segmenter_info = (bundle.meta.get("features") or {}).get("segmenter")
+        self._segmenter = None  # loaded on first use
+        self.last_mask_source: dict[str, str] = {}  # case id -> expert | predicted | none (radiomics bundles)
         self.last_skipped: pd.DataFrame = pd.DataFrame(columns=[CASE_ID, IMAGE_PATH, "reason"])
         self.last_absent: list[str] = []  # clinical columns the last input table lacked
         self.classical = None
@@ -198,20 +216,67 @@ class Predictor:
             # a bundle whose shape features are in mm reads each case's pixel size as training did
             size_col = self.radiomics.get("pixel_size_column") if self.radiomics.get("units") == "mm" else None
             sizes = cases[size_col] if size_col in cases.columns else [np.nan] * len(cases)
-            for cid, img, msk, size in zip(cases[CASE_ID], cases[IMAGE_PATH], masks, sizes):
+            boxes = cases[BBOX] if BBOX in cases.columns else [np.nan] * len(cases)
+            no_mask = []
+            for row, (cid, img, msk, box, size) in enumerate(zip(cases[CASE_ID], cases[IMAGE_PATH], masks, boxes,
+                                                                 sizes)):
+                # the order of breastfusion.segmentation.resolve: given mask, box (LiteMedSAM), segmenter, none
+                given = _mask_reference(msk)  # '' = the user says "no lesion"; NaN = no mask at all
+                has_box = not given and isinstance(box, str) and box.strip() != ""
+                source = ("expert" if given else "box" if has_box else "predicted" if self.segmenter_info
+                          else "none")
+                self.last_mask_source[str(cid)] = source
                 try:
                     spacing = None
-                    if size_col and _mask_given(msk):
+                    if size_col and (source in ("predicted", "box") or _mask_given(msk)):
                         from breastfusion.features.radiomics import case_spacing_mm
 
                         spacing = case_spacing_mm(size, size_col, self.radiomics.get("pixel_size_unit", "mm"))
-                    rad_rows.append(extract_case(img, msk, spacing))
+                    if source in ("predicted", "box"):
+                        where = f"row {row + 1} (case '{cid}'), column '{BBOX}'"
+                        rad_rows.append(self._segmented_radiomics(img, spacing, box if has_box else None, where))
+                    elif source == "none":  # unknown, never "no lesion": every radiomics value missing
+                        no_mask.append(str(cid))
+                        rad_rows.append({c: np.nan for c in self.radiomics.get("columns") or []})
+                    else:
+                        rad_rows.append(extract_case(img, msk, spacing))
                 except Exception as exc:  # noqa: BLE001 - reported per row
                     skipped[cid] = f"radiomics: {exc}"
                     rad_rows.append({})
+            if no_mask:
+                log.warning("%d case(s) came without a lesion mask (%s%s) and this bundle carries no segmenter (it was "
+                            "trained with data.masks: %s): their lesion radiomics are scored as UNKNOWN, not as 'no "
+                            "lesion' (column mask_source = none). Give masks, or use a bundle trained with "
+                            "data.masks: predicted.", len(no_mask), ", ".join(no_mask[:5]),
+                            " ..." if len(no_mask) > 5 else "", (self.bundle.meta.get("features") or {}).get(
+                                "masks", "expert"))
             rad = pd.DataFrame(rad_rows, index=table.index)
             table = table.join(rad.drop(columns=[c for c in rad.columns if c in table.columns]), how="left")
         return table
+
+    @property
+    def segmenter(self):
+        """The bundle's lesion segmenter (bundles trained with ``data.masks: predicted``), loaded on first use."""
+        if self._segmenter is None and self.segmenter_info:
+            from breastfusion.segmentation import load_lesion_segmenter
+
+            self._segmenter = load_lesion_segmenter(self.bundle.path / self.segmenter_info["file"])
+        return self._segmenter
+
+    def _segmented_radiomics(self, image_path, spacing_mm: float | None, boxes, where: str) -> dict:
+        """Radiomics of an image given without a mask: its lesions from the ``bbox`` box(es) (LiteMedSAM) or
+        else from the bundle's segmenter, read exactly as training read the out-of-fold mask files."""
+        from breastfusion.data.images import read_image
+        from breastfusion.features.radiomics import extract_arrays
+        from breastfusion.segmentation.resolve import masks_from_boxes, masks_from_segmenter
+
+        gray = read_image(image_path, "gray")
+        if boxes is not None:
+            masks = masks_from_boxes(gray, boxes, where=where)
+        else:
+            masks = masks_from_segmenter(gray, self.segmenter,
+                                         require_lesion=bool(self.segmenter_info.get("require_lesion", False)))
+        return extract_arrays(gray * np.float32(255.0), masks, source=f"'{image_path}'", spacing_mm=spacing_mm)
 
     def _tabular_rows(self, cases: pd.DataFrame, skipped: dict) -> np.ndarray | None:
         pre = self.bundle.tabular
@@ -267,7 +332,7 @@ class Predictor:
 
     def _load_image(self, path: str) -> np.ndarray:
         # training's load_resized, decoded with bounded memory; too small, blank and too large images are skipped
-        return load_for_scoring(path, self.size, max_pixels=self.max_pixels)
+        return load_for_scoring(path, self.size, max_pixels=self.max_pixels, clean=self.clean)
 
     # -- scoring ---------------------------------------------------------------------------------------------
 
@@ -301,6 +366,7 @@ class Predictor:
         if len(cases) == 0:
             raise DataError("Nothing to predict: the input holds no cases.")
         self.last_absent = []
+        self.last_mask_source = {}
         expected = self.expected_clinical
         if expected and images_only:
             log.info("%s is image(s) without a table: scored as 'no clinical data' (model '%s' also reads %s; "
@@ -373,6 +439,8 @@ class Predictor:
         out["model"] = self.model_name
         if self.last_absent:
             out[ABSENT_CLINICAL] = ", ".join(map(str, self.last_absent))
+        if self.radiomics and self.last_mask_source and (self.classical is not None or self.model.uses_tabular):
+            out["mask_source"] = out[CASE_ID].map(self.last_mask_source)  # expert | box | predicted | none
         if sets is not None:
             out["prediction_set"], out["set_size"], out["refer"] = sets
             from breastfusion.evaluation.calibration import calibration_status

@@ -13,7 +13,7 @@ from breastfusion.config import Config, config_to_yaml
 from breastfusion.data.cases import CASE_ID, IMAGE_PATH, LABEL
 from breastfusion.features.tabular import TabularPreprocessor
 from breastfusion.models.fusion import FusionClassifier
-from breastfusion.training.data import CasesDataset, ImageCache, UltrasoundAugment
+from breastfusion.training.data import CasesDataset, ImageCache, augment_for
 from breastfusion.training.trainer import TrainResult, predict_proba, train_model
 from breastfusion.utils import seed_everything, stable_seed
 
@@ -104,9 +104,9 @@ def fit_deep_model(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None
                              tabular_hidden=cfg.model.tabular_hidden, fusion_hidden=cfg.model.fusion_hidden,
                              dropout=cfg.model.dropout)
     uses_image = variant != "tabular"
-    common = dict(size=cfg.image.size, mean=data_cfg["mean"], std=data_cfg["std"], cache=cache)
+    common = dict(size=cfg.image.size, mean=data_cfg["mean"], std=data_cfg["std"], cache=cache, clean=cfg.image.clean)
     train_ds = CasesDataset(tr_cases[IMAGE_PATH].tolist() if uses_image else None, _tab_matrix(pre, table, tr_cases),
-                            y[~val], augment=UltrasoundAugment(cfg.image.size, seed) if (cfg.train.augment and uses_image) else None,
+                            y[~val], augment=augment_for(cfg, seed, uses_image),
                             tabular_dropout=cfg.model.tabular_dropout if variant == "fusion" else 0.0,
                             tabular_missing_row=_missing_row(pre) if pre is not None else None, seed=seed, **common)
     val_ds = CasesDataset(va_cases[IMAGE_PATH].tolist() if uses_image else None, _tab_matrix(pre, table, va_cases),
@@ -120,7 +120,8 @@ def score_cases(fitted: FittedModel, cases: pd.DataFrame, table: pd.DataFrame | 
                 cache: ImageCache | None = None) -> np.ndarray:
     uses_image = fitted.variant != "tabular"
     ds = CasesDataset(cases[IMAGE_PATH].tolist() if uses_image else None, _tab_matrix(fitted.tabular, table, cases),
-                      None, size=cfg.image.size, mean=fitted.data_cfg["mean"], std=fitted.data_cfg["std"], cache=cache)
+                      None, size=cfg.image.size, mean=fitted.data_cfg["mean"], std=fitted.data_cfg["std"], cache=cache,
+                      clean=cfg.image.clean)
     return predict_proba(fitted.model, ds, batch_size=cfg.train.batch_size * 2,
                          channels_last=cfg.train.channels_last and uses_image, amp=cfg.train.amp)
 
@@ -129,8 +130,12 @@ def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | No
                      run_dir: Path, *, resume: bool, progress: bool, cache: ImageCache | None, synthetic: bool,
                      metrics: dict | None, radiomics_used: bool, clinical_cols: list[str],
                      classical: dict | None = None, calibration: dict | None = None,
-                     data_meta: dict | None = None) -> Path:
-    """Train the deployable model on every case (inner validation for early stopping) and save a bundle."""
+                     data_meta: dict | None = None, segmenter: Path | None = None,
+                     segmentation_summary: dict | None = None) -> Path:
+    """Train the deployable model on every case (inner validation for early stopping) and save a bundle.
+
+    ``segmenter`` (``data.masks: predicted``): the lesion segmenter file, copied into the bundle, which runs it
+    for every case that comes without a mask."""
     from breastfusion.inference.bundle import save_bundle
 
     groups = cases["dup_group"].to_numpy() if "dup_group" in cases else None
@@ -150,13 +155,26 @@ def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | No
         feature_meta["radiomics"] = {"version": RADIOMICS_VERSION, "columns": radiomics_columns(),
                                      **units_meta(cases, cfg.data.pixel_size_column, cfg.data.pixel_size_unit)}
     extra_files = {}
+    if radiomics_used:
+        feature_meta["masks"] = cfg.data.masks  # where the outline behind the radiomics came from at training
+    if segmenter is not None and radiomics_used:
+        from breastfusion.inference.integrity import SEGMENTER_FILE
+
+        extra_files[SEGMENTER_FILE] = Path(segmenter)
+        quality = {k: v for k, v in (segmentation_summary or {}).items() if k in ("dice", "iou", "hd95", "n_cases")}
+        feature_meta["segmenter"] = {"file": SEGMENTER_FILE, "require_lesion": bool((segmentation_summary or {})
+                                                                                    .get("require_lesion", False)),
+                                     "out_of_fold_quality": quality}
     if classical and classical.get("files"):
-        extra_files = {f"classical/{n}.skops": p for n, p in classical["files"].items()}
+        extra_files.update({f"classical/{n}.skops": p for n, p in classical["files"].items()})
         feature_meta["classical"] = {"models": sorted(classical["files"]), "features": classical["features"],
                                      "format": "skops", "metrics": classical.get("metrics", {}),
                                      "reading": classical.get("reading") or {}}  # multi/ordinal cells at prediction
+    from breastfusion.data.cleaning import cleaning_meta
+
     image_meta = {"size": cfg.image.size, "mean": fitted.data_cfg["mean"], "std": fitted.data_cfg["std"],
-                  "interpolation": fitted.data_cfg.get("interpolation", "bicubic"), "color": "gray_to_rgb"}
+                  "interpolation": fitted.data_cfg.get("interpolation", "bicubic"), "color": "gray_to_rgb",
+                  "clean": cleaning_meta(cfg.image.clean)}
     n_tab = fitted.tabular.n_features_out_ if fitted.tabular is not None else 0
     training = {"n_cases": int(len(cases)), "best_epoch": fitted.result.best_epoch,
                 "inner_val_macro_f1": fitted.result.best_val_macro_f1, "seconds": round(fitted.result.seconds, 1),
