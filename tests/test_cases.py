@@ -63,3 +63,24 @@ def test_busi_real(busi_root):
     assert len(cases) == 624
     assert cases["label"].value_counts().to_dict() == {"benign": 351, "malignant": 167, "normal": 106}
     assert cases["mask_path"].str.contains(";").sum() >= 10  # several lesions in some images
+
+
+def test_no_lesion_survives_a_csv_round_trip(tmp_path):
+    """'' (no lesion) and NaN (no mask available) stay different through a CSV cases table."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from breastfusion.data.cases import NO_LESION, read_cases, write_cases
+
+    for name in ("a", "b", "c"):
+        Image.fromarray(np.full((40, 40), 90, np.uint8)).save(tmp_path / f"{name}.png")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "a_mask.png")
+    cases = pd.DataFrame({"case_id": ["a", "b", "c"], "label": ["benign", "normal", "benign"],
+                          "image_path": [str(tmp_path / f"{n}.png") for n in "abc"],
+                          "mask_path": [str(tmp_path / "a_mask.png"), "", np.nan]})
+    write_cases(cases, tmp_path / "cases.csv")
+    assert NO_LESION in (tmp_path / "cases.csv").read_text()
+    back = read_cases(tmp_path / "cases.csv")
+    assert back.loc[1, "mask_path"] == "" and pd.isna(back.loc[2, "mask_path"])
+    assert back.loc[0, "mask_path"].endswith("a_mask.png")

@@ -9,6 +9,8 @@ Columns
 ``image_path``  image file (absolute in memory; relative to the table when saved).
 ``mask_path``   lesion mask file(s), several joined with ``;``; empty string = "no mask file"
                 (an empty mask means "no lesion"), missing (NaN) = "no mask available".
+                In a CSV an empty cell reads as missing, so "no lesion" is written there as the text
+                ``no lesion`` (:data:`NO_LESION`; read back as ``''``); a Parquet table keeps ``''``.
 ``bbox``        optional: box(es) around the lesion, ``x0,y0,x1,y1`` in pixels, several joined with ``;``;
                 prediction segments a case without a mask from its box (LiteMedSAM).
 Any other column is a clinical / biomarker feature (numeric, boolean or categorical; missing allowed).
@@ -33,6 +35,8 @@ RESERVED = (CASE_ID, PATIENT_ID, CENTER, LABEL, IMAGE_PATH, MASK_PATH, "dup_grou
             # written by breastfusion.segmentation.segment_cases beside predicted masks: never clinical features
             "lesion_prob", "mask_area_px", "n_components", "fallback_used", "segmentation_error")
 MASK_SEP = ";"
+#: How a CSV cases table says "no lesion" in mask_path (an empty CSV cell is read as "no mask available").
+NO_LESION = "no lesion"
 
 
 def feature_columns(cases: pd.DataFrame) -> list[str]:
@@ -173,7 +177,8 @@ def read_cases(path: str | Path, **validate_kwargs) -> pd.DataFrame:
     if IMAGE_PATH in df.columns:
         df[IMAGE_PATH] = [_resolve(v, root) for v in df[IMAGE_PATH]]
     if MASK_PATH in df.columns:
-        df[MASK_PATH] = [_resolve(v, root) for v in df[MASK_PATH]]
+        df[MASK_PATH] = ["" if isinstance(v, str) and v.strip().lower() == NO_LESION else _resolve(v, root)
+                         for v in df[MASK_PATH]]
     validate_kwargs.setdefault("source", f"cases table '{path}'")
     return validate_cases(df, **validate_kwargs)
 
@@ -190,11 +195,14 @@ def write_table(table: pd.DataFrame, path: str | Path, path_columns: tuple[str, 
     path = Path(path)
     df = table.copy()
     root = path.parent
+    csv = path.suffix.lower() not in (".parquet", ".pq")
     for col in path_columns:
         if col in df.columns:
             df[col] = [_relativize(v, root) for v in df[col]]
+            if csv and col == MASK_PATH:  # '' ("no lesion") would come back from a CSV as NaN ("no mask")
+                df[col] = [NO_LESION if isinstance(v, str) and v == "" else v for v in df[col]]
     with atomic_path(path) as tmp:
-        if path.suffix.lower() in (".parquet", ".pq"):
+        if not csv:
             df.to_parquet(tmp, index=False)
         else:
             df.to_csv(tmp, index=False)
