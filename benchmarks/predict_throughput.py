@@ -1,7 +1,10 @@
 """Prediction throughput of ``Predictor`` (decode + resize + tabular + forward, the whole batch path) next to
 a bare forward pass of the same backbone on ready-made tensors, measured in the same run.
 
-    python benchmarks/predict_throughput.py BUNDLE IMAGE_FOLDER_OR_TABLE [--repeats 3]
+    python benchmarks/predict_throughput.py BUNDLE IMAGE_FOLDER_OR_TABLE [--repeats 3] [--ignore-masks]
+
+``--ignore-masks`` drops the input's lesion masks: a bundle with a segmenter (data.masks: predicted) then outlines
+every lesion itself, so the figure includes segmentation (and radiomics), as a site without outlines gets it.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--limit", type=int, default=256, help="number of inputs to score per repeat")
+    ap.add_argument("--ignore-masks", action="store_true", help="score from the images alone (see the docstring)")
     args = ap.parse_args()
     predictor = Predictor.load(args.bundle, batch_size=args.batch_size)
     cases = cases_from_input(args.input).head(args.limit)
+    if args.ignore_masks:
+        cases = cases.assign(mask_path=float("nan"))
     n = len(cases)
     predictor.predict_cases(cases.head(args.batch_size))  # warm-up
     t_pred = []
@@ -59,7 +65,9 @@ def main() -> int:
            "bare_forward_images_per_s": round(fwd_ips, 1), "ratio": round(pred_ips / fwd_ips, 3),
            "bundle_variant": predictor.bundle.meta["model"]["variant"],
            "backbone": predictor.bundle.meta["model"]["backbone"], "image_size": size,
-           "radiomics_in_bundle": bool(predictor.radiomics)}
+           "radiomics_in_bundle": bool(predictor.radiomics),
+           "segmenter_in_bundle": bool(predictor.segmenter_info), "masks_ignored": bool(args.ignore_masks),
+           "mask_sources": out["mask_source"].value_counts().to_dict() if "mask_source" in out else {}}
     print(json.dumps(res, indent=2))
     return 0
 

@@ -416,7 +416,7 @@ def test_lesion_mask_feeds_radiomics(tmp_path):
                            data={"rad_mask_available": "1"})
     assert with_mask.status_code == 200 and without.status_code == 200
     assert not any("mask" in w for w in with_mask.json()["warnings"])
-    assert any("No lesion mask" in w for w in without.json()["warnings"])
+    assert any("No lesion outline" in w for w in without.json()["warnings"])
     assert with_mask.json()["probabilities"] != without.json()["probabilities"]
     assert wrong.status_code == 422 and wrong.json()["field"] == "mask"
     assert rad_field.status_code == 422 and "Unknown clinical field 'rad_mask_available'" in rad_field.json()["detail"]

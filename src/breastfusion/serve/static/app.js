@@ -84,6 +84,14 @@ async function init() {
     if (health.synthetic) $("synthetic-banner").hidden = false;
     if (!health.explanation) $("explain").disabled = true;
     $("mask-row").hidden = !schema.accepts_mask;
+    $("box-row").hidden = !schema.accepts_box;
+    const note = $("outline-source-note");
+    if (schema.accepts_mask) {
+      note.textContent = schema.has_segmenter
+        ? "Without a mask or a box, this model outlines the lesion itself (its segmenter); check the outline shown with the result."
+        : "Without a mask or a box, this model has no lesion outline: its lesion radiomics are then scored as unknown.";
+      note.hidden = false;
+    }
     const box = $("fields");
     box.textContent = "";
     if (!schema.fields.length) box.appendChild(el("p", { class: "hint" }, "This bundle uses no clinical fields."));
@@ -112,6 +120,38 @@ function renderReferral(res) {
     box.className = "refer-box caution";
     box.textContent = "No referral flag available: this bundle has no conformal calibration, so the model cannot " +
       "say when it is unsure. Treat the result as unreviewed model output.";
+  }
+}
+
+// Where the lesion outline came from, in words (the API's mask_source).
+const MASK_SOURCE_WORDS = {
+  expert: "from your mask",
+  box: "outline from your box (LiteMedSAM)",
+  predicted: "predicted by the model's segmenter",
+  none: "no outline: radiomics unknown",
+};
+
+function renderOutline(res) {
+  const line = $("mask-source-line");
+  if (res.mask_source) {
+    $("mask-source").textContent = MASK_SOURCE_WORDS[res.mask_source] || res.mask_source;
+    line.dataset.source = res.mask_source;
+    line.hidden = false;
+  } else {
+    line.hidden = true;
+  }
+  const fig = $("outline-figure");
+  if (res.lesion_outline_png_base64) {
+    $("outline").src = "data:image/png;base64," + res.lesion_outline_png_base64;
+    $("outline").alt = "the uploaded image with the lesion outline (" +
+      (MASK_SOURCE_WORDS[res.mask_source] || res.mask_source) + ") drawn in green" +
+      (res.mask_source === "box" ? " and your box in yellow" : "");
+    $("outline-caption").textContent = "Green: the lesion outline the radiomics were read inside (" +
+      (MASK_SOURCE_WORDS[res.mask_source] || res.mask_source) + ")" +
+      (res.mask_source === "box" ? "; yellow: your box" : "") + ". Check that it follows the lesion.";
+    fig.hidden = false;
+  } else {
+    fig.hidden = true;
   }
 }
 
@@ -151,6 +191,7 @@ function render(res) {
     if (w.startsWith("Probabilities are the model's own") || w.startsWith("Calibration caveat:")) continue;
     warnings.appendChild(el("li", {}, w));
   }
+  renderOutline(res);
   const fig = $("overlay-figure");
   if (res.explanation_png_base64) {
     $("overlay").src = "data:image/png;base64," + res.explanation_png_base64;
@@ -189,6 +230,8 @@ async function submit(ev) {
   lastImageUrl = file && $("explain").checked ? await readAsDataUrl(file) : null;
   const mask = $("mask").files[0];
   if (mask && !$("mask-row").hidden) data.append("mask", mask);
+  const bbox = $("bbox").value.trim();
+  if (bbox && !$("box-row").hidden) data.append("bbox", bbox);
   for (const input of $("fields").querySelectorAll("[name]")) {
     if (input.value !== "") data.append(input.name, input.value);
   }
@@ -212,7 +255,150 @@ async function submit(ev) {
   }
 }
 
+// ---- the box around the lesion: drawn by dragging on a canvas showing the chosen image, or typed. ----
+// The box is kept in the ORIGINAL image's pixels (the canvas is drawn smaller and may be scaled by CSS too).
+const boxState = { img: null, w: 0, h: 0, boxes: [], start: null, pointer: null };
+const CANVAS_MAX_SIDE = 640;
+const MIN_BOX_PX = 2;
+
+function drawBoxes() {
+  const c = $("box-canvas");
+  if (!boxState.img) return;
+  const ctx = c.getContext("2d");
+  ctx.drawImage(boxState.img, 0, 0, c.width, c.height);
+  const s = c.width / boxState.w;
+  ctx.lineWidth = 2;
+  ctx.strokeStyle = "#ffc800";
+  for (const [x0, y0, x1, y1] of boxState.boxes) ctx.strokeRect(x0 * s, y0 * s, (x1 - x0) * s, (y1 - y0) * s);
+}
+
+function boxText(boxes) {
+  return boxes.map((b) => b.map((v) => String(Math.round(v))).join(",")).join(";");
+}
+
+function setBoxStatus() {
+  const b = boxState.boxes;
+  $("box-status").textContent = b.length
+    ? b.map(([x0, y0, x1, y1]) => "box from (" + x0 + ", " + y0 + ") to (" + x1 + ", " + y1 + "), " +
+        (x1 - x0) + " × " + (y1 - y0) + " px").join("; ")
+    : "No box.";
+}
+
+// pointer position on the canvas → original image pixels, clamped to the image
+function imagePoint(ev) {
+  const r = $("box-canvas").getBoundingClientRect();
+  const x = ((ev.clientX - r.left) / r.width) * boxState.w;
+  const y = ((ev.clientY - r.top) / r.height) * boxState.h;
+  return [Math.min(Math.max(x, 0), boxState.w), Math.min(Math.max(y, 0), boxState.h)];
+}
+
+function spanBox(a, b) {
+  return [Math.floor(Math.min(a[0], b[0])), Math.floor(Math.min(a[1], b[1])),
+          Math.ceil(Math.max(a[0], b[0])), Math.ceil(Math.max(a[1], b[1]))];
+}
+
+function onPointerDown(ev) {
+  if (!boxState.img || boxState.pointer !== null || (ev.pointerType === "mouse" && ev.button !== 0)) return;
+  ev.preventDefault();
+  boxState.pointer = ev.pointerId;
+  $("box-canvas").setPointerCapture(ev.pointerId);
+  boxState.start = imagePoint(ev);
+  boxState.boxes = [];
+  drawBoxes();
+}
+
+function onPointerMove(ev) {
+  if (ev.pointerId !== boxState.pointer) return;
+  ev.preventDefault();
+  boxState.boxes = [spanBox(boxState.start, imagePoint(ev))];
+  drawBoxes();
+}
+
+function onPointerUp(ev) {
+  if (ev.pointerId !== boxState.pointer) return;
+  boxState.pointer = null;
+  const b = spanBox(boxState.start, imagePoint(ev));
+  const tooSmall = b[2] - b[0] < MIN_BOX_PX || b[3] - b[1] < MIN_BOX_PX;
+  boxState.boxes = tooSmall ? [] : [b];
+  $("bbox").value = boxText(boxState.boxes);
+  drawBoxes();
+  setBoxStatus();
+  if (tooSmall) $("box-status").textContent = "Too small to be a box: drag from one corner of the lesion to the opposite one.";
+}
+
+function onPointerCancel(ev) {
+  if (ev.pointerId !== boxState.pointer) return;
+  boxState.pointer = null;
+  boxState.boxes = [];
+  $("bbox").value = "";
+  drawBoxes();
+  setBoxStatus();
+}
+
+// a typed box (several joined by ';') is drawn too; the server checks it and names 'bbox' when it is wrong
+function onBoxTyped() {
+  const text = $("bbox").value.trim();
+  const boxes = [];
+  let ok = true;
+  for (const part of text.split(";").map((p) => p.trim()).filter((p) => p)) {
+    const v = part.split(/[\s,]+/).filter((t) => t).map(Number);
+    if (v.length === 4 && v.every(Number.isFinite) && v[0] < v[2] && v[1] < v[3]) boxes.push(v);
+    else ok = false;
+  }
+  boxState.boxes = boxes;
+  drawBoxes();
+  setBoxStatus();
+  if (!ok) $("box-status").textContent = "Write a box as four numbers x0,y0,x1,y1 (top-left corner, then bottom-right).";
+}
+
+function clearBox() {
+  boxState.boxes = [];
+  boxState.pointer = null;
+  $("bbox").value = "";
+  drawBoxes();
+  setBoxStatus();
+}
+
+async function onImageChosen() {
+  clearBox();
+  const c = $("box-canvas");
+  boxState.img = null;
+  c.hidden = true;
+  const file = $("image").files[0];
+  $("box-no-image").hidden = !!file;
+  if (!file || $("box-row").hidden) return;
+  const url = await readAsDataUrl(file);
+  if (!url) return;
+  const img = new Image();
+  img.onload = () => {
+    if ($("image").files[0] !== file) return; // another image was chosen meanwhile
+    boxState.img = img;
+    boxState.w = img.naturalWidth;
+    boxState.h = img.naturalHeight;
+    const s = Math.min(1, CANVAS_MAX_SIDE / Math.max(boxState.w, boxState.h));
+    c.width = Math.max(1, Math.round(boxState.w * s));
+    c.height = Math.max(1, Math.round(boxState.h * s));
+    c.dataset.imageWidth = String(boxState.w);
+    c.dataset.imageHeight = String(boxState.h);
+    c.hidden = false;
+    drawBoxes();
+    setBoxStatus();
+  };
+  img.onerror = () => {
+    $("box-status").textContent = "This browser cannot show this image (TIFF, for one): type the box in pixels instead.";
+  };
+  img.src = url;
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   $("predict-form").addEventListener("submit", submit);
+  const c = $("box-canvas");
+  c.addEventListener("pointerdown", onPointerDown);
+  c.addEventListener("pointermove", onPointerMove);
+  c.addEventListener("pointerup", onPointerUp);
+  c.addEventListener("pointercancel", onPointerCancel);
+  $("clear-box").addEventListener("click", clearBox);
+  $("bbox").addEventListener("input", onBoxTyped);
+  $("image").addEventListener("change", onImageChosen);
   init();
 });
