@@ -169,3 +169,17 @@ def test_report_shows_segmentation_quality_and_overlays(predicted_run):
     html = (result.run_dir / "report" / "report.html").read_text()
     assert "Lesion segmentation (out-of-fold, against the expert)" in html
     assert "expert (green) vs predicted (red)" in html
+
+
+def test_a_run_without_bundles_trains_no_final_segmenter(tmp_path):
+    from breastfusion.config import load_config
+    from breastfusion.data.synthetic import make_synthetic_cohort
+    from breastfusion.pipeline import run_experiment
+
+    make_synthetic_cohort(tmp_path / "cohort", n_cases=16, image_size=48, seed=5)  # SYNTHETIC phantoms
+    cfg = load_config(None, FAST + [f"data.source={tmp_path / 'cohort' / 'cases.csv'}", "data.masks=predicted",
+                                    "experiment.final_models=[]"])
+    result = run_experiment(cfg, tmp_path / "run", progress=False)
+    assert (result.run_dir / "segmentation" / "cv" / "oof_cases.csv").exists()
+    assert not (result.run_dir / "segmentation" / "segmenter.safetensors").exists()
+    assert result.bundle is None

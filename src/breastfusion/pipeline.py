@@ -151,7 +151,7 @@ def stage_radiomics(cases: pd.DataFrame, cfg: Config, run_dir: Path, progress: b
 
 
 def stage_segmentation(cases: pd.DataFrame, splits: pd.DataFrame, classes: list[str], cfg: Config, run_dir: Path,
-                       resume: bool, progress: bool) -> tuple[pd.DataFrame, Path, dict]:
+                       resume: bool, progress: bool) -> tuple[pd.DataFrame, Path | None, dict]:
     """``data.masks: predicted``: out-of-fold lesion masks for every case, on the classifier's own folds, and a
     segmenter trained on every expert mask for the bundle.
 
@@ -159,7 +159,8 @@ def stage_segmentation(cases: pd.DataFrame, splits: pd.DataFrame, classes: list[
     classifiers learn from look like those a new case gets at prediction. (The masks of the *training* cases of
     fold k come from segmenters that saw fold k's expert outlines, not its labels; the out-of-fold scheme of
     stacking.) Returns the cases with ``mask_path`` = predicted masks (``expert_mask_path`` keeps the expert's),
-    the final segmenter file and the out-of-fold quality summary (Dice / IoU / HD95 against the expert)."""
+    the final segmenter file (None when the run builds no bundle) and the out-of-fold quality summary (Dice / IoU /
+    HD95 against the expert)."""
     from breastfusion.segmentation import cross_validate_segmenter, train_lesion_segmenter
 
     if not has_masks(cases):
@@ -170,7 +171,9 @@ def stage_segmentation(cases: pd.DataFrame, splits: pd.DataFrame, classes: list[
     oof, scores = cross_validate_segmenter(cases, splits, cfg.segmentation, out / "cv", seed=cfg.seed,
                                            progress=progress, require_lesion=require_lesion)
     final = out / "segmenter.safetensors"
-    if not (resume and final.exists()):
+    if not cfg.experiment.final_models:
+        final = None  # no bundle to carry it: the out-of-fold masks are all this run needs
+    elif not (resume and final.exists()):
         train_lesion_segmenter(cases, cfg.segmentation, final, seed=stable_seed(cfg.seed, "segmenter", "final"),
                                progress=progress)
     summary_path = out / "cv" / "summary.json"
