@@ -124,3 +124,25 @@ class UnionFind:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def read_safetensors(path: Path, what: str) -> tuple[dict, dict[str, str]]:
+    """Tensors and metadata of a safetensors file (no pickle: loading runs no code); BundleError naming the file
+    when it is missing, not a regular file, foreign or corrupt. ``what`` names it in messages ("Model file")."""
+    from safetensors import safe_open
+
+    from breastfusion.errors import BundleError
+
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"{what} not found: '{path}'.")
+    if not path.is_file():
+        raise BundleError(f"{what} '{path}' is not a regular file.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as exc:  # safetensors raises its own error types for corrupt or foreign files
+        raise BundleError(f"Cannot read {what.lower()} '{path}': not a valid safetensors file, or corrupt/truncated "
+                          f"({type(exc).__name__}: {str(exc)[:200]}).") from exc
+    return tensors, meta

@@ -51,7 +51,6 @@ import importlib
 import json
 import logging
 import math
-import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -59,11 +58,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from breastfusion.data.cases import CASE_ID, IMAGE_PATH, MASK_PATH, MASK_SEP
 from breastfusion.errors import BundleError, ConfigError, DataError
-from breastfusion.utils import atomic_path, write_json
+from breastfusion.utils import write_json
 
 log = logging.getLogger(__name__)
 
@@ -438,35 +436,6 @@ def _is_missing(v) -> bool:
     return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
 
 
-def mask_file_names(stem: str, n: int) -> list[str]:
-    """BUSI-style names of ``n`` mask files: ``<stem>_mask.png``, ``<stem>_mask_1.png``, ..."""
-    return [f"{stem}_mask.png"] + [f"{stem}_mask_{k}.png" for k in range(1, max(n, 1))]
-
-
-def _write_masks(masks: np.ndarray, masks_dir: Path, stem: str) -> list[Path]:
-    """One PNG per box; older ``_mask_k`` files of this case beyond the new count are removed."""
-    paths = [masks_dir / name for name in mask_file_names(stem, len(masks))]
-    for m, path in zip(masks, paths):
-        with atomic_path(path) as tmp:
-            Image.fromarray(m.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
-    base = Path(stem).name
-    pattern = re.compile(rf"^{re.escape(base)}_mask_(\d+)\.png$")
-    for old in paths[0].parent.iterdir():
-        hit = pattern.match(old.name)
-        if hit and int(hit.group(1)) >= len(masks):
-            old.unlink(missing_ok=True)
-    return paths
-
-
-def _image_key(path) -> dict:
-    p = Path(str(path))
-    try:
-        st = p.stat()
-        return {"image_path": str(p.resolve()), "image_bytes": st.st_size, "image_mtime_ns": st.st_mtime_ns}
-    except OSError:
-        return {"image_path": str(p)}
-
-
 def _reusable(rec_path: Path, key: dict, masks_dir: Path) -> dict | None:
     try:
         rec = json.loads(rec_path.read_text(encoding="utf-8"))
@@ -501,7 +470,11 @@ def segment_cases_with_boxes(cases: pd.DataFrame, out_dir, *, segmenter: BoxProm
     the case's masks), ``n_empty_masks``, ``segmentation_method`` (``medsam``) and ``segmentation_error`` (None when
     fine). A bad row (no box, a malformed or out-of-image box, an unreadable image) is logged and kept with the
     reason, never losing the batch."""
-    from breastfusion.segmentation.predict import mask_file_stem
+    from breastfusion.segmentation.predict import (
+        _image_key,
+        mask_file_stem,
+        write_mask_files,
+    )
 
     if not isinstance(cases, pd.DataFrame):
         raise TypeError(f"cases must be a pandas DataFrame; got {type(cases).__name__}.")
@@ -551,7 +524,7 @@ def segment_cases_with_boxes(cases: pd.DataFrame, out_dir, *, segmenter: BoxProm
                 for k, b in enumerate(boxes):
                     validate_box(b, image.shape[:2], where=f"{here}, column '{bbox_column}', box {k + 1}")
                 masks = seg.segment(image, boxes, where=here)
-                paths = _write_masks(masks, masks_dir, stems[i])
+                paths = write_mask_files(list(masks), masks_dir, stems[i])
                 n_empty = int(sum(not m.any() for m in masks))
                 if n_empty:
                     log.warning("%s: LiteMedSAM found no lesion in %d of its %d box(es).", here, n_empty, len(boxes))

@@ -97,7 +97,7 @@ def summarise_scores(scores: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0,
         groups = np.asarray(groups)
         if len(groups) != len(scores):
             raise DataError(f"summarise_scores: {len(groups)} groups for {len(scores)} cases.")
-    out: dict = {"n_cases": int(len(scores))}
+    out: dict = {"n_cases": len(scores)}
     for m in METRICS:
         if m not in scores.columns:
             continue
@@ -114,7 +114,7 @@ def summarise_scores(scores: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0,
         if flag in scores.columns:
             out[f"n_{flag}"] = int(scores[flag].astype(bool).sum())
     if groups is not None:
-        out["n_groups"] = int(len(np.unique(groups)))
+        out["n_groups"] = len(np.unique(groups))
     return out
 
 

@@ -66,19 +66,25 @@ def mask_file_stem(case_id: str) -> str:
     return stem
 
 
-def _mask_names(stem: str, n: int) -> list[str]:
-    return [f"{stem}_mask.png"] + [f"{stem}_mask_{k}.png" for k in range(1, n)]
+def mask_file_names(stem: str, n: int) -> list[str]:
+    """BUSI-style names of ``n`` mask files: ``<stem>_mask.png``, ``<stem>_mask_1.png``, ..."""
+    return [f"{stem}_mask.png"] + [f"{stem}_mask_{k}.png" for k in range(1, max(n, 1))]
 
 
 def write_masks(result: SegmentationResult, masks_dir: Path, stem: str) -> list[Path]:
     """Write one PNG per lesion (an empty ``_mask.png`` for none), remove this case's older extra files."""
+    return write_mask_files(result.components() or [np.zeros(result.labels.shape, dtype=bool)], masks_dir, stem)
+
+
+def write_mask_files(comps, masks_dir: Path, stem: str) -> list[Path]:
+    """One 8-bit PNG (0 / 255) per boolean mask, BUSI-style names; this case's older ``_mask_k`` files beyond the
+    new count are removed (shared by the trained U-Net and LiteMedSAM)."""
     from PIL import Image
 
-    comps = result.components() or [np.zeros(result.labels.shape, dtype=bool)]
-    paths = [masks_dir / name for name in _mask_names(stem, len(comps))]
+    paths = [masks_dir / name for name in mask_file_names(stem, len(comps))]
     for comp, path in zip(comps, paths):
         with atomic_path(path) as tmp:
-            Image.fromarray(comp.astype(np.uint8) * 255).save(tmp, format="PNG")
+            Image.fromarray(np.asarray(comp).astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
     base = Path(stem).name
     pattern = re.compile(rf"^{re.escape(base)}_mask_(\d+)\.png$")
     folder = paths[0].parent

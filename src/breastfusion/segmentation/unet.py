@@ -397,20 +397,10 @@ def save_model(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> Path
 
 
 def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+    """Tensors and metadata of a safetensors file; BundleError naming it when missing, foreign or corrupt."""
+    from breastfusion.utils import read_safetensors as _read
 
-    if not path.exists():
-        raise BundleError(f"{what} not found: '{path}'.")
-    if not path.is_file():
-        raise BundleError(f"{what} '{path}' is not a regular file.")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except Exception as exc:  # safetensors raises its own error types for corrupt or foreign files
-        raise BundleError(f"Cannot read {what.lower()} '{path}': not a valid safetensors file, or corrupt/truncated "
-                          f"({type(exc).__name__}: {str(exc)[:200]}).") from exc
-    return tensors, meta
+    return _read(path, what)
 
 
 def _number(v: Any) -> bool:

@@ -265,20 +265,9 @@ def _save_model(net: NucleiUNet, meta: dict, path: Path) -> Path:
 
 
 def _read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+    from breastfusion.utils import read_safetensors
 
-    if not path.exists():
-        raise BundleError(f"{what} not found: '{path}'.")
-    if not path.is_file():
-        raise BundleError(f"{what} '{path}' is not a regular file.")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except Exception as exc:  # safetensors raises its own error types for corrupt or foreign files
-        raise BundleError(f"Cannot read {what.lower()} '{path}': not a valid safetensors file, or corrupt/truncated "
-                          f"({type(exc).__name__}: {str(exc)[:200]}).") from exc
-    return tensors, meta
+    return read_safetensors(path, what)
 
 
 def _validate_meta(meta: dict, path: Path) -> dict:
