@@ -504,7 +504,6 @@ def cmd_segment_cv(args) -> int:
 
 def cmd_segment_predict(args) -> int:
     """Predicted lesion masks for an image, a folder of images or a cases table: OUT/masks/*, OUT/cases.csv."""
-    from breastfusion.data.cases import write_cases
     from breastfusion.errors import ConfigError
     from breastfusion.inference.predictor import cases_from_input
 
@@ -523,11 +522,19 @@ def cmd_segment_predict(args) -> int:
     out = Path(args.out)
     result = segment_cases(cases, seg, out, require_lesion=args.require_lesion, progress=not args.quiet,
                            batch_size=args.batch_size)
+    return _finish_segmentation(result, out, lambda ok: (
+        f"{ok} case(s) segmented: {int((result['n_components'] > 0).sum())} with a lesion, "
+        f"{int((result['n_components'] == 0).sum())} without"))
+
+
+def _finish_segmentation(result, out: Path, headline) -> int:
+    """Write OUT/cases.csv, print what was done (``headline(n_done)``) and the skipped cases; exit 2 when none."""
+    from breastfusion.data.cases import write_cases
+
     write_cases(result, out / "cases.csv")
     failed = result[result["segmentation_error"].notna()]
     done = len(result) - len(failed)
-    print(f"{done} case(s) segmented: {int((result['n_components'] > 0).sum())} with a lesion, "
-          f"{int((result['n_components'] == 0).sum())} without; masks in {out / 'masks'}, table {out / 'cases.csv'}")
+    print(f"{headline(done)}; masks in {out / 'masks'}, table {out / 'cases.csv'}")
     if len(failed):
         print(f"skipped {len(failed)} case(s): " + "; ".join(f"{c}: {e}" for c, e in
                                                           zip(failed["case_id"].head(5), failed["segmentation_error"]))
@@ -538,7 +545,6 @@ def cmd_segment_predict(args) -> int:
 def _segment_predict_medsam(args) -> int:
     """``segment predict --method medsam``: LiteMedSAM inside each case's box(es) (``bbox`` column, or ``--bbox``
     for a single image); OUT/masks/*, OUT/cases.csv."""
-    from breastfusion.data.cases import write_cases
     from breastfusion.errors import ConfigError, DataError
     from breastfusion.inference.predictor import cases_from_input
     from breastfusion.segmentation.medsam import BBOX_COLUMN, BoxPromptSegmenter, segment_cases_with_boxes
@@ -562,16 +568,8 @@ def _segment_predict_medsam(args) -> int:
     seg = BoxPromptSegmenter(device=args.device)
     out = Path(args.out)
     result = segment_cases_with_boxes(cases, out, segmenter=seg, source=f"'{args.input}'", progress=not args.quiet)
-    write_cases(result, out / "cases.csv")
-    failed = result[result["segmentation_error"].notna()]
-    done = len(result) - len(failed)
-    print(f"{done} case(s) segmented by LiteMedSAM inside {int(result['n_boxes'].sum())} box(es); masks in "
-          f"{out / 'masks'}, table {out / 'cases.csv'}")
-    if len(failed):
-        print(f"skipped {len(failed)} case(s): " + "; ".join(f"{c}: {e}" for c, e in
-                                                          zip(failed["case_id"].head(5), failed["segmentation_error"]))
-              + (" ..." if len(failed) > 5 else ""), file=sys.stderr)
-    return 0 if done else EXIT_ERROR
+    return _finish_segmentation(result, out, lambda ok: (
+        f"{ok} case(s) segmented by LiteMedSAM inside {int(result['n_boxes'].sum())} box(es)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
