@@ -146,3 +146,24 @@ def read_safetensors(path: Path, what: str) -> tuple[dict, dict[str, str]]:
         raise BundleError(f"Cannot read {what.lower()} '{path}': not a valid safetensors file, or corrupt/truncated "
                           f"({type(exc).__name__}: {str(exc)[:200]}).") from exc
     return tensors, meta
+
+
+def model_file_meta(raw: dict, path: Path, *, meta_key: str, ckpt_key: str, what: str) -> dict:
+    """The JSON metadata entry ``meta_key`` of a breastfusion safetensors model file (``raw``: its metadata);
+    BundleError naming the file for a training checkpoint (``ckpt_key``), a foreign file or unreadable JSON.
+    ``what`` names the kind of model in messages ("Nuclei model", "Lesion segmenter")."""
+    from breastfusion.errors import BundleError
+
+    if meta_key not in raw:
+        if ckpt_key in raw:
+            raise BundleError(f"'{path}' is a training checkpoint, not a finished {what.lower()}: re-run the "
+                              "training (it resumes) to finish it.")
+        raise BundleError(f"'{path}' is a safetensors file but not a breastfusion {what.lower()} "
+                          f"(no '{meta_key}' metadata entry).")
+    try:
+        meta = json.loads(raw[meta_key])
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{what} '{path}' has unreadable metadata JSON ({exc}).") from exc
+    if not isinstance(meta, dict):
+        raise BundleError(f"{what} '{path}' has metadata that is not a JSON object.")
+    return meta

@@ -472,19 +472,10 @@ def read_meta(path: str | Path) -> dict:
 
 
 def _parse_meta(raw: dict, path: Path) -> dict:
-    if META_KEY not in raw:
-        if CKPT_KEY in raw:
-            raise BundleError(f"'{path}' is a training checkpoint, not a finished lesion segmenter: re-run the "
-                              "training (it resumes) to finish it.")
-        raise BundleError(f"'{path}' is a safetensors file but not a breastfusion lesion segmenter "
-                          f"(no '{META_KEY}' metadata entry).")
-    try:
-        meta = json.loads(raw[META_KEY])
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"Lesion segmenter '{path}' has unreadable metadata JSON ({exc}).") from exc
-    if not isinstance(meta, dict):
-        raise BundleError(f"Lesion segmenter '{path}' has metadata that is not a JSON object.")
-    return validate_meta(meta, path)
+    from breastfusion.utils import model_file_meta
+
+    return validate_meta(model_file_meta(raw, path, meta_key=META_KEY, ckpt_key=CKPT_KEY, what="Lesion segmenter"),
+                         path)
 
 
 def load_lesion_segmenter(path: str | Path, *, device: str | torch.device | None = "cpu") -> LesionSegmenter:

@@ -321,18 +321,9 @@ def load_nuclei_model(path: str | Path, *, device: str | torch.device | None = "
     """
     path = Path(path)
     tensors, raw = _read_safetensors(path, "Nuclei model")
-    if _META_KEY not in raw:
-        if _CKPT_KEY in raw:
-            raise BundleError(f"'{path}' is a training checkpoint, not a finished nuclei model: re-run the training "
-                              "with resume to finish it.")
-        raise BundleError(f"'{path}' is a safetensors file but not a breastfusion nuclei model "
-                          f"(no '{_META_KEY}' metadata entry).")
-    try:
-        meta = json.loads(raw[_META_KEY])
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"Nuclei model '{path}' has unreadable metadata JSON ({exc}).") from exc
-    if not isinstance(meta, dict):
-        raise BundleError(f"Nuclei model '{path}' has metadata that is not a JSON object.")
+    from breastfusion.utils import model_file_meta
+
+    meta = model_file_meta(raw, path, meta_key=_META_KEY, ckpt_key=_CKPT_KEY, what="Nuclei model")
     meta = _validate_meta(meta, path)
     net = NucleiUNet(meta["architecture"]["channels"])
     try:
