@@ -6,7 +6,7 @@ before it is what decoding and resizing the image cost:
 
 * ``whole_image`` - the path prediction used before: decode, float32 RGB of the whole image, grey, uint8,
   resize (the code is copied here, so the figure stays comparable after the library changed);
-* ``strips`` - :func:`breastfusion.data.images.load_for_scoring` with the pixel cap lifted: grey computed in
+* ``strips`` - :func:`breastfusion.data.cleaning.load_for_scoring` with the pixel cap lifted: grey computed in
   strips of ``STRIP_PIXELS`` pixels, identical values;
 * ``capped`` - the same with the default cap (``MAX_SCORED_PIXELS``, as ``serve --max-pixels``): refused from
   the header, before any pixel is decoded.
@@ -29,7 +29,7 @@ _CHILD = r'''
 import json, sys, time
 import numpy as np
 from PIL import Image
-from breastfusion.data import images
+from breastfusion.data.cleaning import load_for_scoring
 from breastfusion.errors import DataError
 Image.MAX_IMAGE_PIXELS = None
 path, method, side = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -49,10 +49,10 @@ if method == "whole_image":
     u8 = np.clip(gray * 255.0 + 0.5, 0, 255).astype(np.uint8)
     out = np.array(Image.fromarray(u8).resize((side, side), Image.Resampling.BICUBIC))
 elif method == "strips":
-    out = images.load_for_scoring(path, side, max_pixels=None)
+    out = load_for_scoring(path, side, max_pixels=None)
 else:
     try:
-        images.load_for_scoring(path, side)
+        load_for_scoring(path, side)
     except DataError as exc:
         status = "refused: " + str(exc)[:160]
 seconds = time.perf_counter() - t0

@@ -200,7 +200,7 @@ def _save(tmp_path, arr, name):
 
 
 def test_training_and_scoring_paths_agree_for_every_mode(tmp_path, synth_rgb):
-    from breastfusion.data.images import load_for_scoring
+    from breastfusion.data.cleaning import load_for_scoring
     from breastfusion.training.data import load_resized
 
     rgb, _ = synth_rgb

@@ -14,6 +14,7 @@ from conftest import write_png
 from PIL import Image
 
 from breastfusion.data import images
+from breastfusion.data.cleaning import load_for_scoring
 from breastfusion.data.images import image_size, read_image, read_mask
 from breastfusion.errors import DataError
 
@@ -98,7 +99,7 @@ def test_pixel_cap_is_shared_and_applied_in_batch_prediction(image_bundle, tmp_p
     reason = p.last_skipped["reason"].iloc[0]
     assert "64x64 = 4096 pixels" in reason and "limit is 4095" in reason
     with pytest.raises(DataError, match="limit"):
-        images.load_for_scoring(tmp_path / "in" / "big.png", SIZE, max_pixels=100)
+        load_for_scoring(tmp_path / "in" / "big.png", SIZE, max_pixels=100)
 
 
 def _reference_gray(path) -> np.ndarray:
@@ -136,7 +137,7 @@ def test_strip_decoding_is_bit_identical_to_whole_image_decoding(tmp_path, monke
         ref = _reference_gray(f)
         np.testing.assert_array_equal(read_image(f), ref, err_msg=f.name)
         expected = load_resized(str(f), SIZE)  # the training path
-        np.testing.assert_array_equal(images.load_for_scoring(f, SIZE, check_content=False), expected,
+        np.testing.assert_array_equal(load_for_scoring(f, SIZE, check_content=False), expected,
                                       err_msg=f.name)
 
 
@@ -148,7 +149,7 @@ def test_scoring_decode_holds_no_full_size_float_copies(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "STRIP_PIXELS", 1 << 16)
     tracemalloc.start()  # counts numpy's buffers (not PIL's decoded image, which every path holds)
     try:
-        out = images.load_for_scoring(path, SIZE)
+        out = load_for_scoring(path, SIZE)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -47,9 +47,10 @@ which goes through :mod:`breastfusion.data.images`: RGBA, 16-bit and EXIF orient
 
 Geometry is kept: :func:`clean_image` returns an image of the input's size, so masks and radiomics stay
 aligned; consumers crop with ``fov_box``. :func:`load_cleaned` / :func:`model_input` are the one way training
-(:func:`breastfusion.training.data.load_resized`) and scoring (:func:`breastfusion.data.images.load_for_scoring`)
-turn a file into the model's input: clean, crop to the box, round to uint8, resize (bicubic). The mode and
-:data:`CLEANING_VERSION` are what a bundle records (:func:`cleaning_meta`) and re-applies (:func:`apply_cleaning`).
+(:func:`breastfusion.training.data.load_resized`) and scoring (:func:`load_for_scoring`, here: the prediction path,
+which also reads uncleaned images, decoded with bounded memory) turn a file into the model's input: clean, crop to
+the box, round to uint8, resize (bicubic). The mode and :data:`CLEANING_VERSION` are what a bundle records
+(:func:`cleaning_meta`) and re-applies (:func:`apply_cleaning`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ from typing import Literal
 
 import numpy as np
 
+from breastfusion.data.images import (
+    MAX_SCORED_PIXELS,
+    MIN_IMAGE_SIDE,
+    _open_fully,
+    _to_array,
+    check_not_blank,
+    float_to_u8,
+    resize_u8,
+    to_gray,
+)
 from breastfusion.errors import BundleError, DataError
 
 log = logging.getLogger(__name__)
@@ -596,8 +607,6 @@ def meta_mode(meta: dict | None) -> str:
 def model_input(image: np.ndarray, side: int, mode: str = "none") -> np.ndarray:
     """The model's input from a decoded image (grey or RGB): cleaned, cropped to the field of view, rounded to
     uint8 and resized to side x side (bicubic), exactly as training reads it."""
-    from breastfusion.data.images import float_to_u8, resize_u8
-
     res = clean_image(image, mode)
     return resize_u8(float_to_u8(np.ascontiguousarray(res.cropped)), side)
 
@@ -613,8 +622,6 @@ def read_for_cleaning(path: str | Path, mode: str, *, max_pixels: int | None = N
     """An image file decoded as cleaning needs it: RGB float when its colour can hold marks (mode ``fov_marks``
     on a colour file), else grey float; through :mod:`breastfusion.data.images` (RGBA, 16-bit, EXIF; ``max_pixels``
     and ``min_side`` checked on the header)."""
-    from breastfusion.data.images import _open_fully, _to_array, to_gray
-
     img = _open_fully(Path(path), max_pixels=max_pixels, min_side=min_side)
     try:
         if mode == "fov_marks" and img.mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -637,3 +644,34 @@ def load_cleaned(path: str | Path, side: int, mode: str, *, max_pixels: int | No
         return model_input(arr, side, mode)
     except DataError as exc:
         raise DataError(f"Image '{path}': {exc}") from exc
+
+
+def load_for_scoring(path: str | Path, side: int, *, max_pixels: int | None = MAX_SCORED_PIXELS,
+                     check_content: bool = True, clean: str | None = None) -> np.ndarray:
+    """An image file as the models read it (grey uint8, side x side, bicubic), identical to training's
+    :func:`breastfusion.training.data.load_resized`, decoded with bounded memory.
+
+    ``clean`` (``none``, ``fov``, ``fov_marks``: the bundle's ``image.clean``, see the module docstring) crops to
+    the field of view and paints over burnt-in marks before resizing, as training did.
+    Raises :class:`DataError` naming the file for more than ``max_pixels`` pixels (checked before decoding)
+    and, with ``check_content``, for a side below :data:`breastfusion.data.images.MIN_IMAGE_SIDE` or a blank or
+    constant image (:func:`breastfusion.data.images.check_not_blank`)."""
+    path = Path(path)
+    min_side = MIN_IMAGE_SIDE if check_content else None
+    if clean not in (None, "none"):
+        arr = read_for_cleaning(path, check_mode(clean), max_pixels=max_pixels, min_side=min_side)
+        out = model_input(arr, side, clean)
+        del arr
+        if check_content:
+            check_not_blank(out, path)
+        return out
+    img = _open_fully(path, max_pixels=max_pixels, min_side=min_side)
+    try:
+        gray, _ = to_gray(img, uint8=True, source=path)
+    finally:
+        img.close()
+    del img  # the decoded image (4 bytes a pixel for RGB) is freed before resizing
+    out = resize_u8(gray, side)
+    if check_content:
+        check_not_blank(out, path)
+    return out

@@ -1,7 +1,8 @@
 """What a bundle records about its training data, and the same statistics for another cohort.
 
 ``breastfusion validate`` compares a new site's cases with the data a bundle was trained on. At final-bundle time
-training stores (``bundle.json['training']['data_fingerprint']``):
+training stores (``bundle.json['training']['data_fingerprint']``, made by
+:func:`breastfusion.training.fit.training_fingerprint` from the functions here):
 
 * image width / height and grey intensity mean / std quantiles (intensity of the model's input: grey, resized);
 * per clinical column: missingness and the distribution (numeric quantiles, or category frequencies);
@@ -16,7 +17,6 @@ Only summaries are stored: no image, no row of the clinical table.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,8 +24,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-log = logging.getLogger(__name__)
 
 FINGERPRINT_VERSION = 1
 #: Quantiles stored for every numeric statistic.
@@ -168,70 +166,6 @@ def distance_percentile(ref: dict, dist: np.ndarray) -> np.ndarray:
     dist = np.asarray(dist, dtype=float)
     pct = np.interp(dist, q, np.arange(101, dtype=float))
     return np.where(dist > q[-1], 100.0, pct)
-
-
-# -- training side -------------------------------------------------------------------------------------------
-
-def _image_embeddings(fitted, cases: pd.DataFrame, table, cfg, cache) -> np.ndarray:
-    """The final network's image embedding (image encoder output) of every case, in case order."""
-    import torch
-
-    from breastfusion.training.fit import score_cases
-
-    chunks: list[np.ndarray] = []
-    hook = fitted.model.image_encoder.register_forward_hook(
-        lambda _m, _i, out: chunks.append(out.detach().float().cpu().numpy()))
-    try:
-        score_cases(fitted, cases, table, cfg, cache=cache)
-    finally:
-        hook.remove()
-    E = np.concatenate(chunks) if chunks else np.zeros((0, 0))
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        raise RuntimeError("embeddings are sharded across processes here")
-    if len(E) != len(cases):
-        raise RuntimeError(f"{len(E)} embeddings for {len(cases)} cases")
-    return E
-
-
-def training_fingerprint(fitted, cases: pd.DataFrame, table: pd.DataFrame | None, cfg, *, cache=None,
-                         clinical_cols: list[str] | None = None) -> dict[str, Any]:
-    """The record :mod:`breastfusion.evaluation.external` compares a new site with (see the module docstring).
-    Each part that cannot be computed is left out with its reason in ``notes``; nothing here stops training."""
-    from breastfusion.data.cases import IMAGE_PATH
-    from breastfusion.data.images import image_size, resize_u8
-    from breastfusion.training.data import load_resized
-
-    rec: dict[str, Any] = {"version": FINGERPRINT_VERSION, "n_cases": len(cases), "notes": []}
-    uses_image = fitted.variant != "tabular"
-    if uses_image:
-        W, H, M, S, hashes = [], [], [], [], []
-        for p in cases[IMAGE_PATH].astype(str):
-            w, h = image_size(p)
-            W.append(w)
-            H.append(h)
-            # the cached, resized grey image when there is one (the model's input up to a final resize)
-            u8 = (resize_u8(cache.get(p), cfg.image.size) if cache is not None
-                  else load_resized(p, cfg.image.size, cfg.image.clean))
-            m, s = intensity(u8)
-            M.append(m)
-            S.append(s)
-            hashes.append(file_hash(p))
-        rec["images"] = image_statistics(W, H, M, S)
-        rec["image_hashes"] = sorted(set(hashes))
-        try:
-            rec["embedding"] = fit_embedding_reference(_image_embeddings(fitted, cases, table, cfg, cache))
-        except Exception as exc:  # noqa: BLE001 - the record is optional; its absence is reported on validate
-            log.warning("training data fingerprint: no image-embedding reference (%s)", exc)
-            rec["notes"].append(f"no image-embedding reference: {exc}")
-    pre = fitted.tabular
-    cols = [c for c in (clinical_cols or []) if table is not None and c in table.columns]
-    if cols:
-        rows = table.reindex(cases["case_id"].astype(str).tolist())
-        rec["tabular"] = tabular_profile(rows, cols, kinds=pre.kinds_ if pre is not None else None,
-                                         missing_values=pre.missing_values if pre is not None else None,
-                                         separator=getattr(pre, "multi_separator", None))
-    return rec
 
 
 # -- comparison with a new cohort --------------------------------------------------------------------------

@@ -9,9 +9,12 @@ applied on reading, to images and masks alike, so both are upright and still mat
 
 Grey conversion runs in strips of :data:`STRIP_PIXELS` pixels, so decoding holds the decoded image plus one
 strip of float copies, not several full-size float32 copies (a 12000x12000 RGB PNG took 4.9 GB); values are
-bit-identical to converting the whole image at once. :func:`load_for_scoring` is the prediction path: it
-refuses images above :data:`MAX_SCORED_PIXELS` before decoding, below :data:`MIN_IMAGE_SIDE` on a side, and
-blank or constant ones, each with a :class:`DataError` naming the file.
+bit-identical to converting the whole image at once. The prediction path
+(:func:`breastfusion.data.cleaning.load_for_scoring`, built on the decoders here) refuses images above
+:data:`MAX_SCORED_PIXELS` before decoding, below :data:`MIN_IMAGE_SIDE` on a side, and blank or constant ones
+(:func:`check_not_blank`), each with a :class:`DataError` naming the file.
+
+This module imports no other module of :mod:`breastfusion.data`: cleaning and the model-input paths build on it.
 """
 
 from __future__ import annotations
@@ -204,38 +207,6 @@ def check_not_blank(model_input: np.ndarray, source) -> None:
         lo, hi = int(model_input.min()), int(model_input.max())
         raise DataError(f"Image '{source}' is blank or constant (grey levels {lo}..{hi}, standard deviation "
                         f"{sd:.2f} < {BLANK_STD:g} after resizing to the model's input): nothing to score.")
-
-
-def load_for_scoring(path: str | Path, side: int, *, max_pixels: int | None = MAX_SCORED_PIXELS,
-                     check_content: bool = True, clean: str | None = None) -> np.ndarray:
-    """An image file as the models read it (grey uint8, side x side, bicubic), identical to training's
-    :func:`breastfusion.training.data.load_resized`, decoded with bounded memory.
-
-    ``clean`` (``none``, ``fov``, ``fov_marks``: the bundle's ``image.clean``, see :mod:`breastfusion.data.cleaning`)
-    crops to the field of view and paints over burnt-in marks before resizing, as training did.
-    Raises :class:`DataError` naming the file for more than ``max_pixels`` pixels (checked before decoding)
-    and, with ``check_content``, for a side below :data:`MIN_IMAGE_SIDE` or a blank or constant image."""
-    path = Path(path)
-    min_side = MIN_IMAGE_SIDE if check_content else None
-    if clean not in (None, "none"):
-        from breastfusion.data.cleaning import check_mode, model_input, read_for_cleaning
-
-        arr = read_for_cleaning(path, check_mode(clean), max_pixels=max_pixels, min_side=min_side)
-        out = model_input(arr, side, clean)
-        del arr
-        if check_content:
-            check_not_blank(out, path)
-        return out
-    img = _open_fully(path, max_pixels=max_pixels, min_side=min_side)
-    try:
-        gray, _ = to_gray(img, uint8=True, source=path)
-    finally:
-        img.close()
-    del img  # the decoded image (4 bytes a pixel for RGB) is freed before resizing
-    out = resize_u8(gray, side)
-    if check_content:
-        check_not_blank(out, path)
-    return out
 
 
 def read_mask(paths: str | Path | list, shape: tuple[int, int] | None = None) -> np.ndarray:

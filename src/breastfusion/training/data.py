@@ -2,7 +2,7 @@
 
 Images are read as the models read them (:func:`load_resized`): grey, optionally cleaned first (``image.clean``:
 cropped to the ultrasound field of view, burnt-in marks painted over, see :mod:`breastfusion.data.cleaning`), then
-resized. :func:`breastfusion.data.images.load_for_scoring` is the same function on the prediction path.
+resized. :func:`breastfusion.data.cleaning.load_for_scoring` is the same function on the prediction path.
 """
 
 from __future__ import annotations

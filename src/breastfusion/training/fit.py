@@ -1,19 +1,30 @@
-"""Fit one deep model on a set of cases, score cases with it, and build the final bundle."""
+"""Fit one deep model on a set of cases, score cases with it, and build the final bundle (with the record of its
+training data that `validate` compares a new site with)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from breastfusion.config import Config, config_to_yaml
 from breastfusion.data.cases import CASE_ID, IMAGE_PATH, LABEL
+from breastfusion.data.fingerprint import (
+    FINGERPRINT_VERSION,
+    file_hash,
+    fit_embedding_reference,
+    image_statistics,
+    intensity,
+    tabular_profile,
+)
+from breastfusion.data.images import image_size, resize_u8
 from breastfusion.features.tabular import TabularPreprocessor
 from breastfusion.models.fusion import FusionClassifier
-from breastfusion.training.data import CasesDataset, ImageCache, augment_for
+from breastfusion.training.data import CasesDataset, ImageCache, augment_for, load_resized
 from breastfusion.training.trainer import TrainResult, predict_proba, train_model
 from breastfusion.utils import seed_everything, stable_seed
 
@@ -126,6 +137,65 @@ def score_cases(fitted: FittedModel, cases: pd.DataFrame, table: pd.DataFrame | 
                          channels_last=cfg.train.channels_last and uses_image, amp=cfg.train.amp)
 
 
+# -- the training-data record (breastfusion.data.fingerprint) ---------------------------------------------------
+
+def _image_embeddings(fitted: FittedModel, cases: pd.DataFrame, table, cfg: Config, cache) -> np.ndarray:
+    """The final network's image embedding (image encoder output) of every case, in case order."""
+    import torch
+
+    chunks: list[np.ndarray] = []
+    hook = fitted.model.image_encoder.register_forward_hook(
+        lambda _m, _i, out: chunks.append(out.detach().float().cpu().numpy()))
+    try:
+        score_cases(fitted, cases, table, cfg, cache=cache)
+    finally:
+        hook.remove()
+    E = np.concatenate(chunks) if chunks else np.zeros((0, 0))
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise RuntimeError("embeddings are sharded across processes here")
+    if len(E) != len(cases):
+        raise RuntimeError(f"{len(E)} embeddings for {len(cases)} cases")
+    return E
+
+
+def training_fingerprint(fitted: FittedModel, cases: pd.DataFrame, table: pd.DataFrame | None, cfg: Config, *,
+                         cache: ImageCache | None = None, clinical_cols: list[str] | None = None) -> dict[str, Any]:
+    """The record :mod:`breastfusion.evaluation.external` compares a new site with (see
+    :mod:`breastfusion.data.fingerprint`, which holds the statistics and the comparison).
+    Each part that cannot be computed is left out with its reason in ``notes``; nothing here stops training."""
+    rec: dict[str, Any] = {"version": FINGERPRINT_VERSION, "n_cases": len(cases), "notes": []}
+    uses_image = fitted.variant != "tabular"
+    if uses_image:
+        W, H, M, S, hashes = [], [], [], [], []
+        for p in cases[IMAGE_PATH].astype(str):
+            w, h = image_size(p)
+            W.append(w)
+            H.append(h)
+            # the cached, resized grey image when there is one (the model's input up to a final resize)
+            u8 = (resize_u8(cache.get(p), cfg.image.size) if cache is not None
+                  else load_resized(p, cfg.image.size, cfg.image.clean))
+            m, s = intensity(u8)
+            M.append(m)
+            S.append(s)
+            hashes.append(file_hash(p))
+        rec["images"] = image_statistics(W, H, M, S)
+        rec["image_hashes"] = sorted(set(hashes))
+        try:
+            rec["embedding"] = fit_embedding_reference(_image_embeddings(fitted, cases, table, cfg, cache))
+        except Exception as exc:  # noqa: BLE001 - the record is optional; its absence is reported on validate
+            log.warning("training data fingerprint: no image-embedding reference (%s)", exc)
+            rec["notes"].append(f"no image-embedding reference: {exc}")
+    pre = fitted.tabular
+    cols = [c for c in (clinical_cols or []) if table is not None and c in table.columns]
+    if cols:
+        rows = table.reindex(cases["case_id"].astype(str).tolist())
+        rec["tabular"] = tabular_profile(rows, cols, kinds=pre.kinds_ if pre is not None else None,
+                                         missing_values=pre.missing_values if pre is not None else None,
+                                         separator=getattr(pre, "multi_separator", None))
+    return rec
+
+
 def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None, classes: list[str], cfg: Config,
                      run_dir: Path, *, resume: bool, progress: bool, cache: ImageCache | None, synthetic: bool,
                      metrics: dict | None, radiomics_used: bool, clinical_cols: list[str],
@@ -180,8 +250,6 @@ def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | No
                 "inner_val_macro_f1": fitted.result.best_val_macro_f1, "seconds": round(fitted.result.seconds, 1),
                 "weights_init": fitted.weight_source,
                 "class_counts": {c: int((cases[LABEL] == c).sum()) for c in classes}}
-    from breastfusion.data.fingerprint import training_fingerprint
-
     try:  # what `validate` compares a new site with; a bundle without it is still usable
         training["data_fingerprint"] = training_fingerprint(fitted, cases.reset_index(drop=True), table, cfg,
                                                             cache=cache, clinical_cols=clinical_cols)
