@@ -29,7 +29,8 @@ import torch
 from _machine import machine_description, peak_rss_mb
 
 from breastfusion.inference.bundle import META, WEIGHTS, load_bundle
-from breastfusion.inference.onnx_export import _grey_images, _tabular_rows, export_onnx
+from breastfusion.inference.onnx_export import _tabular_rows, export_onnx
+from breastfusion.models.registry import phantom_grey
 from breastfusion.inference.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +124,7 @@ def main() -> int:
 
         rows, parity = [], 0.0
         for b in [int(x) for x in args.batch_sizes.split(",") if x.strip()]:
-            images = list((_grey_images(b, size, rng) * 255 + 0.5).astype(np.uint8)) if uses_image else None
+            images = list((phantom_grey(b, size, rng) * 255 + 0.5).astype(np.uint8)) if uses_image else None
             tab = _tabular_rows(bundle, b, rng, n_tab) if uses_tab else None
             out = {k: p._forward(images, tab) for k, p in preds.items()}  # warm-up + parity on these inputs
             parity = max(parity, float(np.abs(out["torch"].astype(np.float64) - out["onnx"]).max()))

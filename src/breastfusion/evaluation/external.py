@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from breastfusion.data.cases import CASE_ID, IMAGE_PATH, LABEL, MASK_PATH, PATIENT_ID
+from breastfusion.data.predictions import prediction_table
 from breastfusion.errors import BundleError, ConfigError, DataError
 from breastfusion.evaluation.metrics import _resample_weights, evaluate, to_jsonable
 from breastfusion.utils import atomic_path, write_json
@@ -485,12 +486,13 @@ def validate_bundle(bundle_path: str | Path, cohort: str | Path, out_dir: str | 
         fit_bundle_calibration,
     )
     from breastfusion.inference.bundle import load_bundle
+    from breastfusion.inference.predictor import predictor_class
 
     bundle_path, out_dir = Path(bundle_path), Path(out_dir)
     if n_boot < 0:
         raise ConfigError(f"--n-boot must be 0 or more; got {n_boot}.")
     bundle = load_bundle(bundle_path)
-    if bundle.meta["model"].get("kind") == "multiscale":
+    if predictor_class(bundle.meta).inputs != "images":
         raise BundleError(f"Bundle '{bundle_path}' is a histology grading bundle; `validate` handles ultrasound "
                           "bundles only for now (score the cohort with `breastfusion predict` and evaluate the "
                           "predictions).")
@@ -533,11 +535,8 @@ def validate_bundle(bundle_path: str | Path, cohort: str | Path, out_dir: str | 
     y = preds[LABEL].map({c: k for k, c in enumerate(cohort_classes)}).to_numpy().astype(int)
     yb = preds[LABEL].map({c: k for k, c in enumerate(classes)}).to_numpy().astype(int)
     groups = preds[PATIENT_ID].astype(str).to_numpy()
-    ev = pd.DataFrame({CASE_ID: preds[CASE_ID], PATIENT_ID: groups, LABEL: preds[LABEL]})
-    for k, c in enumerate(cohort_classes):
-        ev[f"prob_{c}"] = Pr[:, k]
-    ev["predicted"] = np.asarray(cohort_classes, dtype=object)[Pr.argmax(1)]
-    ev["model"] = scored.model_name
+    ev = prediction_table(preds[CASE_ID].to_numpy(), Pr, cohort_classes, model=scored.model_name,
+                          **{PATIENT_ID: groups, LABEL: preds[LABEL].to_numpy()})
     res = evaluate(ev, cohort_classes, n_boot=n_boot, seed=seed, group_col=PATIENT_ID)
     calib = calibration_summary(Pr, y, cohort_classes, groups, positive=positive, n_boot=n_boot, seed=seed)
     calib["ece"] = res["pooled"].get("ece")
@@ -704,7 +703,6 @@ def _ci_text(v, ci) -> str:
 
 def _write_report(out_dir: Path, s: dict, figs, img_table, tab_table, sub_table) -> Path:
     """``report.html``: self-contained (inline CSS, embedded PNGs), in the style of the training report."""
-    from breastfusion import __version__
     from breastfusion.evaluation.labels import metric_label
     from breastfusion.evaluation.report import (
         _CSS,
@@ -714,6 +712,7 @@ def _write_report(out_dir: Path, s: dict, figs, img_table, tab_table, sub_table)
         _img,
         _table,
     )
+    from breastfusion.version import __version__
 
     res, cv = s["metrics"], s["bundle_cross_validation"] or {}
     title = f"External validation on {Path(s['cohort']).name}"

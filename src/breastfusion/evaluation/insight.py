@@ -174,16 +174,11 @@ def bundle_predictions(bundle, source: pd.DataFrame, *, cases: pd.DataFrame | No
     """What ``breastfusion predict`` returns for ``source`` with ``bundle`` (a path or a loaded bundle): the
     bundle's own predictor, so its calibrated probabilities, prediction sets and ``calibrated`` flag."""
     from breastfusion.inference.bundle import Bundle, load_bundle
+    from breastfusion.inference.predictor import predictor_for
 
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
-    if bundle.meta["model"].get("kind") == "multiscale":
-        from breastfusion.inference.grading import GradingPredictor
-
-        return GradingPredictor(bundle).predict(source, cases=cases)
-    from breastfusion.inference.predictor import Predictor
-
-    return Predictor(bundle, io_workers=1).predict_cases(source)
+    return predictor_for(bundle, io_workers=1).predict(source, cases=cases)
 
 
 def _quoted(scored: pd.DataFrame, cid: str) -> tuple[str, str]:

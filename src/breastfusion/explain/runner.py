@@ -48,6 +48,7 @@ from breastfusion.explain.tabular import (
     plot_shap_summary,
     top_features,
 )
+from breastfusion.models.registry import kind_name
 from breastfusion.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,10 @@ def _top_columns(row: dict, top: list[dict], k: int) -> None:
 def quoted_probability(bundle, probs, target: int) -> str:
     """The explained class's probability as ``predict`` quotes it: temperature-scaled with the bundle's calibration
     when it has a fitted one (labelled calibrated), else the network's softmax (labelled uncalibrated)."""
-    from breastfusion.evaluation.calibration import apply_bundle_calibration, calibration_status
+    from breastfusion.evaluation.calibration import (
+        apply_bundle_calibration,
+        calibration_status,
+    )
 
     cal = bundle.meta.get("calibration")
     if calibration_status(cal)[0]:
@@ -185,13 +189,12 @@ def explain_bundle(bundle, source, out_dir: str | Path, *, methods="all", top_k:
     kw = {"methods": methods, "top_k": top_k, "background": background, "background_size": background_size,
           "max_cases": max_cases, "shap_method": shap_method, "n_permutations": n_permutations, "threads": threads,
           "occlusion_patch": occlusion_patch, "seed": seed, "progress": progress}
-    if bundle.meta["model"].get("kind") == "multiscale":
-        rows, shap_rows, figures, skipped, timer = _explain_histology(bundle, source, out_dir, cases=cases,
-                                                                      max_stacks=max_stacks, **kw)
-    else:
-        if cases is not None:
-            raise DataError("--cases is for histology bundles; an ultrasound cases table is the INPUT itself")
-        rows, shap_rows, figures, skipped, timer = _explain_ultrasound(bundle, source, out_dir, **kw)
+    explain = _EXPLAINERS.get(kind_name(bundle.meta))
+    if explain is None:
+        raise DataError(f"Bundle '{bundle.path}' holds a network of kind '{kind_name(bundle.meta)}', which "
+                        "'explain' does not handle yet.")
+    rows, shap_rows, figures, skipped, timer = explain(bundle, source, out_dir, cases=cases, max_stacks=max_stacks,
+                                                       **kw)
     table = pd.DataFrame(rows)
     csv = out_dir / "explanations.csv"
     with atomic_path(csv) as tmp:
@@ -222,9 +225,13 @@ def explain_bundle(bundle, source, out_dir: str | Path, *, methods="all", top_k:
 
 # ------------------------------------------------------------------------------------------------ ultrasound
 
-def _explain_ultrasound(bundle, source, out_dir: Path, *, methods, top_k, background, background_size, max_cases,
-                        shap_method, n_permutations, threads, occlusion_patch, seed, progress):
+def _explain_ultrasound(bundle, source, out_dir: Path, *, cases=None, max_stacks: int = 0, methods, top_k, background,
+                        background_size, max_cases, shap_method, n_permutations, threads, occlusion_patch, seed,
+                        progress):
     from tqdm.auto import tqdm
+
+    if cases is not None:
+        raise DataError("--cases is for histology bundles; an ultrasound cases table is the INPUT itself")
 
     from breastfusion.inference.predictor import Predictor, cases_from_input
 
@@ -438,3 +445,7 @@ def _explain_histology(bundle, source, out_dir: Path, *, cases, max_stacks, meth
         timer.add("case", time.perf_counter() - t_case)
         rows.append(row)
     return rows, shap_rows, figures, skipped, timer
+
+
+#: How each network kind (breastfusion.models.registry) is explained: stacks of tiles or single images.
+_EXPLAINERS = {"fusion": _explain_ultrasound, "multiscale": _explain_histology}

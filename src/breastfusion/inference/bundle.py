@@ -21,13 +21,13 @@ import json
 import platform
 import shutil
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from breastfusion import __version__
 from breastfusion.errors import BundleError
 from breastfusion.features.tabular import TabularPreprocessor
 from breastfusion.inference.integrity import (  # noqa: F401 - INTEGRITY and write_bundle_meta are re-exported
@@ -37,7 +37,9 @@ from breastfusion.inference.integrity import (  # noqa: F401 - INTEGRITY and wri
     verify_bundle,
     write_bundle_meta,
 )
-from breastfusion.models.fusion import FusionClassifier
+from breastfusion.models.registry import build_network
+from breastfusion.utils import atomic_path
+from breastfusion.version import __version__
 
 BUNDLE_FORMAT = 1
 
@@ -51,39 +53,7 @@ def library_versions() -> dict[str, str]:
             "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version()}
 
 
-def build_model(meta: dict, *, pretrained_backbone: bool = False) -> FusionClassifier:
-    """Rebuild the network described by bundle metadata (weights are loaded separately)."""
-    import timm
-
-    m = meta["model"]
-    if m.get("kind") == "multiscale":
-        return _build_multiscale(meta)
-    backbone = None
-    if m["variant"] in ("fusion", "image"):
-        backbone = timm.create_model(m["backbone"], pretrained=False, num_classes=0)
-    return FusionClassifier(
-        len(meta["classes"]), variant=m["variant"], backbone=backbone, n_tabular=m["n_tabular"],
-        image_dim=m["image_dim"], tabular_dim=m["tabular_dim"], tabular_hidden=m["tabular_hidden"],
-        fusion_hidden=m["fusion_hidden"], dropout=m["dropout"],
-    )
-
-
-def _build_multiscale(meta: dict):
-    import timm
-
-    from breastfusion.models.multiscale import MultiScaleGrader
-
-    m = meta["model"]
-    modules = {k: timm.create_model(name, pretrained=False, num_classes=0, **m.get("backbone_kwargs", {}).get(k, {}))
-               for k, name in m["backbones"].items()}
-    return MultiScaleGrader(len(meta["classes"]), backbones=modules, n_scales=len(m["magnifications"]),
-                            n_tabular=m["n_tabular"], dim=m["attention_dim"], heads=m["attention_heads"],
-                            grid=m["token_grid"], objective=m["objective"], dropout=m["dropout"],
-                            tabular_hidden=m["tabular_hidden"], tabular_dim=m["tabular_dim"],
-                            fusion_hidden=m["fusion_hidden"], norms={k: tuple(v) for k, v in m["norms"].items()})
-
-
-def save_bundle(path: str | Path, model: FusionClassifier, *, classes: list[str], model_meta: dict, image_meta: dict,
+def save_bundle(path: str | Path, model: nn.Module, *, classes: list[str], model_meta: dict, image_meta: dict,
                 tabular: TabularPreprocessor | None, feature_meta: dict, config_yaml: str, synthetic: bool,
                 training: dict | None = None, metrics: dict | None = None, extra_files: dict[str, Path] | None = None,
                 calibration: dict | None = None, data_meta: dict | None = None, name: str | None = None) -> Path:
@@ -101,7 +71,7 @@ def save_bundle(path: str | Path, model: FusionClassifier, *, classes: list[str]
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
         meta = {
             "format": "breastfusion-bundle", "format_version": BUNDLE_FORMAT,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "classes": list(classes), "model": model_meta, "image": image_meta,
             "tabular": tabular.to_dict() if tabular is not None else None, "features": feature_meta,
             "synthetic_data": bool(synthetic), "versions": library_versions(),
@@ -134,7 +104,7 @@ def save_bundle(path: str | Path, model: FusionClassifier, *, classes: list[str]
 class Bundle:
     path: Path
     meta: dict
-    model: FusionClassifier
+    model: nn.Module
     tabular: TabularPreprocessor | None
 
     @property
@@ -192,7 +162,7 @@ def load_bundle(path: str | Path) -> Bundle:
     weights = path / WEIGHTS
     if not weights.is_file():
         raise BundleError(f"Bundle '{path}' has no '{WEIGHTS}'.")
-    model = build_model(meta)
+    model = build_network(meta)
     try:
         model.load_state_dict(load_file(str(weights)), strict=True)
     except (RuntimeError, Exception) as exc:  # safetensors raises its own error type for corrupt files
@@ -200,3 +170,17 @@ def load_bundle(path: str | Path) -> Bundle:
     model.eval()
     tab = TabularPreprocessor.from_dict(meta["tabular"]) if meta.get("tabular") else None
     return Bundle(path=path, meta=meta, model=model, tabular=tab)
+
+
+def refresh_bundle(bundle_path, *, calibration: dict | None = None) -> None:
+    """Add (or replace) calibration in an existing bundle's bundle.json and regenerate its model card, atomically.
+    Weights are untouched: an old bundle gains these without retraining."""
+    from breastfusion.inference.model_card import CARD, model_card
+
+    path = Path(bundle_path)
+    meta = read_bundle_meta(path)
+    if calibration is not None:
+        meta["calibration"] = calibration
+    meta = write_bundle_meta(path, meta)  # re-seals the checksums (read_bundle_meta verified them)
+    with atomic_path(path / CARD) as tmp:
+        Path(tmp).write_text(model_card(meta), encoding="utf-8")

@@ -22,16 +22,31 @@ import pandas as pd
 import torch
 
 from breastfusion.data.cases import CASE_ID, LABEL, read_cases
+from breastfusion.data.predictions import prediction_table, prob_columns
 from breastfusion.data.tiles import STACK_ID, mag_column, stack_table
 from breastfusion.errors import DataError
+from breastfusion.inference.base import (
+    ABSENT_CLINICAL,
+    BundlePredictor,
+    check_clinical_columns,
+)
 from breastfusion.inference.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
 
-class GradingPredictor:
-    def __init__(self, bundle: Bundle, *, batch_size: int = 16, threads: int | None = None, work_dir=None,
-                 backend: str = "torch", **_):
+class GradingPredictor(BundlePredictor):
+    """Case grades from a histology bundle: stacks of tiles in, one row per case out (mean of its stacks'
+    probabilities); per-stack probabilities, cross-scale attention and scale weights in ``extra_outputs()``."""
+
+    kinds = ("multiscale",)
+    inputs = "tiles"
+
+    def __init__(self, bundle: Bundle, *, model: str | None = None, batch_size: int = 16, threads: int | None = None,
+                 work_dir=None, backend: str = "torch", **_):
+        if model:
+            raise DataError(f"Bundle '{bundle.path}' is a histology grading bundle; it holds no classical model "
+                            f"'{model}' (leave out --model).")
         from breastfusion.histology.dataset import TileCache
         from breastfusion.training.trainer import configure_threads, select_device
 
@@ -59,10 +74,11 @@ class GradingPredictor:
         self.model_name = "deep_multiscale"
         self.last_skipped = pd.DataFrame(columns=[CASE_ID, "image_path", "reason"])
         self.last_stacks = pd.DataFrame()
+        self.last_absent: list[str] = []
 
-    @property
-    def classes(self) -> list[str]:
-        return self.bundle.classes
+    def extra_outputs(self) -> dict[str, pd.DataFrame]:
+        """``stacks``: per-stack probabilities, cross-scale attention and scale weights of the last call."""
+        return {"stacks": self.last_stacks}
 
     def _case_table(self, tiles: pd.DataFrame, cases: pd.DataFrame | None, progress: bool) -> pd.DataFrame | None:
         if self.bundle.tabular is None:
@@ -75,7 +91,10 @@ class GradingPredictor:
                 if col in c.columns:
                     table[col] = c[col].reindex(ids).to_numpy()
         if self.pathomics:
-            from breastfusion.histology.features import case_pathomics, extract_tile_pathomics
+            from breastfusion.histology.features import (
+                case_pathomics,
+                extract_tile_pathomics,
+            )
 
             with tempfile.TemporaryDirectory(prefix="bf_pathomics_") as tmp:
                 out = Path(self.work_dir) if self.work_dir else Path(tmp)
@@ -87,15 +106,28 @@ class GradingPredictor:
                 table = table.join(pf, how="left")
         return table
 
-    def predict(self, source, *, cases: str | Path | pd.DataFrame | None = None, progress: bool = False) -> pd.DataFrame:
+    def predict(self, source, *, cases: str | Path | pd.DataFrame | None = None, progress: bool = False,
+                strict: bool = False) -> pd.DataFrame:
+        """Grade the cases of a tiles table, a ``breastfusion tile`` output or a folder of tiles. ``cases``: a
+        table with the clinical columns the bundle reads (absent ones are scored as unknown and named in
+        ``absent_clinical_columns``; ``strict=True`` refuses such a table)."""
         from torch.utils.data import DataLoader
 
         from breastfusion.histology.dataset import StackDataset
         from breastfusion.histology.features import tiles_from_input
 
         tiles = source if isinstance(source, pd.DataFrame) else tiles_from_input(source)
+        source_name = f"cases table '{cases}'" if cases is not None and not isinstance(cases, pd.DataFrame) \
+            else "cases table"
         if cases is not None and not isinstance(cases, pd.DataFrame):
             cases = read_cases(cases, require_labels=False, require_images=False, check_files=False)
+        self.last_absent = []
+        if self.clinical and self.bundle.tabular is not None:
+            if cases is None:
+                log.info("no cases table: scored as 'no clinical data' (the bundle also reads %s).", self.clinical)
+            else:
+                self.last_absent = check_clinical_columns(self.clinical, cases.columns, source=source_name,
+                                                          model=self.model_name, strict=strict)
         skipped: dict[str, str] = {}
         all_ids = list(dict.fromkeys(tiles[CASE_ID].astype(str)))
         try:
@@ -142,20 +174,19 @@ class GradingPredictor:
                 for j, m2 in enumerate(self.mags):
                     st[f"attn_{m:g}x_to_{m2:g}x"] = C[:, i, j]
         self.last_stacks = st
-        case_p = st.groupby(CASE_ID, sort=False)[[f"prob_{c}" for c in self.classes]].mean()
+        prob_cols = prob_columns(self.classes)
+        case_p = st.groupby(CASE_ID, sort=False)[prob_cols].mean()
         n_st = st.groupby(CASE_ID, sort=False).size()
         for cid, reason in skipped.items():
             log.warning("skipped case '%s': %s", cid, reason)
         self.last_skipped = pd.DataFrame([{CASE_ID: c, "image_path": "", "reason": r} for c, r in skipped.items()],
                                          columns=[CASE_ID, "image_path", "reason"])
-        out = case_p.reset_index()
-        out.insert(1, "n_stacks", n_st.reindex(out[CASE_ID]).to_numpy())
+        ids = case_p.index.to_numpy()
+        where = {}
         if cases is not None and LABEL in cases.columns:
-            out.insert(1, LABEL, out[CASE_ID].map(cases.set_index(CASE_ID)[LABEL]))
-        prob_cols = [f"prob_{c}" for c in self.classes]
-        out["predicted"] = (np.asarray(self.classes, dtype=object)[out[prob_cols].to_numpy().argmax(1)]
-                            if len(out) else [])
-        out["model"] = self.model_name
+            where[LABEL] = pd.Series(ids).map(cases.set_index(CASE_ID)[LABEL]).to_numpy()
+        where["n_stacks"] = n_st.reindex(ids).to_numpy()
+        out = prediction_table(ids, case_p.to_numpy(), self.classes, model=self.model_name, **where)
         cal = self.bundle.meta.get("calibration")
         if cal and len(out):
             from breastfusion.evaluation.calibration import apply_bundle_calibration
@@ -166,6 +197,8 @@ class GradingPredictor:
 
             out["prediction_set"], out["set_size"], out["refer"] = sets, size, refer
             out["calibrated"] = calibration_status(cal)[0]  # False when the temperature fit was refused (T = 1)
+        if self.last_absent:
+            out[ABSENT_CLINICAL] = ", ".join(self.last_absent)
         if self.bundle.synthetic:
             out["synthetic_model"] = True
         return out

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from breastfusion.models.registry import network_kind
+
 CARD = "MODEL_CARD.md"
 
 _HEADLINE = ("macro_f1", "weighted_f1", "balanced_accuracy", "macro_auc", "quadratic_weighted_kappa", "brier")
@@ -38,8 +40,7 @@ def _metrics_table(cv: dict[str, Any]) -> list[str]:
 
 
 def model_card(meta: dict[str, Any]) -> str:
-    m, training, classes = meta.get("model", {}), meta.get("training", {}), meta.get("classes", [])
-    kind = m.get("kind", "fusion")
+    training, classes = meta.get("training", {}), meta.get("classes", [])
     lines = []
     if meta.get("synthetic_data"):
         lines += ["> **SYNTHETIC DATA.** This model was trained on generated data. It demonstrates the software "
@@ -47,14 +48,7 @@ def model_card(meta: dict[str, Any]) -> str:
     lines += [f"# Model card: {meta.get('name', 'breastfusion bundle')}", "",
               f"Created {meta.get('created', '?')} by breastfusion {meta.get('versions', {}).get('breastfusion', '?')}.",
               "", "## Model", ""]
-    if kind == "multiscale":
-        lines += [f"- Multiscale histology grader: backbones {m.get('backbones')}, magnifications "
-                  f"{[f'{x:g}x' for x in m.get('magnifications', [])]}, cross-scale attention, objective "
-                  f"`{m.get('objective')}`; case prediction = mean of its stacks' probabilities.",
-                  f"- Tabular inputs (pathomics + clinical): {m.get('n_tabular', 0)} encoded features."]
-    else:
-        lines += [f"- Variant `{m.get('variant')}`: image backbone `{m.get('backbone')}` → {m.get('image_dim')}-d, "
-                  f"tabular MLP → {m.get('tabular_dim')}-d ({m.get('n_tabular', 0)} encoded features), late fusion."]
+    lines += network_kind(meta).describe(meta)
     lines += [f"- Classes: {', '.join(map(str, classes))}.",
               f"- Weights initialised from: {training.get('weights_init', 'unknown')}.", "",
               "## Training data", "",
@@ -118,20 +112,3 @@ def model_card(meta: dict[str, Any]) -> str:
               "categories) are rejected or flagged where detectable, not everywhere.", "",
               "## Versions", "", f"- {meta.get('versions', {})}", ""]
     return "\n".join(lines)
-
-
-def refresh_bundle(bundle_path, *, calibration: dict | None = None) -> None:
-    """Add (or replace) calibration in an existing bundle's bundle.json and regenerate its model card, atomically.
-    Weights are untouched: an old bundle gains these without retraining."""
-    from pathlib import Path
-
-    from breastfusion.inference.bundle import read_bundle_meta, write_bundle_meta
-    from breastfusion.utils import atomic_path
-
-    path = Path(bundle_path)
-    meta = read_bundle_meta(path)
-    if calibration is not None:
-        meta["calibration"] = calibration
-    meta = write_bundle_meta(path, meta)  # re-seals the checksums (bundle.py verified them on reading)
-    with atomic_path(path / CARD) as tmp:
-        Path(tmp).write_text(model_card(meta), encoding="utf-8")

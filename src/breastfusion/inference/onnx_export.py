@@ -63,6 +63,7 @@ from breastfusion.inference.bundle import (
     read_bundle_meta,
     write_bundle_meta,
 )
+from breastfusion.models.registry import network_kind
 from breastfusion.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -88,56 +89,27 @@ def export_command(bundle_path: str | Path) -> str:
 # ---------------------------------------------------------------------------------------- what is exported
 
 
-def _is_multiscale(meta: dict) -> bool:
-    return meta["model"].get("kind") == "multiscale"
-
-
 def onnx_inputs(meta: dict) -> list[dict]:
     """Names, shapes (``"batch"`` is the dynamic axis) and dtypes of the exported network's inputs."""
-    m = meta["model"]
-    size = int(meta["image"]["size"])
-    if _is_multiscale(meta):
-        specs = [{"name": "image", "shape": ["batch", len(m["magnifications"]), 3, size, size], "dtype": "float32"}]
-        if int(m.get("n_tabular") or 0) > 0:
-            specs.append({"name": "tabular", "shape": ["batch", int(m["n_tabular"])], "dtype": "float32"})
-        return specs
-    specs = []
-    if m["variant"] in ("fusion", "image"):
-        specs.append({"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32"})
-    if m["variant"] in ("fusion", "tabular"):
-        specs.append({"name": "tabular", "shape": ["batch", int(m["n_tabular"])], "dtype": "float32"})
-    return specs
+    return network_kind(meta).onnx_inputs(meta)
 
 
 def onnx_outputs(meta: dict) -> list[dict]:
-    k = len(meta["classes"])
-    outs = [{"name": PROB_OUTPUT, "shape": ["batch", k]}]
-    if _is_multiscale(meta):
-        s = len(meta["model"]["magnifications"])
-        n_logits = k - 1 if meta["model"].get("objective") == "ordinal" else k
-        outs += [{"name": "logits", "shape": ["batch", n_logits]}, {"name": "cross_scale", "shape": ["batch", s, s]},
-                 {"name": "scale_weights", "shape": ["batch", s]}]
-    else:
-        outs.append({"name": "logits", "shape": ["batch", k]})
-    return outs
+    return network_kind(meta).onnx_outputs(meta)
 
 
 class _Exported(nn.Module):
-    """The bundle network with positional inputs (in ``onnx_inputs`` order) and probabilities as output."""
+    """The bundle network with positional inputs (in ``onnx_inputs`` order) and its outputs in ``onnx_outputs``
+    order (probabilities first)."""
 
-    def __init__(self, model: nn.Module, input_names: list[str], multiscale: bool):
+    def __init__(self, model: nn.Module, input_names: list[str], meta: dict):
         super().__init__()
         self.model = model
         self.input_names = list(input_names)
-        self.multiscale = multiscale
+        self._forward = network_kind(meta).forward
 
     def forward(self, *xs: torch.Tensor):
-        kw = dict(zip(self.input_names, xs))
-        if self.multiscale:
-            out, att = self.model(kw["image"], kw.get("tabular"), return_attention=True)
-            return self.model.probabilities(out), out, att["cross_scale"], att["scale_weights"]
-        out = self.model(kw.get("image"), kw.get("tabular"))
-        return torch.softmax(out.float(), dim=1), out
+        return self._forward(self.model, dict(zip(self.input_names, xs)))
 
 
 # ------------------------------------------------------------------------------------------- parity inputs
@@ -171,18 +143,6 @@ def _tabular_rows(bundle: Bundle, n: int, rng: np.random.Generator, width: int) 
     return rows.astype(np.float32)
 
 
-def _grey_images(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Ultrasound-like grey images in [0, 1]: a dark blob on speckled, depth-darkening background."""
-    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
-    out = np.empty((n, size, size), dtype=np.float32)
-    for i in range(n):
-        cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.08, 0.25)
-        base = 0.6 - 0.3 * yy + 0.15 * rng.standard_normal((size, size))
-        blob = np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))
-        out[i] = np.clip(base * (1 - 0.8 * blob), 0, 1)
-    return out
-
-
 def parity_inputs(bundle: Bundle, *, seed: int = 0, batches: tuple[int, int] = (1, 5)) -> list[dict[str, np.ndarray]]:
     """Feeds for the parity check: standard-normal tensors at batch ``batches[0]``, and real-shaped inputs
     (what the Predictor would feed) at batch ``batches[1]``."""
@@ -197,20 +157,11 @@ def parity_inputs(bundle: Bundle, *, seed: int = 0, batches: tuple[int, int] = (
     feeds.append(random_feed)
     n = batches[1]
     real = {}
-    size = int(meta["image"]["size"])
     for s in specs:
         if s["name"] == "tabular":
             real["tabular"] = _tabular_rows(bundle, n, rng, int(s["shape"][1]))
-        elif _is_multiscale(meta):  # RGB tiles in [0, 1], one per magnification
-            n_scales = int(s["shape"][1])
-            grey = _grey_images(n * n_scales, size, rng).reshape(n, n_scales, 1, size, size)
-            tint = rng.uniform(0.6, 1.0, (n, n_scales, 3, 1, 1)).astype(np.float32)
-            real["image"] = np.ascontiguousarray(grey * tint, dtype=np.float32)
-        else:  # as Predictor._forward: grey → 3 channels, (x - mean) / std
-            mean = np.asarray(meta["image"]["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
-            std = np.asarray(meta["image"]["std"], dtype=np.float32).reshape(1, 3, 1, 1)
-            grey = np.round(_grey_images(n, size, rng) * 255) / 255.0
-            real["image"] = np.ascontiguousarray((grey[:, None] - mean) / std, dtype=np.float32)
+        else:
+            real["image"] = network_kind(meta).example_images(meta, n, rng)
     feeds.append(real)
     return feeds
 
@@ -306,11 +257,10 @@ def export_onnx(bundle_path: str | Path, out_path: str | Path | None = None, *, 
     out = Path(out_path) if out_path is not None else bundle_path / ONNX_FILE
     if out.is_dir():
         out = out / ONNX_FILE
-    multiscale = _is_multiscale(meta)
     specs, out_specs = onnx_inputs(meta), onnx_outputs(meta)
     names, out_names = [s["name"] for s in specs], [s["name"] for s in out_specs]
     model = bundle.model.float().eval()
-    wrapper = _Exported(model, names, multiscale).eval()
+    wrapper = _Exported(model, names, meta).eval()
     feeds = parity_inputs(bundle)
     example = tuple(torch.from_numpy(feeds[1][n]) for n in names)
     t0 = time.perf_counter()

@@ -6,7 +6,6 @@ loses the batch, and output files are written atomically (no half-written files)
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import logging
 import os
@@ -19,9 +18,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from breastfusion.data.cases import CASE_ID, IMAGE_PATH, LABEL, MASK_PATH, MASK_SEP, feature_columns, read_cases
-from breastfusion.data.images import MAX_SCORED_PIXELS, load_for_scoring
-from breastfusion.errors import DataError
+from breastfusion.data.cases import (
+    CASE_ID,
+    IMAGE_PATH,
+    LABEL,
+    MASK_PATH,
+    MASK_SEP,
+    read_cases,
+)
+from breastfusion.data.cleaning import load_for_scoring
+from breastfusion.data.images import MAX_SCORED_PIXELS
+from breastfusion.data.predictions import prediction_table
+from breastfusion.errors import BundleError, DataError
+from breastfusion.inference.base import (
+    ABSENT_CLINICAL,
+    BundlePredictor,
+    check_clinical_columns,
+)
 from breastfusion.inference.bundle import Bundle, load_bundle
 from breastfusion.utils import atomic_path
 
@@ -61,9 +74,6 @@ def cases_from_input(path: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-ABSENT_CLINICAL = "absent_clinical_columns"
-
-
 #: Optional input column: box(es) around the lesion, "x0,y0,x1,y1" in pixels (several joined with ';'), used
 #: when a case has no mask (LiteMedSAM, zero-shot; see breastfusion.segmentation.resolve).
 BBOX = "bbox"
@@ -83,44 +93,7 @@ def _mask_given(value) -> bool:
     return bool(_mask_paths(value))
 
 
-def _near_miss(name: str, candidates: list[str]) -> str | None:
-    """The input column a user most likely meant for ``name`` ('Age' for 'age', 'breast_density' for 'density')."""
-    norm = re.sub(r"[^0-9a-z]", "", name.lower())
-    for c in candidates:
-        if re.sub(r"[^0-9a-z]", "", str(c).lower()) == norm:
-            return str(c)
-    close = difflib.get_close_matches(name.lower(), [str(c).lower() for c in candidates], n=1, cutoff=0.6)
-    if close:
-        return next(str(c) for c in candidates if str(c).lower() == close[0])
-    contains = [str(c) for c in candidates if len(norm) >= 3 and norm in re.sub(r"[^0-9a-z]", "", str(c).lower())]
-    return contains[0] if len(contains) == 1 else None
-
-
-def check_clinical_columns(expected: list[str], columns, *, source: str, model: str, strict: bool = False) -> list[str]:
-    """The ``expected`` clinical columns absent from an input table's ``columns``. Absent columns are scored as
-    unknown for every case, which silently turns a fusion model into an image model; so they are logged as a
-    warning naming the expected, found and missing columns (with near-miss suggestions), or, with ``strict``,
-    refused with a :class:`DataError`."""
-    present = set(map(str, columns))
-    missing = [c for c in expected if str(c) not in present]
-    if not missing:
-        return []
-    found = [c for c in feature_columns(pd.DataFrame(columns=list(columns))) if c not in expected]
-    hints = []
-    for c in missing:
-        near = _near_miss(str(c), found)
-        hints.append(f"'{c}'" + (f" (did you mean '{near}'?)" if near else ""))
-    shown = found[:30] + ([f"... {len(found) - 30} more"] if len(found) > 30 else [])
-    msg = (f"{source} lacks {len(missing)} of the {len(expected)} clinical column(s) that model '{model}' reads: "
-           f"{', '.join(hints)}; expected: {list(expected)}; found other columns: {shown}.")
-    if strict:
-        raise DataError(msg + " Refused (strict): rename the columns, or leave out --strict to score them as unknown.")
-    log.warning("%s Scoring every case with %s unknown (recorded in the '%s' output column).", msg,
-                "that value" if len(missing) == 1 else "those values", ABSENT_CLINICAL)
-    return missing
-
-
-class Predictor:
+class Predictor(BundlePredictor):
     """Class probabilities from a bundle. ``Predictor.load(path).predict(input)`` returns a DataFrame with
     ``case_id, image_path, prob_<class>..., predicted`` (and ``label`` when the input had one).
 
@@ -164,7 +137,6 @@ class Predictor:
         self.onnx = runtime_for(bundle, backend, load=self.classical is None)  # a classical model needs no network
 
     def _load_classical(self, name: str) -> None:
-        from breastfusion.errors import BundleError
         from breastfusion.models.classical import load_classical
 
         info = (self.bundle.meta.get("features") or {}).get("classical") or {}
@@ -175,18 +147,15 @@ class Predictor:
         self.classical_features = list(info["features"])
         self.model_name = name
 
-    @classmethod
-    def load(cls, path: str | Path, **kwargs):
-        """A Predictor, or a :class:`~breastfusion.inference.grading.GradingPredictor` for a histology bundle."""
-        bundle = load_bundle(path)
-        if bundle.meta["model"].get("kind") == "multiscale":
-            from breastfusion.inference.grading import GradingPredictor
+    kinds = ("fusion",)
+    inputs = "images"
 
-            if kwargs.get("model"):
-                raise DataError(f"Bundle '{path}' is a histology grading bundle; it holds no classical model "
-                                f"'{kwargs['model']}' (leave out --model).")
-            return GradingPredictor(bundle, **{k: v for k, v in kwargs.items() if k != "model"})
-        return cls(bundle, **kwargs)
+    @classmethod
+    def load(cls, path: str | Path, **kwargs) -> BundlePredictor:
+        """The predictor made for the bundle at ``path``, whatever its network kind: this class for ultrasound
+        bundles, :class:`~breastfusion.inference.grading.GradingPredictor` for histology ones (one interface,
+        :class:`~breastfusion.inference.base.BundlePredictor`)."""
+        return predictor_for(load_bundle(path), **kwargs)
 
     @property
     def classes(self) -> list[str]:
@@ -268,7 +237,10 @@ class Predictor:
         else from the bundle's segmenter, read exactly as training read the out-of-fold mask files."""
         from breastfusion.data.images import read_image
         from breastfusion.features.radiomics import extract_arrays
-        from breastfusion.segmentation.resolve import masks_from_boxes, masks_from_segmenter
+        from breastfusion.segmentation.resolve import (
+            masks_from_boxes,
+            masks_from_segmenter,
+        )
 
         gray = read_image(image_path, "gray")
         if boxes is not None:
@@ -429,14 +401,12 @@ class Predictor:
             probs = probs.copy()
             probs[ok] = Pc
             sets = (set_str, set_size, refer)
-        out = pd.DataFrame({CASE_ID: cases[CASE_ID], IMAGE_PATH: cases[IMAGE_PATH]})
+        scored = cases[ok]
+        where = {IMAGE_PATH: scored[IMAGE_PATH].to_numpy()}
         if LABEL in cases.columns:
-            out[LABEL] = cases[LABEL]
-        for j, c in enumerate(self.classes):
-            out[f"prob_{c}"] = probs[:, j]
-        out = out[ok].reset_index(drop=True)
-        out["predicted"] = np.asarray(self.classes, dtype=object)[probs[ok].argmax(1)] if ok.any() else []
-        out["model"] = self.model_name
+            where[LABEL] = scored[LABEL].to_numpy()
+        out = prediction_table(scored[CASE_ID].to_numpy(), probs[ok].reshape(-1, len(self.classes)), self.classes,
+                               model=self.model_name, **where)
         if self.last_absent:
             out[ABSENT_CLINICAL] = ", ".join(map(str, self.last_absent))
         if self.radiomics and self.last_mask_source and (self.classical is not None or self.model.uses_tabular):
@@ -450,16 +420,44 @@ class Predictor:
             out["synthetic_model"] = True
         return out
 
-    def predict(self, source: str | Path | pd.DataFrame, *, progress: bool = False,
+    def predict(self, source: str | Path | pd.DataFrame, *, cases=None, progress: bool = False,
                 strict: bool = False) -> pd.DataFrame:
         """Score an image, a folder of images, a cases table file or a DataFrame; ``strict``: refuse a table
-        that lacks clinical columns the model reads (see :meth:`predict_cases`)."""
+        that lacks clinical columns the model reads (see :meth:`predict_cases`). ``cases`` is for bundles whose
+        input is tiles; here the cases table is the input itself."""
+        if cases is not None:
+            raise DataError("An ultrasound bundle reads its clinical columns from the input itself (a cases table); "
+                            "a separate cases table is for histology bundles.")
         if isinstance(source, pd.DataFrame):
             return self.predict_cases(source, progress=progress, strict=strict)
         path = Path(source)
         images_only = not (path.is_file() and path.suffix.lower() in TABLE_SUFFIXES)
         return self.predict_cases(cases_from_input(path), progress=progress, strict=strict,
                                   source=f"input '{path}'", images_only=images_only)
+
+
+def predictor_classes() -> tuple[type[BundlePredictor], ...]:
+    """Every bundle predictor; a new network kind adds its predictor here."""
+    from breastfusion.inference.grading import GradingPredictor
+
+    return (Predictor, GradingPredictor)
+
+
+def predictor_class(meta: dict) -> type[BundlePredictor]:
+    """The predictor class made for the network kind of bundle metadata ``meta``."""
+    from breastfusion.models.registry import kind_name, network_kind
+
+    network_kind(meta)  # an unknown kind is refused with the upgrade message
+    kind = kind_name(meta)
+    for cls in predictor_classes():
+        if kind in cls.kinds:
+            return cls
+    raise BundleError(f"No predictor scores networks of kind '{kind}'.")
+
+
+def predictor_for(bundle: Bundle, **kwargs) -> BundlePredictor:
+    """The predictor made for an already-loaded bundle's network kind."""
+    return predictor_class(bundle.meta)(bundle, **kwargs)
 
 
 def _has_openpyxl() -> bool:

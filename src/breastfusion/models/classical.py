@@ -19,6 +19,7 @@ from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from breastfusion.data.predictions import prediction_table, prob_columns
 from breastfusion.errors import BundleError, DataError
 
 CLASSICAL_MODELS = ("logreg", "svm", "rf", "lgbm")
@@ -208,7 +209,7 @@ def predict_proba_frame(model, X, classes: list[str]) -> pd.DataFrame:
     for j, c in enumerate(seen):
         out[:, list(classes).index(c)] = proba[:, j]
     index = X.index if isinstance(X, pd.DataFrame) else None
-    return pd.DataFrame(out, columns=[f"prob_{c}" for c in classes], index=index)
+    return pd.DataFrame(out, columns=prob_columns(classes), index=index)
 
 
 def _align(X: pd.DataFrame, y: pd.Series, splits: pd.DataFrame, classes: list[str]):
@@ -280,13 +281,9 @@ def fit_predict_oof(
             raise DataError(f"Fold {fold!r}: the other folds hold only class(es) {sorted(train_labels.unique())}; cannot fit.")
         model = adapt_to_size(clone(template), int((~test).sum())).fit(X[~test], train_labels)
         parts.append(predict_proba_frame(model, X[test], classes))
-    proba = pd.concat(parts).reindex(X.index)
-    table = pd.DataFrame({"case_id": X.index.to_numpy(), "fold": folds.to_numpy(), "label": y.to_numpy()})
-    for col in proba.columns:
-        table[col] = proba[col].to_numpy()
-    table["predicted"] = np.asarray(classes, dtype=object)[proba.to_numpy().argmax(axis=1)]
-    table["model"] = name
-    return table
+    proba = pd.concat(parts).reindex(X.index)[prob_columns(classes)]
+    return prediction_table(X.index, proba.to_numpy(), classes, model=name, fold=folds.to_numpy(),
+                            label=y.to_numpy())
 
 
 # -------------------------------------------------------------------------------------- safe persistence

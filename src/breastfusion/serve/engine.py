@@ -326,13 +326,18 @@ class ServeModel:
     with respect to the input only; Grad-CAM, which hooks a layer, runs on a private copy under a lock)."""
 
     def __init__(self, bundle_path: str | Path, *, max_pixels: int = MAX_SCORED_PIXELS, threads: int | None = None):
+        from breastfusion import tasks
+        from breastfusion.inference.bundle import load_bundle
         from breastfusion.inference.predictor import Predictor
 
         self.bundle_path = Path(bundle_path)
-        predictor = Predictor.load(self.bundle_path, threads=threads)
-        if not isinstance(predictor, Predictor):
-            raise BundleError(f"Bundle '{bundle_path}' is a histology grading bundle; 'serve' scores ultrasound "
-                              "bundles (one image + clinical fields per request).")
+        bundle = load_bundle(self.bundle_path)
+        task = tasks.for_bundle(bundle.meta)
+        if not task.serves:
+            served = ", ".join(t.name for t in tasks.TASKS.values() if t.serves)
+            raise BundleError(f"Bundle '{bundle_path}' is a {task.name} bundle ({task.description}); 'serve' scores "
+                              f"one case per request, for {served} bundles (one image + clinical fields).")
+        predictor = Predictor(bundle, threads=threads)
         self.predictor = predictor
         self.bundle = predictor.bundle
         self.model = predictor.model
