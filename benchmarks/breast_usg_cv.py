@@ -64,7 +64,7 @@ def sens_at_spec(y: np.ndarray, score: np.ndarray, spec: float = 0.9) -> float:
 
 def run_row(row: str, seed: int, out: Path, data: Path, final: bool) -> Path:
     from breastfusion.config import load_config
-    from breastfusion.pipeline import run_experiment
+    from breastfusion.experiment import run_experiment
 
     run_dir = out / f"{row}_seed{seed}"
     overrides = ROWS[row] + [f"seed={seed}", f"data.source={data}", "experiment.explain_cases=0",

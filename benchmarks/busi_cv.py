@@ -17,7 +17,7 @@ from pathlib import Path
 from _machine import machine_description, peak_rss_mb
 
 from breastfusion.config import load_config
-from breastfusion.pipeline import run_experiment
+from breastfusion.experiment import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 

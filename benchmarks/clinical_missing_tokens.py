@@ -54,7 +54,7 @@ def main() -> int:
         return 0
     import breastfusion
     from breastfusion.config import Config
-    from breastfusion.pipeline import run_experiment
+    from breastfusion.experiment import run_experiment
 
     args.out.mkdir(parents=True, exist_ok=True)
     cases = cases_table(args.data)

@@ -51,7 +51,7 @@ def load_cohort(name: str, max_cases: int | None, seed: int):
     info = COHORTS[name]
     if not info["path"].exists():
         raise SystemExit(f"{info['name']} not found at '{info['path']}' (needs ../shared/data); nothing measured.")
-    from breastfusion.pipeline import drop_label_cases
+    from breastfusion.tasks.base import drop_label_cases
 
     cases = import_busi(info["path"]) if name == "busi" else import_breast_lesions_usg(info["path"])
     cases, _ = drop_label_cases(cases, list(info["drop"]))

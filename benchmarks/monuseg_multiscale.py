@@ -21,7 +21,7 @@ from pathlib import Path
 from _machine import machine_description, peak_rss_mb
 
 from breastfusion.config import load_config
-from breastfusion.histology.grading import run_grading
+from breastfusion.experiment import run_experiment
 from breastfusion.histology.monuseg import import_monuseg_stacks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def main() -> int:
     cfg = load_config(args.config, [f"data.source={data / 'cases.csv'}", f"histology.tiles={data / 'tiles.csv'}"]
                       + args.overrides)
     t1 = time.perf_counter()
-    result = run_grading(cfg, out / "run", resume=args.resume, progress=True)
+    result = run_experiment(cfg, out / "run", resume=args.resume, progress=True)
     wall = time.perf_counter() - t1
     rows = []
     for name, m in result.metrics.items():

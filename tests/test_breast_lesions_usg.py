@@ -118,7 +118,7 @@ def test_real_breast_lesions_usg():
     assert not cases["mask_path"].str.contains("_other").any()
     from breastfusion.config import load_config
     from breastfusion.features.tabular import TabularPreprocessor
-    from breastfusion.pipeline import drop_label_cases
+    from breastfusion.tasks.base import drop_label_cases
     from breastfusion.tabular_inputs import tabular_table
 
     cfg = load_config(_repo_config(), [])
@@ -222,7 +222,7 @@ def test_recipe_end_to_end_on_a_fake_folder(tmp_path):
     from breastfusion.config import load_config
     from breastfusion.inference.bundle import load_bundle
     from breastfusion.inference.predictor import Predictor
-    from breastfusion.pipeline import run_experiment
+    from breastfusion.experiment import run_experiment
 
     root = make_fake_breast(tmp_path / "breast", n_lesions=16, n_normal=2)
     cfg = load_config(_repo_config(), FAST + [f"data.source={root}", "data.tabular_columns=[Age, Signs, BIRADS]",

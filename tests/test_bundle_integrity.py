@@ -145,7 +145,7 @@ def test_old_bundle_without_checksum_loads_with_a_warning_but_class_swap_is_stil
 
 
 def test_calibrate_reseals_and_does_not_launder_a_tampered_bundle(sealed, tmp_path):
-    from breastfusion.inference.model_card import refresh_bundle
+    from breastfusion.inference.bundle import refresh_bundle
 
     b = _copy(sealed, tmp_path)
     cal = _calibration(CLASSES)

@@ -31,13 +31,13 @@ def cohort(tmp_path_factory):
 
 
 def test_grading_leave_one_centre_out_end_to_end(cohort, tmp_path, monkeypatch):
-    from breastfusion.histology.grading import run_grading
+    from breastfusion.experiment import run_experiment
     from breastfusion.inference.bundle import load_bundle
 
     monkeypatch.setenv("BREASTFUSION_OFFLINE", "1")
     cfg = load_config(None, TINY + [f"data.source={cohort / 'cases.csv'}", f"histology.tiles={cohort / 'tiles.csv'}",
                                     "cv.strategy=leave_one_center_out", "histology.variants=[multiscale,single_scale]"])
-    r = run_grading(cfg, tmp_path / "run", progress=False)
+    r = run_experiment(cfg, tmp_path / "run", progress=False)
     assert set(r.metrics) == {"logreg", "logreg+deep", "deep_multiscale", "deep_single_scale"}
     for m in r.metrics.values():
         assert "quadratic_weighted_kappa" in m["pooled"]
@@ -69,16 +69,16 @@ def test_grading_leave_one_centre_out_end_to_end(cohort, tmp_path, monkeypatch):
 
 
 def test_grading_resume_reuses_finished_stages(cohort, tmp_path, monkeypatch):
-    from breastfusion.histology.grading import run_grading
+    from breastfusion.experiment import run_experiment
 
     monkeypatch.setenv("BREASTFUSION_OFFLINE", "1")
     cfg = load_config(None, TINY + [f"data.source={cohort / 'cases.csv'}", f"histology.tiles={cohort / 'tiles.csv'}",
                                     "cv.n_splits=3", "histology.variants=[cnn]", "experiment.final_models=[]",
                                     "histology.deep_features_for_classical=false"])
-    r1 = run_grading(cfg, tmp_path / "run", progress=False)
+    r1 = run_experiment(cfg, tmp_path / "run", progress=False)
     fold0 = tmp_path / "run" / "deep" / "deep_cnn" / "fold0" / "predictions.csv"
     stamp = fold0.stat().st_mtime_ns
-    r2 = run_grading(cfg, tmp_path / "run", progress=False, resume=True)
+    r2 = run_experiment(cfg, tmp_path / "run", progress=False, resume=True)
     assert fold0.stat().st_mtime_ns == stamp
     assert r1.metrics["deep_cnn"]["pooled"] == r2.metrics["deep_cnn"]["pooled"]
 
@@ -136,14 +136,14 @@ def test_grading_bundle_scores_new_cases_and_skips_bad_ones(cohort, tmp_path, mo
     """Train a small bundle, then `breastfusion predict` on a tiles table with a corrupt tile and a case lacking
     a magnification: the good cases are scored, the bad case is listed with a reason, stacks get attention."""
     from breastfusion.cli import main
-    from breastfusion.histology.grading import run_grading
+    from breastfusion.experiment import run_experiment
     from breastfusion.inference.bundle import load_bundle
 
     monkeypatch.setenv("BREASTFUSION_OFFLINE", "1")
     cfg = load_config(None, TINY + [f"data.source={cohort / 'cases.csv'}", f"histology.tiles={cohort / 'tiles.csv'}",
                                     "cv.n_splits=3", "histology.variants=[cnn]", "experiment.classical_models=[]",
                                     "histology.backbones={cnn: tf_efficientnet_lite0}"])
-    r = run_grading(cfg, tmp_path / "run", progress=False)
+    r = run_experiment(cfg, tmp_path / "run", progress=False)
     tiles = pd.read_csv(cohort / "tiles.csv", dtype={"case_id": str, "stack_id": str})
     tiles["image_path"] = [str((cohort / p).resolve()) for p in tiles["image_path"]]
     ids = sorted(tiles["case_id"].unique())[:3]

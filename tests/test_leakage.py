@@ -169,7 +169,7 @@ def leaky_cases(tmp_path_factory):
 
 
 def test_run_refuses_a_leaked_column_before_any_model_trains(leaky_cases, tmp_path):
-    from breastfusion.pipeline import run_experiment
+    from breastfusion.experiment import run_experiment
 
     with pytest.raises(DataError, match=r"(?s)'histology' \(categorical\): AUC 1\.000.*roles\.exclude.*"
                                         r"roles\.intended"):
@@ -186,7 +186,7 @@ def test_run_refuses_a_leaked_column_before_any_model_trains(leaky_cases, tmp_pa
 
 
 def test_run_goes_on_when_the_column_is_intended(leaky_cases, tmp_path, caplog):
-    from breastfusion.pipeline import run_experiment
+    from breastfusion.experiment import run_experiment
 
     res = run_experiment(_cfg(intended=["histology"]), tmp_path, cases=leaky_cases, progress=False)
     assert (tmp_path / "predictions" / "logreg.csv").exists()
@@ -196,7 +196,7 @@ def test_run_goes_on_when_the_column_is_intended(leaky_cases, tmp_path, caplog):
 
 
 def test_an_excluded_column_is_not_an_input(leaky_cases, tmp_path):
-    from breastfusion.pipeline import run_experiment
+    from breastfusion.experiment import run_experiment
 
     run_experiment(_cfg(exclude=["histology"]), tmp_path, cases=leaky_cases, progress=False)
     guard = json.loads((tmp_path / "leakage.json").read_text())

@@ -12,7 +12,7 @@ from breastfusion.data.synthetic import make_synthetic_cohort
 from breastfusion.errors import BundleError, DataError
 from breastfusion.inference.bundle import load_bundle
 from breastfusion.inference.predictor import Predictor
-from breastfusion.pipeline import run_experiment
+from breastfusion.experiment import run_experiment
 
 FAST = ["image.size=48", "model.backbone=test_efficientnet", "model.pretrained=false", "cv.n_splits=2",
         "train.stage1_epochs=1", "train.stage2_epochs=1", "train.tabular_epochs=3", "train.batch_size=8",

@@ -107,7 +107,7 @@ FAST = ["image.size=48", "model.backbone=test_efficientnet", "model.pretrained=f
 def predicted_run(tmp_path_factory):
     from breastfusion.config import load_config
     from breastfusion.data.synthetic import make_synthetic_cohort
-    from breastfusion.pipeline import run_experiment
+    from breastfusion.experiment import run_experiment
 
     root = tmp_path_factory.mktemp("masks_predicted")
     make_synthetic_cohort(root / "cohort", n_cases=24, image_size=64, seed=3)  # SYNTHETIC phantoms
@@ -174,7 +174,7 @@ def test_report_shows_segmentation_quality_and_overlays(predicted_run):
 def test_a_run_without_bundles_trains_no_final_segmenter(tmp_path):
     from breastfusion.config import load_config
     from breastfusion.data.synthetic import make_synthetic_cohort
-    from breastfusion.pipeline import run_experiment
+    from breastfusion.experiment import run_experiment
 
     make_synthetic_cohort(tmp_path / "cohort", n_cases=16, image_size=48, seed=5)  # SYNTHETIC phantoms
     cfg = load_config(None, FAST + [f"data.source={tmp_path / 'cohort' / 'cases.csv'}", "data.masks=predicted",

@@ -123,7 +123,7 @@ def test_a_declared_level_no_case_reaches_is_no_operating_point():
 
 def test_the_run_stops_before_training_on_a_reader_value_outside_the_order(tmp_path):
     from breastfusion.config import Config
-    from breastfusion.pipeline import run_experiment
+    from breastfusion.experiment import run_experiment
 
     cases = _cases(["2", "3", "4d"] * 4).assign(label=["benign", "malignant"] * 6, image_path="none.png")
     cfg = Config()
@@ -254,7 +254,7 @@ def test_pipeline_writes_the_section_and_json(tmp_path):
     """The run (tiny synthetic cohort, classical model only) writes reader_comparison.json and the report section."""
     from breastfusion.config import Config
     from breastfusion.data.synthetic import make_synthetic_cohort
-    from breastfusion.pipeline import run_experiment
+    from breastfusion.experiment import run_experiment
 
     cases = make_synthetic_cohort(tmp_path / "data", n_cases=30, image_size=32, seed=0,
                                   class_proportions={"benign": 0.5, "malignant": 0.5})

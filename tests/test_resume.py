@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from breastfusion import pipeline
 from breastfusion.config import load_config
 from breastfusion.data.synthetic import make_synthetic_cohort
 from breastfusion.errors import ConfigError, DataError
-from breastfusion.pipeline import run_experiment
+from breastfusion.experiment import run_experiment
+from breastfusion.tasks import ultrasound as ultrasound_task
 from breastfusion.training import trainer as trainer_mod
 
 TINY = ["image.size=32", "model.backbone=test_efficientnet", "model.pretrained=false", "cv.n_splits=3",
@@ -61,17 +61,17 @@ def _same_predictions(a: pd.DataFrame, b: pd.DataFrame) -> None:
 
 def test_resume_after_a_kill_between_folds_repeats_the_uninterrupted_run(cohort, uninterrupted, tmp_path,
                                                                           monkeypatch):
-    real = pipeline._write_csv
+    real = ultrasound_task.write_csv
 
     def die_after_fold0(df, path):
         real(df, path)
         if path.name == "predictions.csv" and path.parent.name == "fold0":
             raise KeyboardInterrupt  # the process dies right after fold 0's predictions are on disk
 
-    monkeypatch.setattr(pipeline, "_write_csv", die_after_fold0)
+    monkeypatch.setattr(ultrasound_task, "write_csv", die_after_fold0)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(_cfg(cohort), tmp_path, progress=False)
-    monkeypatch.setattr(pipeline, "_write_csv", real)
+    monkeypatch.setattr(ultrasound_task, "write_csv", real)
     assert not (tmp_path / "deep" / "image_only" / "fold1").exists()
     run_experiment(_cfg(cohort), tmp_path, resume=True, progress=False)
     _same_predictions(uninterrupted, pd.read_csv(tmp_path / "predictions" / "image_only.csv", dtype={"case_id": str}))
@@ -219,24 +219,24 @@ def _grading_cfg(cohort, *extra):
 
 def test_grading_resume_between_folds_repeats_the_uninterrupted_run_and_refuses_other_settings(grading_cohort, tmp_path,
                                                                                               monkeypatch):
-    from breastfusion.histology import grading
+    from breastfusion.tasks import histology as grading
 
     monkeypatch.setenv("BREASTFUSION_OFFLINE", "1")
-    grading.run_grading(_grading_cfg(grading_cohort), tmp_path / "a", progress=False)
-    real = grading._write_csv
+    grading.run_histology(_grading_cfg(grading_cohort), tmp_path / "a", progress=False)
+    real = grading.write_csv
 
     def die_after_fold0(df, path):
         real(df, path)
         if path.name == "stacks.csv" and path.parent.name == "fold0":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(grading, "_write_csv", die_after_fold0)
+    monkeypatch.setattr(grading, "write_csv", die_after_fold0)
     with pytest.raises(KeyboardInterrupt):
-        grading.run_grading(_grading_cfg(grading_cohort), tmp_path / "b", progress=False)
-    monkeypatch.setattr(grading, "_write_csv", real)
+        grading.run_histology(_grading_cfg(grading_cohort), tmp_path / "b", progress=False)
+    monkeypatch.setattr(grading, "write_csv", real)
     with pytest.raises(ConfigError, match="train.stage2_epochs: 1 → 2"):
-        grading.run_grading(_grading_cfg(grading_cohort, "train.stage2_epochs=2"), tmp_path / "b", resume=True,
+        grading.run_histology(_grading_cfg(grading_cohort, "train.stage2_epochs=2"), tmp_path / "b", resume=True,
                             progress=False)
-    grading.run_grading(_grading_cfg(grading_cohort), tmp_path / "b", resume=True, progress=False)
+    grading.run_histology(_grading_cfg(grading_cohort), tmp_path / "b", resume=True, progress=False)
     a, b = (pd.read_csv(tmp_path / r / "predictions" / "deep_cnn.csv", dtype={"case_id": str}) for r in ("a", "b"))
     _same_predictions(a, b)

@@ -99,7 +99,7 @@ def test_tabular_columns_naming_an_absent_column_stays_a_data_error():
 def test_run_excludes_the_column_and_reports_every_role(tmp_path):
     """An excluded column never reaches a model; the report's 'Column roles' section lists each column's role."""
     from breastfusion.data.synthetic import make_synthetic_cohort
-    from breastfusion.pipeline import run_experiment
+    from breastfusion.experiment import run_experiment
 
     cases = make_synthetic_cohort(tmp_path / "data", n_cases=24, image_size=32, seed=1)
     cases["verification"] = np.where(cases["label"] == "malignant", "biopsy", "follow-up")  # carries the answer

@@ -1,11 +1,48 @@
 """breastfusion: multimodal breast-cancer classifiers.
 
-Ultrasound + clinical + biomarkers fusion, and histopathology grading. The CLI
-(``breastfusion``) is a thin layer over the Python API exposed here.
+Ultrasound + clinical + biomarkers fusion, and histopathology grading. The CLI (``breastfusion``) is a thin layer
+over this Python API::
+
+    import breastfusion as bf
+
+    cfg = bf.load_config("configs/busi.yaml", ["train.stage2_epochs=4"])
+    result = bf.run_experiment(cfg, "runs/busi")            # report, metrics, bundle
+    predictor = bf.Predictor.load(result.bundle)             # any bundle: ultrasound or histology
+    table = predictor.predict("new_images/")                 # one row per case
+
+``bf.tasks`` lists the tasks (``bf.tasks.names()``). Names are imported on first use, so ``import breastfusion``
+stays light.
 """
 
-__version__ = "0.1.0"
+from breastfusion.errors import BreastfusionError, BundleError, ConfigError, DataError
+from breastfusion.version import __version__
 
-from breastfusion.errors import BreastfusionError, DataError, ConfigError  # noqa: E402
+_LAZY = {
+    "load_config": ("breastfusion.config", "load_config"),
+    "Config": ("breastfusion.config", "Config"),
+    "run_experiment": ("breastfusion.experiment", "run_experiment"),
+    "RunResult": ("breastfusion.tasks.base", "RunResult"),
+    "Predictor": ("breastfusion.inference.predictor", "Predictor"),
+    "load_bundle": ("breastfusion.inference.bundle", "load_bundle"),
+    "explain_bundle": ("breastfusion.explain.runner", "explain_bundle"),
+    "tasks": ("breastfusion.tasks", None),
+}
 
-__all__ = ["__version__", "BreastfusionError", "DataError", "ConfigError"]
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'breastfusion' has no attribute '{name}'")
+    import importlib
+
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    value = value if attr is None else getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = ["__version__", "BreastfusionError", "BundleError", "ConfigError", "DataError", *_LAZY]

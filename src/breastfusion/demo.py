@@ -26,7 +26,7 @@ def run_demo(out_dir: str | Path = "demo_run", *, n_cases: int = 120, n_new: int
     (a second cohort drawn with another seed, so the bundle scores cases it never saw)."""
     from breastfusion.data.synthetic import column_info, column_types, make_synthetic_cohort
     from breastfusion.inference.predictor import Predictor, write_predictions
-    from breastfusion.pipeline import run_experiment
+    from breastfusion.experiment import run_experiment
 
     out_dir = Path(out_dir)
     data_dir = out_dir / "synthetic_cohort"

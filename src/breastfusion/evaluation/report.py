@@ -466,7 +466,7 @@ def write_report(
     the models, e.g. calibration and explanations of the final bundle (a section with id ``calibration`` also
     feeds the calibration caveat of the summary). Returns the path of ``report.html``.
     """
-    from breastfusion import __version__
+    from breastfusion.version import __version__
 
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"

@@ -162,7 +162,7 @@ def _model_digest(model_path: str) -> str:
 
 def _method_identity(method: str, model_path: str | None) -> dict:
     """What, besides path and mpp, determines a tile's features (goes into the tile keys)."""
-    from breastfusion import __version__
+    from breastfusion.version import __version__
 
     ident = {"method": method, "features_version": FEATURES_VERSION, "breastfusion": __version__}
     if method == "classical":

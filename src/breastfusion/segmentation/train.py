@@ -511,7 +511,7 @@ def train_lesion_segmenter(cases: pd.DataFrame, cfg=None, out_path: str | Path =
 
 
 def _version() -> str:
-    from breastfusion import __version__
+    from breastfusion.version import __version__
 
     return __version__
 

@@ -46,9 +46,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from breastfusion import __version__
 from breastfusion.data.images import MAX_SCORED_PIXELS
 from breastfusion.serve.engine import RESERVED_FIELDS, InputError, ServeModel
+from breastfusion.version import __version__
 
 log = logging.getLogger(__name__)
 

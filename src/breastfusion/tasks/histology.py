@@ -1,4 +1,4 @@
-"""Histology grading experiment: cases + tiles → splits → pathomics → classical ML → multiscale deep models
+"""The histology task (``task: histology``), Nottingham grading from H&E stacks: cases + tiles → splits → pathomics → classical ML → multiscale deep models
 (and ablations) → per-case pooling → metrics (QWK), per-centre tables, attention figures → report → bundle.
 
 It reuses the ultrasound machinery: the cases table and splits (patient-grouped stratified folds or
@@ -25,12 +25,34 @@ import pandas as pd
 import torch
 
 from breastfusion.config import Config, config_to_yaml, save_config
-from breastfusion.data.cases import CASE_ID, CENTER, LABEL, PATIENT_ID, read_cases, write_cases
+from breastfusion.data.cases import (
+    CASE_ID,
+    CENTER,
+    LABEL,
+    PATIENT_ID,
+    read_cases,
+    write_cases,
+)
+from breastfusion.data.predictions import prediction_table
 from breastfusion.data.tiles import STACK_ID, mag_column, read_tiles, stack_table
 from breastfusion.errors import ConfigError, DataError
 from breastfusion.features.tabular import TabularPreprocessor
+from breastfusion.tasks.base import (
+    RunResult,
+    bundle_sections,
+    drop_label_cases,
+    resolve_classes,
+    stage_splits,
+    write_csv,
+)
 from breastfusion.training import distributed as dist_utils
-from breastfusion.utils import atomic_path, remove_stale_temporaries, seed_everything, stable_seed, write_json
+from breastfusion.utils import (
+    atomic_path,
+    remove_stale_temporaries,
+    seed_everything,
+    stable_seed,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -206,26 +228,6 @@ def pool_cases(stacks: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> p
     return df.groupby(CASE_ID, sort=False).mean()
 
 
-def _prediction_table(cases: pd.DataFrame, case_probs: pd.DataFrame, classes: list[str], fold, model: str) -> pd.DataFrame:
-    P = case_probs.reindex(cases[CASE_ID]).to_numpy()
-    df = pd.DataFrame({CASE_ID: cases[CASE_ID].to_numpy(), "fold": fold, LABEL: cases[LABEL].to_numpy()})
-    for j, c in enumerate(classes):
-        df[f"prob_{c}"] = P[:, j]
-    df["predicted"] = np.asarray(classes, dtype=object)[P.argmax(1)]
-    df["model"] = model
-    return df
-
-
-def _write_csv(df: pd.DataFrame, path: Path) -> Path:
-    if dist_utils.is_main():
-        with atomic_path(path) as tmp:
-            df.to_csv(tmp, index=False)
-    return path
-
-
-# ------------------------------------------------------------------------------------------------ stages
-
-
 def stage_pathomics(tiles: pd.DataFrame, cfg: Config, run_dir: Path, resume: bool, progress: bool) -> pd.DataFrame | None:
     """Case-level pathomics from the highest-magnification tiles (Dask when histology.workers > 1)."""
     if not cfg.histology.pathomics:
@@ -310,7 +312,7 @@ def stage_classical(cases, table, deep, splits, classes, cfg: Config, run_dir: P
             preds["model"] = key
             log.info("classical %s: %.1f s", key, time.perf_counter() - t)
             out[key] = preds
-            _write_csv(preds, path)
+            write_csv(preds, path)
     return out
 
 
@@ -337,7 +339,9 @@ def stage_grader_cv(variant: str, cases, stacks, table, splits, classes, cfg: Co
         test_cases = cases[test]
         st = stacks[stacks[CASE_ID].isin(set(test_cases[CASE_ID]))].reset_index(drop=True)
         probs, cross, scale_w = score_stacks(fitted, st, table, cache)
-        preds = _prediction_table(test_cases, pool_cases(st, probs, classes), classes, int(fold), name)
+        case_p = pool_cases(st, probs, classes).reindex(test_cases[CASE_ID]).to_numpy()
+        preds = prediction_table(test_cases[CASE_ID], case_p, classes, model=name, fold=int(fold),
+                                 **{LABEL: test_cases[LABEL].to_numpy()})
         sp = st[[CASE_ID, STACK_ID]].copy()
         for j, c in enumerate(classes):
             sp[f"prob_{c}"] = probs[:, j]
@@ -345,16 +349,16 @@ def stage_grader_cv(variant: str, cases, stacks, table, splits, classes, cfg: Co
             sp[f"scale_weight_{m:g}x"] = scale_w[:, si]
             for sj, m2 in enumerate(fitted.magnifications):
                 sp[f"attn_{m:g}x_to_{m2:g}x"] = cross[:, si, sj]
-        _write_csv(preds, fold_path)
-        _write_csv(sp, stack_path)
+        write_csv(preds, fold_path)
+        write_csv(sp, stack_path)
         if dist_utils.is_main():
             write_json(fitted.result.history, fold_dir / "history.json")
             (fold_dir / "last.pt").unlink(missing_ok=True)
         parts.append(preds)
         stack_parts.append(sp)
     preds = pd.concat(parts, ignore_index=True)
-    _write_csv(pd.concat(stack_parts, ignore_index=True), run_dir / "predictions" / f"stacks_{name}.csv")
-    _write_csv(preds, path)
+    write_csv(pd.concat(stack_parts, ignore_index=True), run_dir / "predictions" / f"stacks_{name}.csv")
+    write_csv(preds, path)
     return preds
 
 
@@ -515,18 +519,16 @@ def grading_stages(cfg: Config, run_dir: Path) -> list:
 
 
 
-def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-                cases: pd.DataFrame | None = None, tiles: pd.DataFrame | None = None):
+def run_histology(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+                  cases: pd.DataFrame | None = None, tiles: pd.DataFrame | None = None) -> RunResult:
     """Run the histology experiment described by ``cfg`` (``task: histology``) into ``run_dir``."""
+    from breastfusion.data.roles import resolve_roles
     from breastfusion.data.synthetic import is_synthetic
     from breastfusion.evaluation.metrics import evaluate, to_jsonable
     from breastfusion.evaluation.report import write_report
     from breastfusion.histology.dataset import TileCache
-    from breastfusion.pipeline import RunResult, bundle_sections, resolve_classes, stage_splits
-    from breastfusion.data.roles import resolve_roles
-    from breastfusion.tabular_inputs import tabular_table
-
     from breastfusion.run_state import check_and_record, table_digest
+    from breastfusion.tabular_inputs import tabular_table
     from breastfusion.training.trainer import check_epochs
 
     t_start = time.perf_counter()
@@ -547,8 +549,6 @@ def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
         if not hc.tiles:
             raise DataError("No tiles table: set histology.tiles (columns case_id, stack_id, magnification, image_path).")
         tiles = read_tiles(hc.tiles, cases)
-    from breastfusion.pipeline import drop_label_cases
-
     cases, _ = drop_label_cases(cases, cfg.data.drop_labels)
     tiles = tiles[tiles[CASE_ID].isin(set(cases[CASE_ID]))]
     classes = resolve_classes(cases, cfg)
@@ -666,7 +666,7 @@ def run_grading(cfg: Config, run_dir: str | Path, *, resume: bool = False, progr
                                background=table.reset_index() if table is not None else None)
     timings["report_sections_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
-    _write_csv(centres, run_dir / "per_centre_metrics.csv")
+    write_csv(centres, run_dir / "per_centre_metrics.csv")
     write_json({"classes": classes, "synthetic_data": synthetic, "timings": timings, "models": metrics,
                 "per_centre": centres.to_dict(orient="records")}, run_dir / "metrics.json")
     notes = []
@@ -711,3 +711,27 @@ def build_weight_note(variant: str, cfg: Config) -> dict[str, str]:
         else:
             out[name] = "ImageNet from the hub" if hub_reachable(1.0) else "random: hub unreachable here"
     return out
+
+
+class HistologyTask:
+    """Nottingham grade from concentric multi-magnification H&E stacks, pathomics and clinical columns."""
+
+    name = "histology"
+    description = "H&E stacks at several magnifications + pathomics + clinical columns: Nottingham grade 1 / 2 / 3"
+    inputs = ("tiles (stacks of magnifications)", "pathomics (computed)", "clinical columns")
+    network_kinds = ("multiscale",)
+    serves = False
+
+    def variants(self, cfg: Config) -> list[str]:
+        return list(cfg.histology.variants)
+
+    def stages(self, cfg: Config, run_dir: Path) -> list:
+        return grading_stages(cfg, Path(run_dir))
+
+    def run(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+            cases: pd.DataFrame | None = None, tiles: pd.DataFrame | None = None) -> RunResult:
+        return run_histology(cfg, run_dir, resume=resume, progress=progress, cases=cases, tiles=tiles)
+
+
+HISTOLOGY = HistologyTask()
+

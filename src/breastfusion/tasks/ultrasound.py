@@ -1,4 +1,6 @@
-"""The end-to-end experiment: cases → audit → splits → features → models → evaluation → report → bundle.
+"""The ultrasound task: breast ultrasound + clinical history + biomarkers (+ lesion radiomics).
+
+Cases → audit → splits → (segmentation) → features → models → evaluation → report → bundle.
 
 Each stage writes files into the run folder; a stage whose output exists is reused on ``resume``, so a killed
 run picks up where it stopped (deep models also resume inside a fold from their last epoch). Each fold's network
@@ -11,69 +13,43 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from breastfusion.config import Config, config_to_yaml, save_config
-from breastfusion.data.cases import CASE_ID, LABEL, MASK_PATH, PATIENT_ID, mask_list, write_cases
+from breastfusion.data.cases import (
+    CASE_ID,
+    LABEL,
+    MASK_PATH,
+    PATIENT_ID,
+    mask_list,
+    write_cases,
+)
 from breastfusion.data.cohorts import import_sources
+from breastfusion.data.predictions import prediction_table
 from breastfusion.errors import DataError
 from breastfusion.run_state import check_and_record, table_digest
-from breastfusion.utils import atomic_path, remove_stale_temporaries, seed_everything, stable_seed, write_json
+from breastfusion.tasks.base import (
+    RunResult,
+    bundle_sections,
+    drop_label_cases,
+    resolve_classes,
+    stage_splits,
+    write_csv,
+)
+from breastfusion.utils import (
+    atomic_path,
+    remove_stale_temporaries,
+    seed_everything,
+    stable_seed,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
 DEEP_NAMES = {"fusion": "fusion", "image": "image_only", "tabular": "tabular_only"}
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    metrics: dict
-    report: Path | None
-    bundle: Path | None
-
-
-def _write_csv(df: pd.DataFrame, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
-    return path
-
-
-def resolve_classes(cases: pd.DataFrame, cfg: Config) -> list[str]:
-    found = sorted(cases[LABEL].dropna().unique().tolist())
-    if cfg.data.labels is None:
-        if len(found) < 2:
-            raise DataError(f"The cases table holds only class(es) {found}; at least two are needed.")
-        return found
-    unknown = sorted(set(found) - set(cfg.data.labels))
-    if unknown:
-        row = int(np.flatnonzero(cases[LABEL].isin(unknown).to_numpy())[0])
-        raise DataError(f"cases table, row {row + 2} (case '{cases.at[row, CASE_ID]}'): unknown label "
-                        f"'{cases.at[row, LABEL]}'; config data.labels allows {cfg.data.labels}.")
-    return list(cfg.data.labels)
-
-
-def drop_label_cases(cases: pd.DataFrame, drop: list[str]) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Set aside the cases whose label is in ``data.drop_labels`` (before the audit, splits and every model);
-    return the rest and the count per dropped label (logged, and shown in the report's dataset summary)."""
-    if not drop or LABEL not in cases.columns:
-        return cases, {}
-    lab = cases[LABEL].astype(str).str.strip()
-    gone = lab.isin([str(d).strip() for d in drop])
-    counts = {str(k): int(v) for k, v in lab[gone].value_counts().sort_index().items()}
-    absent = [d for d in drop if d not in counts]
-    if absent:
-        log.warning("data.drop_labels names label(s) no case has: %s", absent)
-    if gone.all():
-        raise DataError(f"data.drop_labels {list(drop)} sets aside every case ({len(cases)}); nothing is left.")
-    if gone.any():
-        log.info("data.drop_labels: set aside %d case(s) before anything else: %s", int(gone.sum()),
-                 ", ".join(f"{k} {v}" for k, v in counts.items()))
-    return cases[~gone].reset_index(drop=True), counts
 
 
 def has_masks(cases: pd.DataFrame) -> bool:
@@ -103,7 +79,7 @@ def stage_audit(cases: pd.DataFrame, cfg: Config, run_dir: Path, resume: bool, p
     # groups.csv marks a finished audit (resume); an audit that found unreadable images is redone next time
     refuse_unreadable(cases, result.unreadable, out / "audit.md", table_rows=table_rows)
     g = pd.Series(result.dup_group).reindex(cases[CASE_ID].tolist())
-    _write_csv(pd.DataFrame({CASE_ID: g.index, "dup_group": g.to_numpy()}), groups_path)
+    write_csv(pd.DataFrame({CASE_ID: g.index, "dup_group": g.to_numpy()}), groups_path)
     return g, result.summary
 
 
@@ -124,18 +100,6 @@ def refuse_unreadable(cases: pd.DataFrame, unreadable: list[dict], report: Path,
     raise DataError(f"{len(unreadable)} image(s) of the cases table cannot be read; every image must be readable "
                     "before training starts (nothing was trained). Fix or remove these rows:\n" + "\n".join(lines)
                     + f"\nThe full list is in '{report}'.")
-
-
-def stage_splits(cases: pd.DataFrame, groups: pd.Series | None, cfg: Config, run_dir: Path, resume: bool) -> pd.DataFrame:
-    from breastfusion.data.splits import make_splits
-
-    path = run_dir / "splits.csv"
-    if resume and path.exists():
-        return pd.read_csv(path, dtype={CASE_ID: str})
-    splits = make_splits(cases, n_splits=cfg.cv.n_splits, seed=cfg.seed,
-                         groups=groups if cfg.cv.group_duplicates else None, strategy=cfg.cv.strategy)
-    _write_csv(splits, path)
-    return splits
 
 
 def stage_radiomics(cases: pd.DataFrame, cfg: Config, run_dir: Path, progress: bool) -> pd.DataFrame | None:
@@ -161,7 +125,10 @@ def stage_segmentation(cases: pd.DataFrame, splits: pd.DataFrame, classes: list[
     stacking.) Returns the cases with ``mask_path`` = predicted masks (``expert_mask_path`` keeps the expert's),
     the final segmenter file (None when the run builds no bundle) and the out-of-fold quality summary (Dice / IoU /
     HD95 against the expert)."""
-    from breastfusion.segmentation import cross_validate_segmenter, train_lesion_segmenter
+    from breastfusion.segmentation import (
+        cross_validate_segmenter,
+        train_lesion_segmenter,
+    )
 
     if not has_masks(cases):
         raise DataError("data.masks is 'predicted' but no case has an expert lesion mask (mask_path) to train the "
@@ -219,7 +186,12 @@ def stage_classical(table: pd.DataFrame, cases: pd.DataFrame, splits: pd.DataFra
     """Out-of-fold predictions of each classical model, then the same model fitted on every case (saved with
     skops for the bundle). Returns (predictions, model files, feature names, how cells were read: for the bundle,
     so prediction reads multi-valued and ordinal cells the same way)."""
-    from breastfusion.models.classical import adapt_to_size, fit_predict_oof, make_classical, save_classical
+    from breastfusion.models.classical import (
+        adapt_to_size,
+        fit_predict_oof,
+        make_classical,
+        save_classical,
+    )
     from breastfusion.tabular_inputs import classical_matrix
 
     if table is None or table.shape[1] == 0 or not cfg.experiment.classical_models:
@@ -236,7 +208,7 @@ def stage_classical(table: pd.DataFrame, cases: pd.DataFrame, splits: pd.DataFra
             t0 = time.perf_counter()
             out[name] = fit_predict_oof(X, y, splits, name, classes, seed=cfg.seed)
             log.info("classical %s: %.1f s", name, time.perf_counter() - t0)
-            _write_csv(out[name], path)
+            write_csv(out[name], path)
         if not (resume and model_path.exists()):
             save_classical(adapt_to_size(make_classical(name, seed=cfg.seed), len(X)).fit(X, y), model_path)
         files[name] = model_path
@@ -266,24 +238,16 @@ def stage_deep(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None, sp
                                 progress=progress, cache=cache, desc=f"{name} fold {int(fold) + 1}",
                                 seed=stable_seed(cfg.seed, name, int(fold)))
         probs = score_cases(fitted, cases[test].reset_index(drop=True), table, cfg, cache=cache)
-        preds = prediction_table(cases[test], probs, classes, fold=int(fold), model=name)
-        _write_csv(preds, fold_path)
+        t = cases[test]
+        preds = prediction_table(t[CASE_ID], probs, classes, model=name, fold=int(fold),
+                                 **{LABEL: t[LABEL].to_numpy() if LABEL in t else None})
+        write_csv(preds, fold_path)
         write_json(fitted.result.history, fold_dir / "history.json")
         (fold_dir / "last.pt").unlink(missing_ok=True)  # resume state is no longer needed; best weights stay
         parts.append(preds)
     preds = pd.concat(parts, ignore_index=True)
-    _write_csv(preds, path)
+    write_csv(preds, path)
     return preds
-
-
-def prediction_table(cases: pd.DataFrame, probs: np.ndarray, classes: list[str], *, fold, model: str) -> pd.DataFrame:
-    df = pd.DataFrame({CASE_ID: cases[CASE_ID].to_numpy(), "fold": fold,
-                       LABEL: cases[LABEL].to_numpy() if LABEL in cases else None})
-    for j, c in enumerate(classes):
-        df[f"prob_{c}"] = probs[:, j]
-    df["predicted"] = np.asarray(classes, dtype=object)[probs.argmax(1)]
-    df["model"] = model
-    return df
 
 
 # -------------------------------------------------------------------------------------------------- run
@@ -345,51 +309,16 @@ def run_stages(cfg: Config, run_dir: Path) -> list:
 
 
 
-def bundle_sections(results: dict, bundles: dict[str, Path], classes: list[str], cfg: Config, run_dir: Path, *,
-                    source: pd.DataFrame, cases: pd.DataFrame | None = None, background: pd.DataFrame | None = None,
-                    max_stacks: int = 1) -> list:
-    """The report's sections about the deployable bundle(s): cross-fold calibration and deferral of the bundled
-    recipes, then explanations of ``cfg.experiment.explain_cases`` chosen cases with the first bundle. A section
-    that fails is replaced by a short note; the run goes on."""
-    from breastfusion.evaluation.insight import (
-        calibration_section,
-        explanation_section,
-        failed_section,
-        select_explain_cases,
-    )
-
-    sections = []
-    bundled = {name: results[name]["predictions"] for name in bundles if name in results}
-    if bundled:
-        try:
-            sections.append(calibration_section(bundled, classes, run_dir / "calibration",
-                                                method=cfg.experiment.conformal_method,
-                                                alpha=cfg.experiment.conformal_alpha, seed=cfg.seed,
-                                                class_conditional=cfg.experiment.conformal_class_conditional))
-        except Exception as exc:  # noqa: BLE001 - a report section never loses the run
-            sections.append(failed_section("calibration", "Calibration and deferral", exc))
-    name, path = next(iter(bundles.items()), (None, None))
-    if cfg.experiment.explain_cases and path is not None and name in results:
-        try:
-            sel = select_explain_cases(results[name]["predictions"], classes, cfg.experiment.explain_cases)
-            sec = explanation_section(path, source, sel, run_dir / "explanations", cases=cases,
-                                      background=background, max_stacks=max_stacks, seed=cfg.seed)
-            sec.title = f"Explanations (final bundle: {name})"
-            sections.append(sec)
-        except Exception as exc:  # noqa: BLE001
-            sections.append(failed_section("explanations", "Explanations (final bundle)", exc))
-    return sections
-
-
-def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+def run_ultrasound(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
                    cases: pd.DataFrame | None = None) -> RunResult:
-    """Run the whole experiment described by ``cfg`` into ``run_dir``."""
+    """Run the ultrasound experiment described by ``cfg`` into ``run_dir`` (``cases``: the cases table, instead
+    of importing ``data.source``)."""
+    from breastfusion.data.leakage import roles_section, run_leakage_guard
+    from breastfusion.data.roles import resolve_roles
     from breastfusion.data.synthetic import is_synthetic
     from breastfusion.evaluation.metrics import evaluate, to_jsonable
     from breastfusion.evaluation.report import write_report
     from breastfusion.features.radiomics import EXPERT_MASK_NOTE
-    from breastfusion.data.leakage import roles_section, run_leakage_guard
-    from breastfusion.data.roles import resolve_roles
     from breastfusion.tabular_inputs import tabular_table
     from breastfusion.training.data import image_cache_for
 
@@ -584,3 +513,27 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
     write_json({"classes": classes, "synthetic_data": synthetic, "timings": timings, "models": metrics},
                run_dir / "metrics.json")
     return RunResult(run_dir=run_dir, metrics=metrics, report=report, bundle=bundle)
+
+
+class UltrasoundTask:
+    """Breast ultrasound image + clinical columns + lesion radiomics (mask expert, predicted or none)."""
+
+    name = "ultrasound"
+    description = "breast ultrasound + clinical history + biomarkers (+ lesion radiomics): benign / malignant / normal"
+    inputs = ("image", "mask or bbox", "clinical columns")
+    network_kinds = ("fusion",)
+    serves = True
+
+    def variants(self, cfg: Config) -> list[str]:
+        return list(cfg.experiment.deep_models)
+
+    def stages(self, cfg: Config, run_dir: Path) -> list:
+        return run_stages(cfg, Path(run_dir))
+
+    def run(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+            cases: pd.DataFrame | None = None) -> RunResult:
+        return run_ultrasound(cfg, run_dir, resume=resume, progress=progress, cases=cases)
+
+
+ULTRASOUND = UltrasoundTask()
+

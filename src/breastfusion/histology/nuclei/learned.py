@@ -812,7 +812,7 @@ def train_nuclei_model(
 
 
 def _version() -> str:
-    from breastfusion import __version__
+    from breastfusion.version import __version__
 
     return __version__
 
