@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pandas as pd
@@ -321,10 +320,7 @@ def test_busi_full_audit(busi_root, tmp_path):
     from breastfusion.data.importers import import_busi
 
     cases = import_busi(busi_root)
-    t0 = time.perf_counter()
-    res = audit_cases(cases, progress=False)
-    seconds = time.perf_counter() - t0
-    assert seconds < 150
+    res = audit_cases(cases, progress=False)  # its speed is measured by benchmarks, not asserted here
     assert res.unreadable == []
     assert len(res.dup_groups) >= 110
     assert res.n_near_dup_images >= 240

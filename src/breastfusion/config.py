@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from breastfusion.errors import ConfigError
-from breastfusion.features.missing_tokens import DEFAULT_MISSING_VALUES as _DEFAULT_MISSING_VALUES
+from breastfusion.missing import DEFAULT_MISSING_VALUES as _DEFAULT_MISSING_VALUES
 
 
 class _Strict(BaseModel):

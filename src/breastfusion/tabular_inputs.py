@@ -13,14 +13,13 @@ from breastfusion.features.column_types import (
     DEFAULT_SEPARATOR,
     category_key,
     infer_column_type,
-    is_missing,
-    missing_tokens,
     ordinal_rank,
     report_ambiguous,
     split_multi,
     yes_no,
 )
 from breastfusion.features.tabular import parse_numbers
+from breastfusion.missing import is_missing, missing_tokens
 
 
 def clinical_columns(cases: pd.DataFrame, requested: list[str] | None = None) -> list[str]:

@@ -67,10 +67,18 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from breastfusion.data.cases import CASE_ID, IMAGE_PATH, LABEL, MASK_PATH, feature_columns, mask_list
+from breastfusion.data.cases import (
+    CASE_ID,
+    IMAGE_PATH,
+    LABEL,
+    MASK_PATH,
+    feature_columns,
+    mask_list,
+)
 from breastfusion.data.images import image_size, read_image, read_mask
 from breastfusion.errors import DataError
 from breastfusion.features.column_types import infer_column_type, report_ambiguous
+from breastfusion.missing import ABSENT, is_missing
 from breastfusion.utils import UnionFind, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -645,12 +653,8 @@ class AuditResult:
         }
 
 
-def _is_missing(v) -> bool:
-    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
-
-
 def _default_root(paths: list[str]) -> Path:
-    parents = [str(Path(p).resolve().parent) for p in paths if not _is_missing(p)]
+    parents = [str(Path(p).resolve().parent) for p in paths if not is_missing(p, ABSENT)]
     if not parents:
         return Path.cwd()
     try:
@@ -660,7 +664,7 @@ def _default_root(paths: list[str]) -> Path:
 
 
 def _rel(path, root: Path) -> str:
-    if _is_missing(path):
+    if is_missing(path, ABSENT):
         return ""
     p = Path(str(path))
     try:
@@ -733,7 +737,7 @@ def audit_cases(
         raise DataError(f"case_id '{dup}' appears more than once in the cases table.")
     root = Path(root) if root is not None else _default_root(df[IMAGE_PATH].tolist())
     labels = df[LABEL].tolist() if LABEL in df.columns else [None] * len(df)
-    labels = [None if _is_missing(v) or str(v).strip() == "" else str(v) for v in labels]
+    labels = [None if is_missing(v, ABSENT) or str(v).strip() == "" else str(v) for v in labels]
     no_lesion = {str(c) for c in no_lesion_classes}
     res = AuditResult(root=root, n_cases=len(df), class_counts={})
     res.paths = {c: _rel(p, root) for c, p in zip(ids, df[IMAGE_PATH])}
@@ -747,7 +751,7 @@ def audit_cases(
     mark_seconds = 0.0
     for k in _progress(range(len(df)), len(df), "reading images", progress):
         cid, path = ids[k], df.at[k, IMAGE_PATH]
-        if _is_missing(path):
+        if is_missing(path, ABSENT):
             res.unreadable.append({"case_id": cid, "path": "", "error": "no image path"})
             continue
         try:
@@ -903,7 +907,11 @@ def audit_cases(
 
 def _mark_row(cid: str, label, path, gray: np.ndarray, file_mode: str, rel: str) -> dict | None:
     """What :mod:`breastfusion.data.cleaning` finds in one image (field of view, marks; nothing painted)."""
-    from breastfusion.data.cleaning import burnt_in_marks, field_of_view, read_for_cleaning
+    from breastfusion.data.cleaning import (
+        burnt_in_marks,
+        field_of_view,
+        read_for_cleaning,
+    )
 
     try:
         image = gray if file_mode in _GREY_MODES else read_for_cleaning(path, "fov_marks")
@@ -947,7 +955,7 @@ def _marks_summary(rows: list[dict], seconds: float) -> dict:
 
 
 def _check_masks(res: AuditResult, cid: str, mask_value, shape, label, no_lesion: set, root: Path) -> None:
-    if _is_missing(mask_value):
+    if is_missing(mask_value, ABSENT):
         return  # no mask information: nothing to check
     paths = mask_list(mask_value)
     lesion_class = label is not None and label not in no_lesion

@@ -87,7 +87,7 @@ def tabular_profile(table: pd.DataFrame, columns: list[str], *, kinds: dict[str,
     values (numeric quantiles, or category frequencies; a multi-valued column counts each value it names).
     ``kinds`` are the fitted preprocessor's column kinds (the typing training used); missing cells are read
     with the same tokens (``missing_values``)."""
-    from breastfusion.features.column_types import is_missing, missing_tokens
+    from breastfusion.missing import is_missing, missing_tokens
 
     tokens = missing_tokens(missing_values)
     kinds = kinds or {}

@@ -40,16 +40,9 @@ from scipy.stats import rankdata
 from breastfusion.config import DataConfig
 from breastfusion.data.cases import CASE_ID, LABEL
 from breastfusion.errors import DataError
-from breastfusion.features.column_types import (
-    category_key,
-    infer_column_type,
-    is_missing,
-    missing_tokens,
-    ordinal_rank,
-    split_multi,
-    yes_no,
-)
+from breastfusion.features.column_types import category_key, infer_column_type, ordinal_rank, split_multi, yes_no
 from breastfusion.features.tabular import parse_numbers
+from breastfusion.missing import is_missing, missing_tokens
 from breastfusion.utils import atomic_path, stable_seed, write_json
 
 log = logging.getLogger(__name__)

@@ -238,7 +238,7 @@ def conformal_coverage(sets: np.ndarray, y: np.ndarray, classes: list[str], grou
 def subgroup_bands(values: pd.Series, column: str) -> tuple[pd.Series, str]:
     """Group labels for one column: its values, or for a numeric column with many values its tertile bands;
     missing cells form a "(missing)" group. Returns the labels and how they were made."""
-    from breastfusion.features.column_types import is_missing
+    from breastfusion.missing import is_missing
 
     miss = values.map(lambda v: is_missing(v))
     num = pd.to_numeric(values.where(~miss), errors="coerce")

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from breastfusion.errors import DataError
+from breastfusion.missing import ABSENT, is_missing
 
 PROB_PREFIX = "prob_"
 SUM_TOLERANCE = 1e-3
@@ -63,18 +64,9 @@ def classes_from(predictions: pd.DataFrame) -> list[str]:
     return classes
 
 
-def _is_missing(v) -> bool:
-    if v is None or v is pd.NA or v is pd.NaT:
-        return True
-    try:
-        return bool(isinstance(v, (float, np.floating)) and math.isnan(v))
-    except TypeError:  # pragma: no cover
-        return False
-
-
 def _as_class_name(v) -> str | None:
     """Class names are strings; 1, 1.0 and '1' all name class '1' (histology grades)."""
-    if _is_missing(v):
+    if is_missing(v, ABSENT):
         return None
     if isinstance(v, (bool, np.bool_)):
         return str(v)

@@ -34,7 +34,8 @@ from breastfusion.evaluation.metrics import (
     format_ci,
     to_jsonable,
 )
-from breastfusion.features.column_types import category_key, is_missing, missing_tokens
+from breastfusion.features.column_types import category_key
+from breastfusion.missing import is_missing, missing_tokens
 from breastfusion.utils import UnionFind, write_json
 
 log = logging.getLogger(__name__)

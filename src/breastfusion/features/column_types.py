@@ -11,7 +11,7 @@ A cell is missing when it is empty, NaN/None/NA, or, compared stripped and case-
 *missing tokens* (``data.missing_values``; default :data:`DEFAULT_MISSING_VALUES`). A token that reads as a
 number (``-999``) also matches that number in a numeric column. The default list leaves out every word that is
 a value somewhere: ``0``, ``no``, ``none`` (no calcifications), ``-`` (receptor negative), ``negative``
-(see :mod:`breastfusion.features.missing_tokens`).
+(see :mod:`breastfusion.missing`).
 
 The rule (documented because it decides data)
 ---------------------------------------------
@@ -55,7 +55,10 @@ import numpy as np
 import pandas as pd
 
 from breastfusion.errors import DataError
-from breastfusion.features.missing_tokens import DEFAULT_MISSING_VALUES
+from breastfusion.missing import (
+    is_missing,
+    missing_tokens,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,50 +70,6 @@ NUMERIC_SHARE = 0.8
 _CODE_LEVELS = (3, 7)
 _CODE_MIN_PER_LEVEL = 3
 _EXAMPLES = 5
-
-
-class MissingTokens:
-    """A normalised set of missing tokens: the words, and the numbers among them."""
-
-    __slots__ = ("words", "numbers", "original")
-
-    def __init__(self, tokens: Iterable[str]):
-        self.original = [str(t) for t in tokens]
-        self.words = frozenset(t.strip().lower() for t in self.original)
-        nums = set()
-        for t in self.words:
-            try:
-                x = float(t)
-            except ValueError:
-                continue
-            if math.isfinite(x):
-                nums.add(x)
-        self.numbers = frozenset(nums)
-
-
-def missing_tokens(tokens: "Iterable[str] | MissingTokens | None") -> MissingTokens:
-    if isinstance(tokens, MissingTokens):
-        return tokens
-    return MissingTokens(DEFAULT_MISSING_VALUES if tokens is None else tokens)
-
-
-_DEFAULT = MissingTokens(DEFAULT_MISSING_VALUES)
-
-
-def is_missing(v, tokens: "Iterable[str] | MissingTokens | None" = None) -> bool:
-    """True for None/NaN/NA/NaT and for a missing token (default :data:`DEFAULT_MISSING_VALUES`)."""
-    if v is None or v is pd.NA or v is pd.NaT:
-        return True
-    tok = _DEFAULT if tokens is None else missing_tokens(tokens)
-    if isinstance(v, str):
-        return v.strip().lower() in tok.words
-    if isinstance(v, (bool, np.bool_)):
-        return False
-    if isinstance(v, (float, np.floating)) and math.isnan(v):
-        return True
-    if isinstance(v, (int, float, np.integer, np.floating)) and tok.numbers:
-        return float(v) in tok.numbers
-    return False
 
 
 def as_number(v) -> float | None:

@@ -19,23 +19,25 @@ import pandas as pd
 
 from breastfusion.errors import DataError
 from breastfusion.features.column_types import (
-    DEFAULT_MISSING_VALUES,
+    DEFAULT_SEPARATOR,
     FALSE_WORDS,
     TRUE_WORDS,
     ColumnType,
-    MissingTokens,
-    DEFAULT_SEPARATOR,
     category_key,
     default_row_ids,
     infer_column_type,
-    is_missing,
-    missing_tokens,
     ordinal_rank,
     report_ambiguous,
     split_multi,
     yes_no,
 )
-from breastfusion.features.missing_tokens import LEGACY_MISSING_VALUES
+from breastfusion.missing import (
+    DEFAULT_MISSING_VALUES,
+    LEGACY_MISSING_VALUES,
+    MissingTokens,
+    is_missing,
+    missing_tokens,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,6 @@ __all__ = ["DEFAULT_MISSING_VALUES", "ColumnType", "TabularPreprocessor", "infer
 
 # Kept for callers that import the old names (serve/engine.py): the default missing tokens apply.
 _TRUE, _FALSE = set(TRUE_WORDS), set(FALSE_WORDS)
-
-
-def _is_missing(v) -> bool:
-    return is_missing(v)
 
 
 def _row(i: int, row_ids) -> str:

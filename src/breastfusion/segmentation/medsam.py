@@ -61,6 +61,7 @@ import pandas as pd
 
 from breastfusion.data.cases import CASE_ID, IMAGE_PATH, MASK_PATH, MASK_SEP
 from breastfusion.errors import BundleError, ConfigError, DataError
+from breastfusion.missing import ABSENT, is_missing
 from breastfusion.utils import write_json
 
 log = logging.getLogger(__name__)
@@ -432,10 +433,6 @@ class BoxPromptSegmenter:
 # Cases tables
 # ----------------------------------------------------------------------------------------------------
 
-def _is_missing(v) -> bool:
-    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
-
-
 def _reusable(rec_path: Path, key: dict, masks_dir: Path) -> dict | None:
     try:
         rec = json.loads(rec_path.read_text(encoding="utf-8"))
@@ -513,7 +510,7 @@ def segment_cases_with_boxes(cases: pd.DataFrame, out_dir, *, segmenter: BoxProm
                 raise DataError(f"{here}, column '{bbox_column}': no box; box-prompted segmentation needs a box "
                                 f"around each lesion.")
             img = row[IMAGE_PATH]
-            if _is_missing(img) or not str(img).strip():
+            if is_missing(img, ABSENT) or not str(img).strip():
                 raise DataError(f"{here}, column '{IMAGE_PATH}': no image path.")
             key = {"version": RECORD_VERSION, "method": "medsam", "weights_sha256": seg.weights_sha256,
                    "threshold": seg.threshold, "case_id": cid, **_image_key(img),
