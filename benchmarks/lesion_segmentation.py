@@ -45,7 +45,7 @@ NO_LESION = ("normal",)
 
 def load_cohort(name: str, max_cases: int | None, seed: int):
     from breastfusion.data.audit import duplicate_groups
-    from breastfusion.data.breast_lesions_usg import import_breast_lesions_usg
+    from breastfusion.data.importers.breast_lesions_usg import import_breast_lesions_usg
     from breastfusion.data.importers import import_busi
 
     info = COHORTS[name]

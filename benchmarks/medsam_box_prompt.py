@@ -76,7 +76,7 @@ def load_cohort(name: str, path: Path, use_groups: bool) -> tuple[pd.DataFrame, 
             notes["audit_s"] = round(time.perf_counter() - t0, 1)
         cases = cases.assign(mm_per_px=np.nan)
     else:
-        from breastfusion.data.breast_lesions_usg import (
+        from breastfusion.data.importers.breast_lesions_usg import (
             PIXEL_SIZE_COLUMN,
             import_breast_lesions_usg,
         )

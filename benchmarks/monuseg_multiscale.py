@@ -6,7 +6,7 @@ ViT only, one scale, no pathomics) and classical models on pathomics (+ frozen d
 
 Writes <out>/benchmark.json (metrics with 95% cluster-bootstrap CIs, per-fold spread, timings, peak memory,
 machine, date) and prints a Markdown table for docs/RESULTS.md. It is a proxy task (organ, not grade): MoNuSeg
-has no grades. See breastfusion.histology.monuseg for the stack geometry and its caveats.
+has no grades. See breastfusion.data.importers.monuseg for the stack geometry and its caveats.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from _machine import machine_description, peak_rss_mb
 
 from breastfusion.config import load_config
 from breastfusion.experiment import run_experiment
-from breastfusion.histology.monuseg import import_monuseg_stacks
+from breastfusion.data.importers.monuseg import import_monuseg_stacks
 
 ROOT = Path(__file__).resolve().parents[1]
 

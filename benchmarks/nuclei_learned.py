@@ -1,4 +1,4 @@
-"""Learned nuclei segmentation (breastfusion.histology.nuclei.learned) on MoNuSeg: tile-grouped cross-validation on
+"""Learned nuclei segmentation (breastfusion.features.nuclei.learned) on MoNuSeg: tile-grouped cross-validation on
 the 13 tiles with ImageScope XML, against the classical method on the same tiles.
 
     OMP_NUM_THREADS=1 python benchmarks/nuclei_learned.py [--data ../shared/data/monuseg] [--folds 4]
@@ -64,14 +64,14 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from breastfusion.histology.nuclei import instance_scores, segment_nuclei
-    from breastfusion.histology.nuclei.learned import (
-        load_annotated_dir,
+    from breastfusion.features.nuclei import instance_scores, segment_nuclei
+    from breastfusion.features.nuclei.annotations import load_annotated_dir
+    from breastfusion.features.nuclei.learned import (
         load_nuclei_model,
         nuclei_from_maps,
         predict_nuclei_maps,
-        train_nuclei_model,
     )
+    from breastfusion.training.nuclei import train_nuclei_model
 
     t_all = time.perf_counter()
     root = Path(args.data)

@@ -24,14 +24,14 @@ import numpy as np
 from _machine import machine_description, peak_rss_mb
 
 from breastfusion.data.images import read_image
-from breastfusion.histology.nuclei import (
+from breastfusion.features.nuclei import (
     DEFAULT_PARAMS,
     instance_scores,
     polygons_to_instances,
     read_imagescope_xml,
     segment_nuclei,
 )
-from breastfusion.histology.pathomics import (
+from breastfusion.features.pathomics import (
     NUCLEUS_FEATURES,
     aggregate_features,
     nucleus_features,

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/pathomics_dask.py [--data ../shared/data/monuseg] [--workers 2]
                                                          [--chunk-size 4] [--limit N] [--out runs/features/dask.json]
 
-Runs :func:`breastfusion.histology.features.extract_tile_pathomics` (classical segmentation + nucleus features +
+Runs :func:`breastfusion.features.pathomics_extract.extract_tile_pathomics` (classical segmentation + nucleus features +
 tile aggregate) on every tile twice, each time into a fresh folder: with 1 worker (in this process) and with a
 ``--workers``-process LocalCluster (started and closed by the function, so its start-up is in the wall time; the
 start-up alone is also timed). Then a rerun on the cluster's folder measures resume (every tile found in shards).
@@ -29,8 +29,9 @@ import numpy as np
 import psutil
 from _machine import machine_description, peak_rss_mb
 
-from breastfusion.histology.features import extract_tile_pathomics, tiles_from_images
-from breastfusion.histology.pathomics import tile_feature_names
+from breastfusion.data.tiling import tiles_from_images
+from breastfusion.features.pathomics import tile_feature_names
+from breastfusion.features.pathomics_extract import extract_tile_pathomics
 from breastfusion.utils import write_json
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from _machine import cpu_model, peak_rss_mb
 
-from breastfusion.histology.wsi import open_slide, plan_tiles, tile_slide
+from breastfusion.data.slides import open_slide
+from breastfusion.data.tiling import plan_tiles, tile_slide
 
 DEFAULT_SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "he_samples" / "cmu_small_region.svs"
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from conftest import require_shared, write_png
 
-from breastfusion.data.breast_lesions_usg import IMAGES_DIR, SHEET
+from breastfusion.data.importers.breast_lesions_usg import IMAGES_DIR, SHEET
 from breastfusion.data.importers import import_cases
 from breastfusion.errors import DataError
 from breastfusion.features import radiomics as rad

@@ -35,7 +35,7 @@ def test_nuclei_segment_writes_labels_and_features_and_skips_bad_files(tmp_path,
     import numpy as np
     from PIL import Image
 
-    from breastfusion.histology.nuclei.annotations import read_instance_mask
+    from breastfusion.features.nuclei.annotations import read_instance_mask
 
     rng = np.random.default_rng(0)
     img = np.zeros((160, 160, 3), np.uint8) + np.array([235, 190, 215], np.uint8)

@@ -41,7 +41,7 @@ def _ultrasound(root):
 
 
 def _histology(root):
-    from breastfusion.histology.synthetic import make_synthetic_grading
+    from breastfusion.data.synthetic_histology import make_synthetic_grading
 
     make_synthetic_grading(root / "cohort", n_patients=9, stacks_per_case=2, size=32, n_centers=3, seed=2)
     cfg = load_config(None, [*HISTOLOGY, f"data.source={root / 'cohort' / 'cases.csv'}",

@@ -23,7 +23,7 @@ TINY = ["task=histology", "image.size=32", "train.batch_size=8", "train.stage1_e
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from breastfusion.histology.synthetic import make_synthetic_grading
+    from breastfusion.data.synthetic_histology import make_synthetic_grading
 
     out = tmp_path_factory.mktemp("synthetic_grading")
     make_synthetic_grading(out, n_patients=9, stacks_per_case=2, size=32, n_centers=3, seed=1)

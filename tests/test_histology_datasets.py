@@ -10,16 +10,20 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from breastfusion.data.tiles import read_tiles, stack_table, validate_tiles
-from breastfusion.errors import ConfigError, DataError
-from breastfusion.histology.monuseg import BREAST_TILES, ORGANS, import_monuseg_stacks
-from breastfusion.histology.synthetic import (
+from breastfusion.data.importers.monuseg import (
+    BREAST_TILES,
+    ORGANS,
+    import_monuseg_stacks,
+)
+from breastfusion.data.synthetic_histology import (
     GRADES,
     SYNTHETIC_TAG,
     _case_params,
     concentric_stack,
     make_synthetic_grading,
 )
+from breastfusion.data.tiles import read_tiles, stack_table, validate_tiles
+from breastfusion.errors import ConfigError, DataError
 
 KW = {"n_patients": 12, "stacks_per_case": 2, "size": 64, "n_centers": 3, "seed": 5}
 
@@ -224,7 +228,7 @@ def test_monuseg_organ_task_and_unreadable_image(tmp_path, caplog):
     for name in ("TCGA-B0-5698-01Z-00-DX1.tif", "TCGA-AR-A1AK-01Z-00-DX1.tif"):
         shutil.copy(src / name, img_dir / name)
     (img_dir / "TCGA-RD-A8N9-01A-01-TS1.tif").write_bytes(b"not a tiff")
-    with caplog.at_level(logging.WARNING, logger="breastfusion.histology.monuseg"):
+    with caplog.at_level(logging.WARNING, logger="breastfusion.data.importers.monuseg"):
         cases, tiles = import_monuseg_stacks(tmp_path / "mini", tmp_path / "out", task="organ",
                                              magnifications=(40, 10), tile=64, stacks_per_image=1)
     assert "TCGA-RD-A8N9-01A-01-TS1.tif" in caplog.text

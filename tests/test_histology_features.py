@@ -1,4 +1,4 @@
-"""Parallel, resumable per-tile pathomics (breastfusion.histology.features) on small SYNTHETIC H&E-like tiles
+"""Parallel, resumable per-tile pathomics (breastfusion.features.pathomics_extract) on small SYNTHETIC H&E-like tiles
 (pink background, dark purple elliptical "nuclei"), plus one real-data check on two MoNuSeg tiles."""
 
 from __future__ import annotations
@@ -8,16 +8,18 @@ import pandas as pd
 import pytest
 from conftest import require_shared, write_png
 
-from breastfusion.errors import DataError
-from breastfusion.histology.features import (
-    case_pathomics,
-    default_mpp,
-    extract_tile_pathomics,
+from breastfusion.data.tiling import (
     tiles_from_images,
     tiles_from_input,
     tiles_from_tile_index,
 )
-from breastfusion.histology.pathomics import tile_feature_names
+from breastfusion.errors import DataError
+from breastfusion.features.pathomics import tile_feature_names
+from breastfusion.features.pathomics_extract import (
+    case_pathomics,
+    default_mpp,
+    extract_tile_pathomics,
+)
 
 SIZE = 128  # pixels; at 40x (0.25 µm/px) a 32 µm field
 
@@ -134,7 +136,7 @@ def test_bad_tiles_are_skipped_and_listed(tile_table, tmp_path, caplog):
     extra = pd.DataFrame([{"case_id": "D", "stack_id": "0", "magnification": 40.0, "image_path": str(corrupt)},
                           {"case_id": "E", "stack_id": "0", "magnification": 40.0,
                            "image_path": str(tmp_path / "missing.png")}])
-    with caplog.at_level("WARNING", logger="breastfusion.histology.features"):
+    with caplog.at_level("WARNING", logger="breastfusion.features.pathomics_extract"):
         out = extract_tile_pathomics(pd.concat([tiles, extra], ignore_index=True), tmp_path / "run",
                                      progress=False, chunk_size=3)
     assert len(out) == 6 and out.attrs["n_skipped"] == 2
@@ -151,7 +153,7 @@ def test_bad_tiles_are_skipped_and_listed(tile_table, tmp_path, caplog):
 
 def test_failed_chunk_is_skipped_not_fatal(tile_table, tmp_path, monkeypatch):
     """A task that dies as a whole (lost worker, missing package on a cluster) skips its tiles only."""
-    from breastfusion.histology import features
+    from breastfusion.features import pathomics_extract as features
 
     real = features._process_chunk
 
@@ -173,19 +175,19 @@ def test_failed_chunk_is_skipped_not_fatal(tile_table, tmp_path, monkeypatch):
 
 
 def test_learned_method_loads_model_once_per_process(tile_table, tmp_path, monkeypatch):
-    """method='learned' imports histology.nuclei.learned lazily (a stand-in module here) and keys shards by the
+    """method='learned' imports features.nuclei.learned lazily (a stand-in module here) and keys shards by the
     model file's content."""
     import sys
     import types
 
-    from breastfusion.histology import features
-    from breastfusion.histology.nuclei.classical import segment_nuclei
+    from breastfusion.features import pathomics_extract as features
+    from breastfusion.features.nuclei.classical import segment_nuclei
 
     loads = []
-    fake = types.ModuleType("breastfusion.histology.nuclei.learned")
+    fake = types.ModuleType("breastfusion.features.nuclei.learned")
     fake.load_nuclei_model = lambda path: loads.append(path) or {"path": path}
     fake.segment_nuclei_learned = lambda rgb, model, mpp: segment_nuclei(rgb, mpp=mpp)
-    monkeypatch.setitem(sys.modules, "breastfusion.histology.nuclei.learned", fake)
+    monkeypatch.setitem(sys.modules, "breastfusion.features.nuclei.learned", fake)
     monkeypatch.setattr(features, "_MODEL_CACHE", {})
     model = tmp_path / "nuclei.safetensors"
     model.write_bytes(b"weights v1")
@@ -205,17 +207,17 @@ def test_learned_method_loads_model_once_per_process(tile_table, tmp_path, monke
 
 
 def test_learned_method_with_a_real_model(tile_table, tmp_path):
-    """End to end with breastfusion.histology.nuclei.learned: a tiny U-Net trained for one step (its nuclei are
+    """End to end with breastfusion.features.nuclei.learned: a tiny U-Net trained for one step (its nuclei are
     meaningless; this checks the plumbing), and a corrupt model file failing once, up front."""
-    learned = pytest.importorskip("breastfusion.histology.nuclei.learned")
+    nuclei_training = pytest.importorskip("breastfusion.training.nuclei")
     from breastfusion.errors import BreastfusionError
-    from breastfusion.histology.nuclei.classical import segment_nuclei
+    from breastfusion.features.nuclei.classical import segment_nuclei
 
     rng = np.random.default_rng(1)
     imgs = [synthetic_he(rng, 2, size=64) for _ in range(2)]
-    model = learned.train_nuclei_model(imgs, [segment_nuclei(i, mpp=0.25) for i in imgs],
-                                       out_path=tmp_path / "tiny.safetensors", steps=1, crop=32, batch_size=2,
-                                       channels=(2, 4), progress=False)
+    model = nuclei_training.train_nuclei_model(imgs, [segment_nuclei(i, mpp=0.25) for i in imgs],
+                                               out_path=tmp_path / "tiny.safetensors", steps=1, crop=32,
+                                               batch_size=2, channels=(2, 4), progress=False)
     tiles = tile_table.drop(columns="_n")
     out = extract_tile_pathomics(tiles, tmp_path / "run", method="learned", model_path=model, progress=False)
     assert len(out) == 6 and out.attrs["n_computed"] == 6 and (out["path_count"] >= 0).all()

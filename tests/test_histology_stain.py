@@ -11,15 +11,15 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import require_shared
 
-from breastfusion.errors import ConfigError, DataError
-from breastfusion.histology.stain import (
+from breastfusion.data.stain import (
     StainAugment,
     StainNormalizer,
     hed_to_rgb,
     rgb_to_hed,
 )
-from conftest import require_shared
+from breastfusion.errors import ConfigError, DataError
 
 # Typical H&E optical-density stain vectors (columns: haematoxylin, eosin), and a "shifted" scanner/lab.
 HE_TARGET = np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]])
@@ -108,7 +108,7 @@ def test_background_tile_passthrough_with_warning_or_raise(method, caplog):
     rng = np.random.default_rng(0)
     white = np.clip(rng.normal(245, 3, size=(64, 64, 3)), 0, 255).astype(np.uint8)
     norm = StainNormalizer(method, target)
-    with caplog.at_level(logging.WARNING, logger="breastfusion.histology.stain"):
+    with caplog.at_level(logging.WARNING, logger="breastfusion.data.stain"):
         out = norm.transform(white)
     np.testing.assert_array_equal(out, white)
     assert norm.n_passthrough == 1

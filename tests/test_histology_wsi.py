@@ -13,25 +13,24 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import require_shared, write_png
 from PIL import Image
 
-from breastfusion.errors import ConfigError, DataError
-from breastfusion.histology import wsi
-from breastfusion.histology.breakhis import (
+from breastfusion.data import tiling
+from breastfusion.data.importers.breakhis import (
     group_by_patient_magnification,
     import_breakhis,
     parse_breakhis_name,
 )
-from breastfusion.histology.wsi import (
+from breastfusion.data.slides import open_slide, tissue_mask
+from breastfusion.data.tiling import (
     iter_stacks,
-    open_slide,
     plan_tiles,
     read_stack,
     read_tile_index,
     tile_slide,
-    tissue_mask,
 )
-from conftest import require_shared, write_png
+from breastfusion.errors import ConfigError, DataError
 
 W, H = 1024, 768  # level-0 size of the synthetic slide
 TISSUE = (256, 192, 832, 640)  # x0, y0, x1, y1 of the synthetic tissue block
@@ -233,7 +232,7 @@ def test_iter_stacks_matches_plan(slide_path):
 
 
 # ---------------------------------------------------------------------- tiling and resume
-_REAL_SAVE_PNG = wsi._save_png
+_REAL_SAVE_PNG = tiling._save_png
 
 
 class SimulatedKill(BaseException):
@@ -250,7 +249,7 @@ def _count_writes(monkeypatch, fail_after: int | None = None):
         calls.append(path)
         real(path, arr, level)
 
-    monkeypatch.setattr(wsi, "_save_png", counting)
+    monkeypatch.setattr(tiling, "_save_png", counting)
     return calls
 
 

@@ -374,7 +374,7 @@ def test_cli_segment_predict_medsam_misuse_exits_2(tmp_path, capsys):
 @pytest.mark.realdata
 def test_breast_lesions_usg_tight_boxes(segmenter):
     """Two BrEaST-Lesions-USG cases (published 2024, after MedSAM's data) with boxes from the expert mask."""
-    from breastfusion.data.breast_lesions_usg import import_breast_lesions_usg
+    from breastfusion.data.importers.breast_lesions_usg import import_breast_lesions_usg
     from breastfusion.data.cases import mask_list
     from breastfusion.data.images import read_mask
 

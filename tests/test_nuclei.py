@@ -1,4 +1,4 @@
-"""Tests of breastfusion.histology.nuclei: ImageScope XML, instance masks, metrics (by hand), classical segmentation
+"""Tests of breastfusion.features.nuclei: ImageScope XML, instance masks, metrics (by hand), classical segmentation
 on SYNTHETIC disks, and one real-data check on a MoNuSeg crop (skipped when ../shared/data is absent)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from conftest import require_shared, write_png
 from scipy import ndimage as ndi
 
 from breastfusion.errors import DataError
-from breastfusion.histology.nuclei import (
+from breastfusion.features.nuclei import (
     aggregated_jaccard_index,
     detection_f1,
     dice,

@@ -1,4 +1,5 @@
-"""Tests of breastfusion.histology.nuclei.learned on small SYNTHETIC tiles (dark ellipses on a pink background):
+"""Tests of breastfusion.features.nuclei.learned, breastfusion.training.nuclei and the annotated-folder reader
+(features.nuclei.annotations.load_annotated_dir) on small SYNTHETIC tiles (dark ellipses on a pink background):
 training for a few steps, the safetensors model file and its validation, resume after an interruption, sliding-
 window inference on any image size, annotated-folder layouts, the CLI; and one real-data check that reads a
 MoNuSeg-layout folder (skipped when ../shared/data is absent)."""
@@ -15,21 +16,23 @@ from conftest import require_shared, write_png
 from skimage.draw import ellipse
 
 from breastfusion.cli import main as cli_main
+from breastfusion.data.stain import StainAugment
 from breastfusion.errors import BundleError, ConfigError, DataError
-from breastfusion.histology.nuclei import dice, write_instance_mask
-from breastfusion.histology.nuclei.learned import (
+from breastfusion.features.nuclei import dice, write_instance_mask
+from breastfusion.features.nuclei.annotations import load_annotated_dir
+from breastfusion.features.nuclei.learned import (
     FORMAT,
     NucleiUNet,
-    _hed_augment,
-    instance_targets,
-    load_annotated_dir,
     load_nuclei_model,
     nuclei_from_maps,
     predict_nuclei_maps,
     segment_nuclei_learned,
+)
+from breastfusion.training.nuclei import (
+    _hed_augment,
+    instance_targets,
     train_nuclei_model,
 )
-from breastfusion.histology.stain import StainAugment
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Tests of breastfusion.histology.pathomics on SYNTHETIC nuclei (disks and ellipses of known size)."""
+"""Tests of breastfusion.features.pathomics on SYNTHETIC nuclei (disks and ellipses of known size)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from breastfusion.errors import DataError
-from breastfusion.histology.pathomics import (
+from breastfusion.features.pathomics import (
     NUCLEUS_FEATURES,
     aggregate_features,
     case_features,
@@ -177,7 +177,7 @@ def test_tissue_area():
 
 
 def test_features_on_segmented_synthetic_tile():
-    from breastfusion.histology.nuclei import segment_nuclei
+    from breastfusion.features.nuclei import segment_nuclei
 
     img, _ = _tile([(50, 50), (50, 150), (150, 250), (150, 60)], [14, 14, 14, 14], seed=2)
     img = np.clip(ndi.gaussian_filter(img.astype(float), (1, 1, 0)), 0, 255).astype(np.uint8)
@@ -190,13 +190,13 @@ def test_features_on_segmented_synthetic_tile():
 def test_glcm_matches_skimage_graycomatrix():
     from skimage.feature import graycomatrix
 
-    from breastfusion.histology.pathomics import GLCM_H_RANGE, GLCM_LEVELS
+    from breastfusion.features.pathomics import GLCM_H_RANGE, GLCM_LEVELS
 
     rng = np.random.default_rng(5)
     img, lab = _tile([(50, 50), (60, 150)], [12, 17], seed=3)
     img = np.clip(img.astype(int) + rng.integers(-60, 60, img.shape), 0, 255).astype(np.uint8)
     df = nucleus_features(img, lab, mpp=0.25).set_index("label")
-    from breastfusion.histology.nuclei import haematoxylin_od
+    from breastfusion.features.nuclei import haematoxylin_od
 
     h = haematoxylin_od(img)
     lo, hi = GLCM_H_RANGE

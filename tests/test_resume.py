@@ -205,7 +205,7 @@ GRADING = ["task=histology", "image.size=32", "train.batch_size=8", "train.stage
 
 @pytest.fixture(scope="module")
 def grading_cohort(tmp_path_factory):
-    from breastfusion.histology.synthetic import make_synthetic_grading
+    from breastfusion.data.synthetic_histology import make_synthetic_grading
 
     out = tmp_path_factory.mktemp("grading_cohort")
     make_synthetic_grading(out, n_patients=9, stacks_per_case=2, size=32, n_centers=3, seed=1)

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 from test_histology_wsi import MAGS, TILE, synthetic_base, write_pyramid
 
-from breastfusion.histology import wsi
-from breastfusion.histology.wsi import open_slide, read_stack, tile_slide
+from breastfusion.data import tiling
+from breastfusion.data.slides import open_slide
+from breastfusion.data.tiling import read_stack, tile_slide
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,9 @@ def test_resume_rewrites_truncated_corrupt_and_wrong_size_tiles(tmp_path, slide_
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(small)  # a valid PNG, but not a tile of this run
     (out / ".tiling" / "synth_slide.done.json").unlink()
     writes = []
-    real = wsi._save_png
-    monkeypatch.setattr(wsi, "_save_png", lambda p, a, c: (writes.append(p), real(p, a, c)))
-    with caplog.at_level(logging.WARNING, logger="breastfusion.histology.wsi"):
+    real = tiling._save_png
+    monkeypatch.setattr(tiling, "_save_png", lambda p, a, c: (writes.append(p), real(p, a, c)))
+    with caplog.at_level(logging.WARNING, logger="breastfusion.data.tiling"):
         second = tile_slide(slide_path, out, magnifications=MAGS, tile_size=TILE, progress=False)
     assert len(writes) == 3
     assert second.attrs["n_written"] == 3 and second.attrs["n_skipped"] == n - 3

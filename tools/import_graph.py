@@ -45,13 +45,13 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 #: Top-level names under ``breastfusion``, bottom layer first. Same-layer imports are allowed.
 LAYERS: list[list[str]] = [
-    ["errors", "utils", "version"],
+    ["errors", "utils", "version", "missing"],
     ["config"],
     ["data"],
     ["features", "models", "tabular_inputs"],
     ["segmentation", "training"],
     ["bundles", "inference", "evaluation", "explain"],  # to be refined by the redesign
-    ["tasks", "experiment", "histology", "run_state"],
+    ["tasks", "experiment", "run_state"],
     ["serve", "demo"],
     ["cli", "__init__"],  # __init__: the package's face (import breastfusion as bf), names imported on first use
 ]
@@ -61,20 +61,12 @@ LAYERS: list[list[str]] = [
 KNOWN: set[tuple[str, str]] = {
     # -- cycles (every edge inside one) --
     # -- layer violations (a lower layer importing a higher one) --
-    # config's default missing-value tokens live in features
-    ("breastfusion.config", "breastfusion.features.missing_tokens"),  # issue 12: to remove
     # data modules typing columns / parsing numbers with features' helpers
     ("breastfusion.data.audit", "breastfusion.features.column_types"),  # issue 12: to remove
-    ("breastfusion.data.fingerprint", "breastfusion.features.column_types"),  # issue 12: to remove
     ("breastfusion.data.leakage", "breastfusion.features.column_types"),  # issue 12: to remove
     ("breastfusion.data.leakage", "breastfusion.features.tabular"),  # issue 12: to remove
     # the leakage guard's report section is an evaluation ReportSection
     ("breastfusion.data.leakage", "breastfusion.evaluation.insight"),  # issue 12: to remove
-    # grading bundles are explained / scored with histology's tiles, tile cache, pathomics and stain normaliser
-    ("breastfusion.explain.runner", "breastfusion.histology.features"),  # issue 12: to remove
-    ("breastfusion.inference.grading", "breastfusion.histology.dataset"),  # issue 12: to remove
-    ("breastfusion.inference.grading", "breastfusion.histology.features"),  # issue 12: to remove
-    ("breastfusion.inference.grading", "breastfusion.histology.stain"),  # issue 12: to remove
     # fit_final_bundle saves the bundle (save_bundle, SEGMENTER_FILE): bundle writing sits above training
     ("breastfusion.training.fit", "breastfusion.inference.bundle"),  # issue 12: to remove
     ("breastfusion.training.fit", "breastfusion.inference.integrity"),  # issue 12: to remove

@@ -44,7 +44,7 @@ def cmd_audit(args) -> int:
 
 
 def cmd_tile(args) -> int:
-    from breastfusion.histology.wsi import tile_slide
+    from breastfusion.data.tiling import tile_slide
 
     mags = [float(m) for m in args.magnifications.split(",") if m.strip()]
     index = tile_slide(args.slide, args.out, magnifications=mags, tile_size=args.tile_size,
@@ -56,10 +56,10 @@ def cmd_tile(args) -> int:
 
 def cmd_features(args) -> int:
     """Per-tile and per-case pathomics of a tiles table or a folder of images (parallel on Dask, resumable)."""
-    from breastfusion.histology.features import (
+    from breastfusion.data.tiling import tiles_from_input
+    from breastfusion.features.pathomics_extract import (
         case_pathomics,
         extract_tile_pathomics,
-        tiles_from_input,
     )
     from breastfusion.utils import atomic_path
 

@@ -44,7 +44,7 @@ def cmd_synthetic(args) -> int:
     from breastfusion.data.synthetic import make_synthetic_cohort
 
     if args.kind == "histology":
-        from breastfusion.histology.synthetic import make_synthetic_grading
+        from breastfusion.data.synthetic_histology import make_synthetic_grading
 
         cases, tiles = make_synthetic_grading(args.out, n_patients=args.n_patients, stacks_per_case=args.stacks,
                                               size=args.tile_size, signal=args.signal, seed=args.seed)

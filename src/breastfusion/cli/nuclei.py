@@ -16,14 +16,14 @@ def cmd_nuclei_segment(args) -> int:
 
     from breastfusion.data.images import read_image
     from breastfusion.errors import ConfigError, DataError
-    from breastfusion.histology.nuclei.annotations import write_instance_mask
-    from breastfusion.histology.pathomics import nucleus_features
+    from breastfusion.features.nuclei.annotations import write_instance_mask
+    from breastfusion.features.pathomics import nucleus_features
     from breastfusion.utils import atomic_path
 
     if args.method == "learned":
         if not args.model:
             raise ConfigError("--method learned needs --model PATH (a model file from 'breastfusion nuclei train').")
-        from breastfusion.histology.nuclei.learned import (
+        from breastfusion.features.nuclei.learned import (
             load_nuclei_model,
             segment_nuclei_learned,
         )
@@ -36,7 +36,7 @@ def cmd_nuclei_segment(args) -> int:
     else:
         if args.model:
             raise ConfigError("--model is only used with --method learned.")
-        from breastfusion.histology.nuclei.classical import segment_nuclei
+        from breastfusion.features.nuclei.classical import segment_nuclei
 
         def segment(rgb):
             return segment_nuclei(rgb, mpp=args.mpp)
@@ -73,10 +73,8 @@ def cmd_nuclei_segment(args) -> int:
 
 def cmd_nuclei_train(args) -> int:
     """Train the learned nuclei segmenter on an annotated folder (resumable) and write one safetensors model file."""
-    from breastfusion.histology.nuclei.learned import (
-        load_annotated_dir,
-        train_nuclei_model,
-    )
+    from breastfusion.features.nuclei.annotations import load_annotated_dir
+    from breastfusion.training.nuclei import train_nuclei_model
 
     _set_threads(args.threads)
     data = load_annotated_dir(args.annotated_dir, strict=not args.skip_unannotated)

@@ -334,7 +334,7 @@ def _explain_histology(bundle, source, out_dir: Path, *, cases, max_stacks, meth
 
     from breastfusion.data.cases import read_cases
     from breastfusion.data.tiles import STACK_ID, mag_column, stack_table
-    from breastfusion.histology.features import tiles_from_input
+    from breastfusion.data.tiling import tiles_from_input
     from breastfusion.inference.grading import GradingPredictor
 
     gp = GradingPredictor(bundle, threads=threads)

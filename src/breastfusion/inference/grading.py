@@ -47,7 +47,7 @@ class GradingPredictor(BundlePredictor):
         if model:
             raise DataError(f"Bundle '{bundle.path}' is a histology grading bundle; it holds no classical model "
                             f"'{model}' (leave out --model).")
-        from breastfusion.histology.dataset import TileCache
+        from breastfusion.training.stacks import TileCache
         from breastfusion.training.trainer import configure_threads, select_device
 
         self.bundle = bundle
@@ -64,7 +64,7 @@ class GradingPredictor(BundlePredictor):
         im = bundle.meta["image"]
         normalizer = None
         if im.get("stain_normalization"):
-            from breastfusion.histology.stain import StainNormalizer
+            from breastfusion.data.stain import StainNormalizer
 
             normalizer = StainNormalizer.from_dict(im["stain_normalization"])
         self.cache = TileCache(int(im["size"]), normalizer)
@@ -91,7 +91,7 @@ class GradingPredictor(BundlePredictor):
                 if col in c.columns:
                     table[col] = c[col].reindex(ids).to_numpy()
         if self.pathomics:
-            from breastfusion.histology.features import (
+            from breastfusion.features.pathomics_extract import (
                 case_pathomics,
                 extract_tile_pathomics,
             )
@@ -113,8 +113,8 @@ class GradingPredictor(BundlePredictor):
         ``absent_clinical_columns``; ``strict=True`` refuses such a table)."""
         from torch.utils.data import DataLoader
 
-        from breastfusion.histology.dataset import StackDataset
-        from breastfusion.histology.features import tiles_from_input
+        from breastfusion.data.tiling import tiles_from_input
+        from breastfusion.training.stacks import StackDataset
 
         tiles = source if isinstance(source, pd.DataFrame) else tiles_from_input(source)
         source_name = f"cases table '{cases}'" if cases is not None and not isinstance(cases, pd.DataFrame) \

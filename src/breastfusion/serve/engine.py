@@ -44,7 +44,8 @@ from breastfusion.data.images import (
     to_gray,
 )
 from breastfusion.errors import BundleError, ConfigError, DataError
-from breastfusion.features.tabular import _FALSE, _TRUE, _is_missing
+from breastfusion.features.tabular import _FALSE, _TRUE
+from breastfusion.missing import is_missing as _default_is_missing
 
 log = logging.getLogger(__name__)
 
@@ -487,7 +488,7 @@ class ServeModel:
             raise InputError(f"Unknown clinical field '{unknown[0][:100]}'; this bundle expects: {expected}{more}.",
                              field=unknown[0][:100])
         pre = self.bundle.tabular
-        is_missing = pre.is_missing if pre is not None else _is_missing  # the bundle's own missing tokens
+        is_missing = pre.is_missing if pre is not None else _default_is_missing  # the bundle's own missing tokens
         values = {f.name: self._check_value(f, raw[f.name], is_missing) if f.name in raw else None for f in self.fields}
         out_warnings = []
         missing = [k for k, v in values.items() if v is None]
@@ -503,7 +504,7 @@ class ServeModel:
         return values, out_warnings
 
     @staticmethod
-    def _check_value(f: FieldSpec, v: Any, is_missing=_is_missing):
+    def _check_value(f: FieldSpec, v: Any, is_missing=_default_is_missing):
         name = f.name
         if isinstance(v, str):
             if len(v) > MAX_VALUE_CHARS:

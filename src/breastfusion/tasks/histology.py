@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +33,8 @@ from breastfusion.data.cases import (
     write_cases,
 )
 from breastfusion.data.predictions import prediction_table
-from breastfusion.data.tiles import STACK_ID, mag_column, read_tiles, stack_table
+from breastfusion.data.tiles import STACK_ID, read_tiles, stack_table
 from breastfusion.errors import ConfigError, DataError
-from breastfusion.features.tabular import TabularPreprocessor
 from breastfusion.tasks.base import (
     RunResult,
     bundle_sections,
@@ -46,6 +44,18 @@ from breastfusion.tasks.base import (
     write_csv,
 )
 from breastfusion.training import distributed as dist_utils
+from breastfusion.training.stacks import (
+    StackDataset,
+    TileCache,
+    _backbone_kwargs,
+    _stack_paths,
+    build_backbones,
+    fit_grader,
+    make_grader,
+    pool_cases,
+    score_stacks,
+    variant_spec,
+)
 from breastfusion.utils import (
     atomic_path,
     remove_stale_temporaries,
@@ -65,174 +75,14 @@ VARIANT_DESCRIPTIONS = {
 }
 
 
-def variant_spec(variant: str, cfg: Config) -> tuple[dict[str, str], list[float], bool]:
-    """(backbones, magnifications, uses pathomics) of a model variant."""
-    hc = cfg.histology
-    backbones = dict(hc.backbones)
-    mags = [float(m) for m in hc.magnifications]
-    if variant in ("cnn", "vit"):
-        if variant not in backbones:
-            raise ConfigError(f"variant '{variant}' needs histology.backbones to have a '{variant}' entry "
-                              f"(has {sorted(backbones)}).")
-        backbones = {variant: backbones[variant]}
-    if variant == "single_scale":
-        mags = [max(mags)]
-    return backbones, mags, variant != "no_pathomics"
-
-
-_WARNED: set[str] = set()
-
-
-def build_backbones(backbones: dict[str, str], cfg: Config, size: int):
-    """timm backbones with the configured weight policy; returns (modules, norms, weight sources)."""
-    from breastfusion.models.pretrained import backbone_data_config, create_backbone
-
-    mode = cfg.histology.pretrained
-    modules, norms, sources = {}, {}, {}
-    for key, name in backbones.items():
-        kwargs = _backbone_kwargs(name, size)
-        if mode == "none":
-            m, ws = create_backbone(name, pretrained=False, **kwargs)
-        else:
-            try:
-                m, ws = create_backbone(name, pretrained=True, **kwargs)
-            except ConfigError as exc:
-                if mode == "require":
-                    raise
-                if name not in _WARNED:
-                    _WARNED.add(name)
-                    log.warning("%s starts from RANDOM weights: no pretrained weights are reachable here (hub "
-                                "offline or unreachable, no offline package). histology.pretrained: require makes "
-                                "this an error.", name)
-                    log.debug("weight resolution for %s: %s", name, exc)
-                m, ws = create_backbone(name, pretrained=False, quiet=True, **kwargs)
-        d = backbone_data_config(m)
-        modules[key], norms[key], sources[key] = m, (d["mean"], d["std"]), f"{name}: {ws.kind}"
-    return modules, norms, sources
-
-
-def _backbone_kwargs(name: str, size: int) -> dict:
-    """Transformers are built for the tile size (timm resamples position embeddings of pretrained weights)."""
-    base = name.split(".")[0]
-    return {"img_size": size} if base.startswith(("vit_", "deit_", "deit3_", "eva", "beit")) else {}
-
-
-def make_grader(n_classes: int, modules: dict, norms: dict, n_scales: int, n_tabular: int, cfg: Config):
-    from breastfusion.models.multiscale import MultiScaleGrader
-
-    hc, m = cfg.histology, cfg.model
-    return MultiScaleGrader(n_classes, backbones=modules, n_scales=n_scales, n_tabular=n_tabular,
-                            dim=hc.attention_dim, heads=hc.attention_heads, grid=hc.token_grid, objective=hc.objective,
-                            dropout=m.dropout, tabular_hidden=m.tabular_hidden, tabular_dim=m.tabular_dim,
-                            fusion_hidden=m.fusion_hidden, norms=norms)
-
-
-@dataclass
-class FittedGrader:
-    variant: str
-    model: torch.nn.Module
-    tabular: TabularPreprocessor | None
-    magnifications: list[float]
-    backbones: dict[str, str]
-    weight_sources: dict[str, str]
-    result: object
-
-
-def _stack_paths(stacks: pd.DataFrame, mags: list[float]) -> list[list[str]]:
-    cols = [mag_column(m) for m in mags]
-    return stacks[cols].to_numpy().tolist()
-
-
-def _tab_rows(pre: TabularPreprocessor | None, table: pd.DataFrame | None, case_ids) -> np.ndarray | None:
-    if pre is None:
-        return None
-    rows = table.reindex([str(c) for c in case_ids])
-    return pre.transform(rows, row_ids=rows.index.tolist(), source="case features")
-
-
-def fit_grader(variant: str, cases: pd.DataFrame, stacks: pd.DataFrame, table: pd.DataFrame | None,
-               classes: list[str], cfg: Config, out_dir: Path, *, resume: bool, progress: bool, cache,
-               desc: str, seed: int | None = None) -> FittedGrader:
-    """Train one variant on ``cases`` (early stopping on an inner patient-grouped validation split). ``seed``
-    (default ``cfg.seed``; callers pass ``stable_seed(cfg.seed, model, fold)``) drives the initial weights, the
-    inner split, augmentation and batch order, so a fold repeats itself whatever ran before it (resume)."""
-    from breastfusion.histology.dataset import StackAugment, StackDataset
-    from breastfusion.training.fit import inner_validation_split
-    from breastfusion.training.trainer import check_epochs, train_model
-
-    seed = cfg.seed if seed is None else int(seed)
-    check_epochs(cfg.train)
-    backbones, mags, use_path = variant_spec(variant, cfg)
-    cases = cases.reset_index(drop=True)
-    y_case = cases[LABEL].map({c: i for i, c in enumerate(classes)}).to_numpy().astype(int)
-    val = inner_validation_split(y_case, cases[PATIENT_ID].to_numpy(), cfg.train.val_fraction, seed)
-    cols = [] if table is None else [c for c in table.columns if use_path or not str(c).startswith("path_")]
-    pre = None
-    if cols:
-        pre = TabularPreprocessor.for_config(cfg.data)
-        pre.fit(table.reindex(cases.loc[~val, CASE_ID].astype(str).tolist())[cols], cols, vocabulary=table[cols])
-    label_of = dict(zip(cases[CASE_ID], y_case))
-
-    def part(mask):
-        ids = set(cases.loc[mask, CASE_ID])
-        st = stacks[stacks[CASE_ID].isin(ids)].reset_index(drop=True)
-        return st, st[CASE_ID].map(label_of).to_numpy().astype(int)
-
-    st_tr, y_tr = part(~val)
-    st_va, y_va = part(val)
-    if len(st_tr) == 0 or len(st_va) == 0:
-        raise DataError(f"{desc}: no usable stacks for training or validation.")
-    size = cache.size
-    seed_everything(seed)  # randomly initialised weights come from the global generators
-    modules, norms, sources = build_backbones(backbones, cfg, size)
-    model = make_grader(len(classes), modules, norms, len(mags), pre.n_features_out_ if pre else 0, cfg)
-    missing = pre.transform(pd.DataFrame(index=[0]))[0] if pre is not None else None
-    train_ds = StackDataset(_stack_paths(st_tr, mags), _tab_rows(pre, table, st_tr[CASE_ID]), y_tr, cache=cache,
-                            augment=StackAugment(seed, 0.05 if cfg.histology.stain_augment else 0.0)
-                            if cfg.train.augment else None,
-                            tabular_dropout=cfg.model.tabular_dropout if pre is not None else 0.0,
-                            tabular_missing_row=missing, seed=seed)
-    val_ds = StackDataset(_stack_paths(st_va, mags), _tab_rows(pre, table, st_va[CASE_ID]), y_va, cache=cache)
-    tcfg = cfg.train.model_copy(update={"channels_last": False})
-    result = train_model(model, train_ds, val_ds, tcfg, n_classes=len(classes), train_labels=y_tr, ckpt_dir=out_dir,
-                         resume=resume, seed=seed, desc=desc, progress=progress)
-    return FittedGrader(variant, model, pre, mags, backbones, sources, result)
-
-
-@torch.no_grad()
-def score_stacks(fitted: FittedGrader, stacks: pd.DataFrame, table: pd.DataFrame | None, cache,
-                 batch_size: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-stack probabilities (n, K), cross-scale attention (n, S, S) and scale weights (n, S)."""
-    from torch.utils.data import DataLoader
-
-    from breastfusion.histology.dataset import StackDataset
-
-    model = fitted.model
-    model.eval()
-    device = next(model.parameters()).device
-    ds = StackDataset(_stack_paths(stacks, fitted.magnifications), _tab_rows(fitted.tabular, table, stacks[CASE_ID]),
-                      None, cache=cache)
-    probs, cross, scale_w = [], [], []
-    for image, tab, _, _ in DataLoader(ds, batch_size=batch_size, shuffle=False):
-        out, att = model(image.to(device), tab.to(device) if model.uses_tabular else None, return_attention=True)
-        probs.append(model.probabilities(out).double().cpu().numpy())
-        cross.append(att["cross_scale"].float().cpu().numpy())
-        scale_w.append(att["scale_weights"].float().cpu().numpy())
-    return np.concatenate(probs), np.concatenate(cross), np.concatenate(scale_w)
-
-
-def pool_cases(stacks: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """Mean of stack probabilities per case (see the module docstring for why the mean)."""
-    df = pd.DataFrame(probs, columns=[f"prob_{c}" for c in classes])
-    df[CASE_ID] = stacks[CASE_ID].to_numpy()
-    return df.groupby(CASE_ID, sort=False).mean()
-
-
 def stage_pathomics(tiles: pd.DataFrame, cfg: Config, run_dir: Path, resume: bool, progress: bool) -> pd.DataFrame | None:
     """Case-level pathomics from the highest-magnification tiles (Dask when histology.workers > 1)."""
     if not cfg.histology.pathomics:
         return None
-    from breastfusion.histology.features import case_pathomics, extract_tile_pathomics
+    from breastfusion.features.pathomics_extract import (
+        case_pathomics,
+        extract_tile_pathomics,
+    )
 
     path = run_dir / "features" / "case_pathomics.parquet"
     if resume and path.exists():
@@ -253,7 +103,6 @@ def stage_deep_embeddings(stacks: pd.DataFrame, cfg: Config, run_dir: Path, resu
     """Case-level means of the frozen (ImageNet or random, see the weight sources) backbone embeddings per
     magnification: label-free, so computing them once on all cases leaks nothing; the classical models select
     among them inside each fold."""
-    from breastfusion.histology.dataset import StackDataset
     from breastfusion.training.trainer import backbone_features
 
     path = run_dir / "features" / "deep_embeddings.parquet"
@@ -526,7 +375,6 @@ def run_histology(cfg: Config, run_dir: str | Path, *, resume: bool = False, pro
     from breastfusion.data.synthetic import is_synthetic
     from breastfusion.evaluation.metrics import evaluate, to_jsonable
     from breastfusion.evaluation.report import write_report
-    from breastfusion.histology.dataset import TileCache
     from breastfusion.run_state import check_and_record, table_digest
     from breastfusion.tabular_inputs import tabular_table
     from breastfusion.training.trainer import check_epochs
@@ -562,7 +410,7 @@ def run_histology(cfg: Config, run_dir: str | Path, *, resume: bool = False, pro
     timings: dict[str, float] = {}
     normalizer = None
     if hc.stain_normalization != "none":
-        from breastfusion.histology.stain import StainNormalizer
+        from breastfusion.data.stain import StainNormalizer
 
         if not hc.stain_target:
             raise ConfigError("histology.stain_normalization needs histology.stain_target (an H&E image).")

@@ -2,7 +2,7 @@
 
 Nuclear pleomorphism (variation of size and shape) and nuclear density are two of the signals a pathologist uses
 for the Nottingham grade. They are measured here from an instance label image (e.g. from
-:func:`breastfusion.histology.nuclei.segment_nuclei`) and the H&E tile it came from:
+:func:`breastfusion.features.nuclei.segment_nuclei`) and the H&E tile it came from:
 
 * :func:`nucleus_features` → one row per nucleus: ``label``, centroid (pixels), and the features in
   :data:`NUCLEUS_FEATURES` (all prefixed ``path_``; lengths in µm, areas in µm², using ``mpp``);
@@ -32,7 +32,7 @@ from scipy.spatial import cKDTree
 from skimage.measure import regionprops_table
 
 from breastfusion.errors import DataError
-from breastfusion.histology.nuclei.classical import haematoxylin_od
+from breastfusion.features.nuclei.classical import haematoxylin_od
 
 __all__ = [
     "NUCLEUS_FEATURES",

@@ -1,4 +1,4 @@
-"""Whole-slide images: reading, tissue detection, concentric multi-magnification tiles, resumable tiling.
+"""Whole-slide images: reading a slide (OpenSlide, tiffslide or a plain image) and finding its tissue.
 
 Readers
 -------
@@ -16,65 +16,34 @@ from ``mpp=`` (magnification = 10 / mpp: 0.25 um/px ~ 40x, 0.5 um/px ~ 20x), fro
 slide without any of these raises :class:`DataError` asking for ``objective=`` or ``mpp=``.
 Magnifications derived from mpp are snapped to the nearest standard objective when within 5 %.
 
-Coordinates and concentric stacks
----------------------------------
-All positions are level-0 pixel coordinates, pixel ``(i, j)`` covering ``[i, i+1) x [j, j+1)``. A tile at
-magnification ``m`` centred on the point ``(cx, cy)`` covers the square of side
-``tile_size * base / m`` level-0 pixels centred on that point, read from the coarsest pyramid level that
-is at least as fine as needed and resized to ``tile_size`` with area averaging (PIL ``BOX`` with a
-sub-pixel source box, so the geometry is exact). A *stack* is the set of such tiles for several
-magnifications around one centre: each halving of the magnification doubles the field of view, so the
-central ``tile_size/2`` square of the 10x tile shows the whole 20x tile. Parts of a field beyond the
-slide are white.
+Coordinates
+-----------
+All positions are level-0 pixel coordinates, pixel ``(i, j)`` covering ``[i, i+1) x [j, j+1)``.
+:meth:`Slide.read_fov` reads a level-0 box from the coarsest pyramid level that is at least as fine as needed
+and resizes it with area averaging (PIL ``BOX`` with a sub-pixel source box, so the geometry is exact). Parts
+of a field beyond the slide are white. :func:`tissue_mask` is a low-resolution boolean mask of the tissue.
 
-Tiling and resume
------------------
-:func:`tile_slide` plans tile centres on tissue (grid at the highest requested magnification), then
-streams: read one stack, write its PNGs, next. Each PNG is written to a temporary file in
-``<out>/.tiling/tmp-<slide>/`` and renamed into ``<out>/<mag>x/<slide>_<x>_<y>.png``, so a file under its
-final name is always complete. Progress rows are appended (flushed and fsynced per chunk) to
-``<out>/.tiling/<slide>.part.csv``; at the end the slide's rows are merged atomically into
-``<out>/tiles.csv`` and the done-marker ``<out>/.tiling/<slide>.done.json`` is written. After a kill, the
-next call (``resume=True``) re-plans (deterministically), skips every tile whose files all exist and
-are sound, and writes only the others. A file is sound when it is a PNG of ``tile_size`` pixels whose chunk
-checksums all verify up to its end marker (PIL ``verify``: no pixel decoding); a truncated, corrupt or
-wrong-size file (a filesystem that lost a tail after a crash, a disk error, a hand edit) is logged and
-rewritten, never reused. The parameters of a run are kept in ``<out>/.tiling/<slide>.params.json``;
-resuming with different parameters is refused. One process per output folder.
+Concentric multi-magnification stacks and resumable tiling to disk are in :mod:`breastfusion.data.tiling`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import hashlib
-import json
-import logging
 import math
-import os
-import shutil
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from breastfusion.errors import ConfigError, DataError
-from breastfusion.utils import atomic_path, write_json
-
-log = logging.getLogger(__name__)
 
 MAG_TIMES_MPP = 10.0  # magnification ~ 10 / (microns per pixel)
 STANDARD_MAGNIFICATIONS = (1.25, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 63.0, 80.0, 100.0)
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 INSTALL_HINT = "pip install openslide-python openslide-bin"
-INDEX_NAME = "tiles.csv"
-STATE_DIR = ".tiling"
-_INDEX_VERSION = 1
 _MAX_READ_PIXELS = 4_000_000  # pixels per region read when building a thumbnail band (>= 256 rows)
 
 
@@ -521,11 +490,6 @@ def _as_slide(slide: Slide | str | Path, **open_kwargs):
 
 
 # ====================================================================== tissue
-def _auto_mask_size(slide: Slide, fov0: float) -> int:
-    W, H = slide.dimensions
-    return int(np.clip(8 * max(W, H) / max(fov0, 1.0), 512, 4096))
-
-
 def tissue_mask(
     slide: Slide,
     *,
@@ -599,382 +563,3 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     mu1 = (m0[-1] - m0) / np.maximum(w1, 1e-12)
     between = w0 * w1 * (mu0 - mu1) ** 2
     return float(edges[int(np.argmax(between[:-1])) + 1])
-
-
-# ====================================================================== planning and stacks
-def mag_label(m: float) -> str:
-    return f"{float(m):g}x"
-
-
-def _fov0(slide: Slide, mag: float, tile_size: int) -> float:
-    return tile_size * slide.base_magnification / float(mag)
-
-
-def plan_tiles(
-    slide: Slide,
-    magnifications: Sequence[float] = (40, 20, 10),
-    tile_size: int = 256,
-    stride: int | None = None,
-    min_tissue: float = 0.5,
-    *,
-    mask: np.ndarray | None = None,
-    allow_upsample: bool = False,
-) -> pd.DataFrame:
-    """Tile centres on tissue, in level-0 coordinates.
-
-    The grid is laid at the highest magnification in ``magnifications``: tiles of ``tile_size`` pixels at that
-    magnification, ``stride`` pixels apart (default ``tile_size``: no overlap), entirely inside the slide. A
-    tile is kept when at least ``min_tissue`` of its field (at the highest magnification) is tissue in
-    ``mask`` (default :func:`tissue_mask` at a resolution where a tile spans >= 8 mask pixels).
-    Columns: ``slide``, ``x``, ``y`` (centre), ``col``, ``row`` (grid indices), ``tissue`` (fraction).
-    """
-    tile_size = _check_tile_size(tile_size)
-    mags = slide.check_magnifications(magnifications, allow_upsample=allow_upsample)
-    if not 0.0 <= float(min_tissue) <= 1.0:
-        raise ConfigError(f"'min_tissue' must be in [0, 1]. Got {min_tissue!r} instead.")
-    stride = tile_size if stride is None else int(stride)
-    if stride <= 0:
-        raise ConfigError(f"'stride' must be a positive number of pixels. Got {stride!r} instead.")
-    m_max = max(mags)
-    fov0 = _fov0(slide, m_max, tile_size)
-    step0 = stride * slide.base_magnification / m_max
-    W, H = slide.dimensions
-    nx = int(math.floor((W - fov0) / step0 + 1e-9)) + 1 if W >= fov0 else 0
-    ny = int(math.floor((H - fov0) / step0 + 1e-9)) + 1 if H >= fov0 else 0
-    cols = ["slide", "x", "y", "col", "row", "tissue"]
-    if nx == 0 or ny == 0:
-        return pd.DataFrame(columns=cols)
-    if mask is None:
-        mask = tissue_mask(slide, size=_auto_mask_size(slide, fov0))
-    mask = np.asarray(mask, dtype=bool)
-    mh, mw = mask.shape
-    sx, sy = W / mw, H / mh
-    integral = np.zeros((mh + 1, mw + 1), dtype=np.int64)
-    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
-
-    ii, jj = np.meshgrid(np.arange(nx), np.arange(ny))
-    left = ii.ravel() * step0
-    top = jj.ravel() * step0
-    mx0 = np.clip(np.floor(left / sx + 0.5).astype(int), 0, mw - 1)
-    my0 = np.clip(np.floor(top / sy + 0.5).astype(int), 0, mh - 1)
-    mx1 = np.clip(np.floor((left + fov0) / sx + 0.5).astype(int), mx0 + 1, mw)
-    my1 = np.clip(np.floor((top + fov0) / sy + 0.5).astype(int), my0 + 1, mh)
-    tissue_px = integral[my1, mx1] - integral[my0, mx1] - integral[my1, mx0] + integral[my0, mx0]
-    frac = tissue_px / ((mx1 - mx0) * (my1 - my0))
-    keep = frac >= float(min_tissue) - 1e-12
-    if float(min_tissue) == 0.0:
-        keep = np.ones_like(keep)
-    df = pd.DataFrame({
-        "slide": slide.name,
-        "x": np.rint(left + fov0 / 2).astype(np.int64)[keep],
-        "y": np.rint(top + fov0 / 2).astype(np.int64)[keep],
-        "col": ii.ravel()[keep].astype(np.int64),
-        "row": jj.ravel()[keep].astype(np.int64),
-        "tissue": np.round(frac[keep], 4),
-    })
-    df = df.sort_values(["row", "col"]).reset_index(drop=True)
-    df.attrs.update(base_magnification=slide.base_magnification, magnifications=mags, tile_size=tile_size)
-    return df
-
-
-def _check_tile_size(tile_size) -> int:
-    try:
-        t = int(tile_size)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"'tile_size' must be a positive integer. Got {tile_size!r} instead.") from exc
-    if t <= 0 or t != tile_size:
-        raise ConfigError(f"'tile_size' must be a positive integer. Got {tile_size!r} instead.")
-    return t
-
-
-def read_stack(
-    slide: Slide,
-    center_xy: tuple[float, float],
-    magnifications: Sequence[float] = (40, 20, 10),
-    tile_size: int = 256,
-    *,
-    allow_upsample: bool = False,
-) -> dict[float, np.ndarray]:
-    """Concentric multi-magnification stack around level-0 point ``center_xy``.
-
-    Returns ``{magnification: uint8 RGB (tile_size, tile_size, 3)}``; the tile at magnification ``m`` covers
-    ``tile_size * base / m`` level-0 pixels centred on ``center_xy``. White beyond the slide border.
-    """
-    tile_size = _check_tile_size(tile_size)
-    mags = slide.check_magnifications(magnifications, allow_upsample=allow_upsample)
-    cx, cy = float(center_xy[0]), float(center_xy[1])
-    out: dict[float, np.ndarray] = {}
-    for m, key in zip(mags, magnifications):
-        f = _fov0(slide, m, tile_size)
-        out[key] = slide.read_fov(cx - f / 2, cy - f / 2, f, f, (tile_size, tile_size))
-    return out
-
-
-def iter_stacks(
-    slide: Slide | str | Path,
-    magnifications: Sequence[float] = (40, 20, 10),
-    tile_size: int = 256,
-    stride: int | None = None,
-    min_tissue: float = 0.5,
-    *,
-    plan: pd.DataFrame | None = None,
-    mpp: float | None = None,
-    objective: float | None = None,
-    allow_upsample: bool = False,
-) -> Iterator[tuple[dict[str, Any], dict[float, np.ndarray]]]:
-    """Yield ``(row, stack)`` for each planned tile, without writing files (e.g. for feature extraction).
-
-    ``row`` is the plan row as a dict (``slide``, ``x``, ``y``, ``col``, ``row``, ``tissue``); ``stack`` as
-    :func:`read_stack`. Memory holds one stack at a time.
-    """
-    with _as_slide(slide, mpp=mpp, objective=objective) as s:
-        if plan is None:
-            plan = plan_tiles(s, magnifications, tile_size, stride, min_tissue, allow_upsample=allow_upsample)
-        for rec in plan.to_dict("records"):
-            yield rec, read_stack(s, (rec["x"], rec["y"]), magnifications, tile_size, allow_upsample=allow_upsample)
-
-
-# ====================================================================== tiling to disk
-def _save_png(path: Path, arr: np.ndarray, compress_level: int) -> None:
-    """Write one PNG (module-level so tests can count writes)."""
-    Image.fromarray(arr).save(path, format="PNG", compress_level=compress_level)
-
-
-def _tile_problem(path: Path, tile_size: int) -> str | None:
-    """Why an existing tile file cannot be reused (None when it can): it must be a PNG of tile_size x tile_size
-    whose chunks all pass their CRC up to IEND (checked without decoding pixels)."""
-    try:
-        with Image.open(path) as im:
-            if im.format != "PNG" or im.size != (tile_size, tile_size):
-                return f"{im.format} {im.width}x{im.height}, expected a {tile_size}x{tile_size} PNG"
-            im.verify()
-    except Exception as exc:  # noqa: BLE001 - whatever PIL raises for a damaged file means "rewrite it"
-        return f"truncated or corrupt ({type(exc).__name__}: {str(exc)[:100]})"
-    return None
-
-
-def _tile_name(slide_name: str, x: int, y: int) -> str:
-    return f"{slide_name}_{int(x)}_{int(y)}.png"
-
-
-def _params_digest(params: dict) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _read_part(path: Path) -> int:
-    """Number of complete rows in a progress file (a truncated last line is ignored)."""
-    if not path.exists():
-        return 0
-    with open(path, encoding="utf-8", newline="") as fh:
-        return max(0, sum(1 for line in fh if line.endswith("\n")) - 1)
-
-
-def read_tile_index(out_dir: str | Path, slide: str | None = None) -> pd.DataFrame:
-    """Load ``<out_dir>/tiles.csv`` with the ``path_<mag>x`` columns made absolute; optionally one slide's rows."""
-    out_dir = Path(out_dir)
-    p = out_dir / INDEX_NAME
-    if not p.is_file():
-        raise DataError(f"Tile index not found: '{p}' (run tile_slide first).")
-    try:
-        df = pd.read_csv(p, dtype={"slide": str})
-    except Exception as exc:
-        raise DataError(f"Cannot read tile index '{p}': {exc}") from exc
-    if slide is not None:
-        df = df[df["slide"] == slide].reset_index(drop=True)
-    for c in df.columns:
-        if c.startswith("path_"):
-            df[c] = [str((out_dir / v).resolve()) if isinstance(v, str) else v for v in df[c]]
-    return df
-
-
-def tile_slide(
-    slide_path: str | Path,
-    out_dir: str | Path,
-    *,
-    magnifications: Sequence[float] = (40, 20, 10),
-    tile_size: int = 256,
-    stride: int | None = None,
-    min_tissue: float = 0.5,
-    mpp: float | None = None,
-    objective: float | None = None,
-    resume: bool = True,
-    progress: bool = True,
-    chunk_size: int = 64,
-    compress_level: int = 1,
-    workers: int = 1,
-    allow_upsample: bool = False,
-) -> pd.DataFrame:
-    """Tile one slide into concentric multi-magnification PNGs, streaming, resumable.
-
-    Files: ``<out_dir>/<mag>x/<slide>_<x>_<y>.png`` (``x``, ``y``: level-0 centre). Index: ``<out_dir>/tiles.csv``
-    (one row per tile: ``slide``, ``x``, ``y``, ``col``, ``row``, ``tissue``, ``path_<mag>x`` relative to
-    ``out_dir``; rows of other slides already there are kept). Returns this slide's rows with absolute paths;
-    ``df.attrs`` holds ``n_tiles``, ``n_written`` (tiles with at least one file written this call),
-    ``n_files_written``, ``n_files_redone`` (files of an earlier run found truncated, corrupt or of the wrong
-    size, and rewritten), ``n_skipped`` and ``seconds``. ``workers`` > 1 reads and encodes tiles in threads.
-    See the module docstring for the resume mechanism.
-    """
-    import time
-
-    t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    tile_size = _check_tile_size(tile_size)
-    if int(workers) < 1:
-        raise ConfigError(f"'workers' must be >= 1. Got {workers!r} instead.")
-    with _as_slide(slide_path, mpp=mpp, objective=objective) as slide:
-        mags = slide.check_magnifications(magnifications, allow_upsample=allow_upsample)
-        labels = [mag_label(m) for m in mags]
-        if len(set(labels)) != len(labels):
-            raise ConfigError(f"Duplicate magnifications in {list(magnifications)}.")
-        name = slide.name
-        state = out_dir / STATE_DIR
-        state.mkdir(parents=True, exist_ok=True)
-        params = {
-            "index_version": _INDEX_VERSION,
-            "slide": name,
-            "slide_path": str(slide.path.resolve()),
-            "slide_size": list(slide.dimensions),
-            "base_magnification": slide.base_magnification,
-            "magnifications": mags,
-            "tile_size": tile_size,
-            "stride": tile_size if stride is None else int(stride),
-            "min_tissue": float(min_tissue),
-        }
-        params_path = state / f"{name}.params.json"
-        done_path = state / f"{name}.done.json"
-        part_path = state / f"{name}.part.csv"
-        tmp_dir = state / f"tmp-{name}"
-        if params_path.exists() and resume:
-            try:
-                old = json.loads(params_path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                old = None
-            if old is not None and {k: old.get(k) for k in params} != params:
-                diff = {k: (old.get(k), params[k]) for k in params if old.get(k) != params[k]}
-                raise DataError(
-                    f"'{out_dir}' already holds tiles of slide '{name}' made with other parameters {diff} "
-                    "(old, new). Use another out_dir, or resume=False to redo them."
-                )
-        if not resume:
-            for p in (done_path, part_path):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-        write_json(params, params_path)
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # temp files of a killed run are never complete
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        mag_dirs = [out_dir / lab for lab in labels]
-        for d in mag_dirs:
-            d.mkdir(parents=True, exist_ok=True)
-
-        plan = plan_tiles(slide, mags, tile_size, stride, min_tissue, allow_upsample=allow_upsample)
-        names = [_tile_name(name, x, y) for x, y in zip(plan["x"], plan["y"])]
-        existing: list[set[str]] = []
-        for d in mag_dirs:
-            if resume:
-                prefix = name + "_"
-                with os.scandir(d) as it:
-                    existing.append({e.name for e in it if e.name.startswith(prefix) and e.name.endswith(".png")})
-            else:
-                existing.append(set())
-
-        n_written = n_files = n_skipped = n_redone = 0
-        if not resume or not part_path.exists():
-            with open(part_path, "w", encoding="utf-8", newline="") as fh:
-                csv.writer(fh).writerow(["slide", "x", "y", "col", "row", "tissue"])
-        done_before = _read_part(part_path)
-
-        def work(i: int) -> tuple[int, int]:
-            """(files written, of which were present but unsound) for tile i."""
-            fname = names[i]
-            missing, redo = [], 0
-            for k in range(len(mags)):
-                if fname not in existing[k]:
-                    missing.append(k)
-                    continue
-                problem = _tile_problem(mag_dirs[k] / fname, tile_size)
-                if problem is not None:
-                    log.warning("Tile '%s' from an earlier run is %s; rewriting it.", mag_dirs[k] / fname, problem)
-                    missing.append(k)
-                    redo += 1
-            if not missing:
-                return 0, 0
-            rec = plan.iloc[i]
-            f_mags = [mags[k] for k in missing]
-            stack = read_stack(slide, (int(rec["x"]), int(rec["y"])), f_mags, tile_size,
-                               allow_upsample=allow_upsample)
-            for k, m in zip(missing, f_mags):
-                final = mag_dirs[k] / fname
-                tmp = tmp_dir / f"{labels[k]}-{fname}.{threading.get_ident()}.tmp"
-                _save_png(tmp, stack[m], compress_level)
-                os.replace(tmp, final)
-            return len(missing), redo
-
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(plan), desc=f"tiling {name}", unit="tile", disable=None)
-        pool = None
-        if workers > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            pool = ThreadPoolExecutor(max_workers=int(workers))
-        try:
-            with open(part_path, "a", encoding="utf-8", newline="") as fh:
-                writer = csv.writer(fh)
-                for c0 in range(0, len(plan), max(1, int(chunk_size))):
-                    idx = range(c0, min(len(plan), c0 + int(chunk_size)))
-                    results = list(pool.map(work, idx)) if pool is not None else [work(i) for i in idx]
-                    for i, (nf, nr) in zip(idx, results):
-                        n_redone += nr
-                        if nf:
-                            n_written += 1
-                            n_files += nf
-                            r = plan.iloc[i]
-                            writer.writerow([name, int(r["x"]), int(r["y"]), int(r["col"]), int(r["row"]),
-                                             float(r["tissue"])])
-                        else:
-                            n_skipped += 1
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                    if bar is not None:
-                        bar.update(len(idx))
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True)
-            if bar is not None:
-                bar.close()
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-        index = plan.copy()
-        for lab in labels:
-            index[f"path_{lab}"] = [f"{lab}/{n}" for n in names]
-        _merge_index(out_dir, name, index)
-        write_json({"slide": name, "n_tiles": int(len(index)), "params_digest": _params_digest(params),
-                    "progress_rows": done_before + n_written}, done_path)
-
-    result = index.copy()
-    for lab in labels:
-        result[f"path_{lab}"] = [str((out_dir / p).resolve()) for p in result[f"path_{lab}"]]
-    result.attrs.update(n_tiles=int(len(index)), n_written=n_written, n_files_written=n_files,
-                        n_files_redone=n_redone, n_skipped=n_skipped, seconds=time.perf_counter() - t_start,
-                        base_magnification=slide.base_magnification, magnifications=mags)
-    log.info("Tiled '%s': %d tiles (%d written, %d already there) in %.1f s", name, len(index), n_written,
-             n_skipped, result.attrs["seconds"])
-    return result
-
-
-def _merge_index(out_dir: Path, slide_name: str, rows: pd.DataFrame) -> None:
-    """Replace ``slide_name``'s rows in ``<out_dir>/tiles.csv`` (atomic rewrite)."""
-    path = out_dir / INDEX_NAME
-    frames = []
-    if path.exists():
-        try:
-            old = pd.read_csv(path, dtype={"slide": str})
-        except Exception as exc:
-            raise DataError(f"Cannot read the existing tile index '{path}': {exc}. Delete it to rebuild.") from exc
-        frames.append(old[old["slide"] != slide_name])
-    frames.append(rows)
-    merged = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else rows
-    with atomic_path(path) as tmp:
-        merged.to_csv(tmp, index=False)

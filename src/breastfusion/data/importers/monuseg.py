@@ -18,7 +18,7 @@ turns each tile into one *case* with a few concentric stacks and writes the case
   region first, then its four corners, then the four edge midpoints (for 1000 px images and a 768 px field
   the centres lie in [384, 616]); more than nine stacks add centres drawn uniformly in the region with
   ``seed``. The 40x tile is the central ``tile`` crop, the 20x tile the ``2 * tile`` crop and the 10x tile the
-  ``4 * tile`` crop, area-averaged to ``tile`` pixels (:func:`breastfusion.histology.synthetic.concentric_stack`).
+  ``4 * tile`` crop, area-averaged to ``tile`` pixels (:func:`breastfusion.data.synthetic_histology.concentric_stack`).
   ``_mpp`` per tile = 0.25 * 40 / mag (nominal; MoNuSeg gives 40x, not a measured pixel size).
 
 This is a PROXY task: it asks "which organ does this tissue come from", not the Nottingham grade (MoNuSeg
@@ -44,9 +44,9 @@ import numpy as np
 import pandas as pd
 
 from breastfusion.data.cases import write_cases
+from breastfusion.data.synthetic_histology import concentric_stack
 from breastfusion.data.tiles import write_tiles
 from breastfusion.errors import ConfigError, DataError
-from breastfusion.histology.synthetic import concentric_stack
 
 log = logging.getLogger(__name__)
 

@@ -1,22 +1,22 @@
 """Nuclei: weight-free instance segmentation of H&E tiles, annotation I/O and segmentation metrics.
 
-    from breastfusion.histology.nuclei import segment_nuclei, aggregated_jaccard_index
+    from breastfusion.features.nuclei import segment_nuclei, aggregated_jaccard_index
     labels = segment_nuclei(rgb_uint8, mpp=0.25)        # int32, 0 = background
 """
 
-from breastfusion.histology.nuclei.annotations import (
+from breastfusion.features.nuclei.annotations import (
     polygons_to_instances,
     read_imagescope_xml,
     read_instance_mask,
     write_instance_mask,
 )
-from breastfusion.histology.nuclei.classical import (
+from breastfusion.features.nuclei.classical import (
     DEFAULT_PARAMS,
     NucleiParams,
     haematoxylin_od,
     segment_nuclei,
 )
-from breastfusion.histology.nuclei.metrics import (
+from breastfusion.features.nuclei.metrics import (
     aggregated_jaccard_index,
     detection_f1,
     dice,

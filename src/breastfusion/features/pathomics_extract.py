@@ -1,7 +1,7 @@
 """Pathomics over many tiles and slides: parallel on Dask, resumable, crash-safe.
 
     from breastfusion.data.tiles import read_tiles
-    from breastfusion.histology.features import extract_tile_pathomics, case_pathomics
+    from breastfusion.features.pathomics_extract import extract_tile_pathomics, case_pathomics
 
     tiles = read_tiles("tiles.csv", check_files=False)
     per_tile = extract_tile_pathomics(tiles, "runs/pathomics", magnification=40, n_workers=2)
@@ -9,8 +9,10 @@
 
 For every tile (a row of the tiles table, see :mod:`breastfusion.data.tiles`): read the image, segment nuclei
 (classical colour deconvolution + watershed, or the learned segmenter), measure them
-(:func:`~breastfusion.histology.pathomics.nucleus_features`) and summarise them per tile
-(:func:`~breastfusion.histology.pathomics.aggregate_features`, density over the tissue area).
+(:func:`~breastfusion.features.pathomics.nucleus_features`) and summarise them per tile
+(:func:`~breastfusion.features.pathomics.aggregate_features`, density over the tissue area).
+A tiles table from an image, a folder of images or a ``tile_slide`` index:
+:func:`breastfusion.data.tiling.tiles_from_input`.
 
 Execution. ``n_workers <= 1`` and no ``scheduler``: in this process. Otherwise a ``dask.distributed`` client:
 ``scheduler`` is the address of a running cluster (``tcp://host:8786``; the same code runs on a real cluster,
@@ -45,7 +47,7 @@ import math
 import numbers
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +64,6 @@ __all__ = [
     "case_pathomics",
     "default_mpp",
     "extract_tile_pathomics",
-    "tiles_from_images",
-    "tiles_from_input",
-    "tiles_from_tile_index",
 ]
 
 CASE_ID, IMAGE_PATH = "case_id", "image_path"
@@ -73,7 +72,6 @@ MPP_AT_40X = 0.25  # microns per pixel at 40x; mpp = 0.25 * 40 / magnification
 METHODS = ("classical", "learned")
 TILE_KEY, MPP_COL = "_tile_key", "_mpp"
 SHARDS_DIR, RESULT_NAME, SKIPPED_NAME = "shards", "tile_pathomics.parquet", "skipped.csv"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _MAX_LOGGED_SKIPS = 20
 
 _MODEL_CACHE: dict[str, object] = {}  # per process: a learned model is loaded once per worker
@@ -87,7 +85,7 @@ def default_mpp(magnification: float) -> float:
 # ============================================================================ worker side
 def _learned_model(model_path: str):
     """The learned nuclei model, loaded once per process (again if the file changes)."""
-    from breastfusion.histology.nuclei.learned import load_nuclei_model
+    from breastfusion.features.nuclei.learned import load_nuclei_model
 
     st = os.stat(model_path)
     cache_key = f"{model_path}|{st.st_size}|{st.st_mtime_ns}"
@@ -100,17 +98,17 @@ def _learned_model(model_path: str):
 
 def _segment(rgb8: np.ndarray, mpp: float, method: str, model_path: str | None) -> np.ndarray:
     if method == "classical":
-        from breastfusion.histology.nuclei.classical import segment_nuclei
+        from breastfusion.features.nuclei.classical import segment_nuclei
 
         return segment_nuclei(rgb8, mpp=mpp)
-    from breastfusion.histology.nuclei.learned import segment_nuclei_learned
+    from breastfusion.features.nuclei.learned import segment_nuclei_learned
 
     return segment_nuclei_learned(rgb8, _learned_model(model_path), mpp=mpp)
 
 
 def _tile_features(path: str, mpp: float, method: str, model_path: str | None) -> dict[str, float]:
     from breastfusion.data.images import read_image
-    from breastfusion.histology.pathomics import (
+    from breastfusion.features.pathomics import (
         aggregate_features,
         nucleus_features,
         tissue_area_um2,
@@ -166,7 +164,7 @@ def _method_identity(method: str, model_path: str | None) -> dict:
 
     ident = {"method": method, "features_version": FEATURES_VERSION, "breastfusion": __version__}
     if method == "classical":
-        from breastfusion.histology.nuclei.classical import DEFAULT_PARAMS
+        from breastfusion.features.nuclei.classical import DEFAULT_PARAMS
 
         ident["params"] = DEFAULT_PARAMS.as_dict()
     else:
@@ -186,7 +184,7 @@ def _check_method(method: str, model_path) -> str | None:
     if not Path(model_path).exists():
         raise DataError(f"Nuclei model not found: '{model_path}'.")
     try:
-        from breastfusion.histology.nuclei import learned  # noqa: F401
+        from breastfusion.features.nuclei import learned  # noqa: F401
     except ImportError as exc:
         raise ConfigError(f"method='learned' is not available in this installation ({exc}).") from exc
     model_path = str(Path(model_path).resolve())
@@ -328,13 +326,13 @@ def extract_tile_pathomics(
     ``magnification`` keeps only the tiles at that magnification. ``mpp`` per tile: the table's ``_mpp``
     column where present, else ``mpp``, else 0.25·40/magnification. Returns one row per successfully processed
     tile, in table order: ``case_id``, ``stack_id``, ``magnification``, ``image_path``, ``_mpp`` and the
-    :func:`~breastfusion.histology.pathomics.tile_feature_names` columns. ``df.attrs``: ``n_tiles``,
+    :func:`~breastfusion.features.pathomics.tile_feature_names` columns. ``df.attrs``: ``n_tiles``,
     ``n_reused`` (found in shards), ``n_computed``, ``n_skipped``, ``n_shards_written``, ``n_nuclei_computed``,
     ``seconds``, ``mode``, ``result``, ``skipped_csv``.
     """
     from tqdm.auto import tqdm
 
-    from breastfusion.histology.pathomics import tile_feature_names
+    from breastfusion.features.pathomics import tile_feature_names
     from breastfusion.utils import atomic_path
 
     t_start = time.perf_counter()
@@ -435,11 +433,11 @@ def extract_tile_pathomics(
 
 def case_pathomics(tile_feats: pd.DataFrame, *, magnification: float | None = None) -> pd.DataFrame:
     """Case-level pathomics: one row per ``case_id`` (the index) with the tile feature names plus
-    ``path_n_tiles``, pooling the case's tiles with :func:`~breastfusion.histology.pathomics.case_features`
+    ``path_n_tiles``, pooling the case's tiles with :func:`~breastfusion.features.pathomics.case_features`
     (counts and areas summed, density = total count / total area, other statistics count-weighted).
 
     Tiles of several magnifications are not pooled together: pass ``magnification`` to choose one."""
-    from breastfusion.histology.pathomics import case_features, tile_feature_names
+    from breastfusion.features.pathomics import case_features, tile_feature_names
 
     names = tile_feature_names()
     if not isinstance(tile_feats, pd.DataFrame):
@@ -465,72 +463,3 @@ def case_pathomics(tile_feats: pd.DataFrame, *, magnification: float | None = No
         index.append(case)
     out = pd.DataFrame(rows, index=pd.Index(index, name=CASE_ID))
     return out[[*names, "path_n_tiles"]]
-
-
-# ============================================================================ building tile tables
-def tiles_from_images(paths: Sequence[str | Path] | str | Path, *, magnification: float = 40.0) -> pd.DataFrame:
-    """A tiles table with one case per image (``case_id`` = file stem, one stack) from a folder or a list."""
-    if isinstance(paths, (str, Path)):
-        src = Path(paths)
-        if not src.exists():
-            raise DataError(f"Input not found: '{src}'.")
-        files = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) found in '{src}'.")
-    else:
-        files = [Path(p) for p in paths]
-    df = pd.DataFrame({CASE_ID: [f.stem for f in files], STACK_ID: "0", MAGNIFICATION: float(magnification),
-                       IMAGE_PATH: [str(f.resolve()) for f in files]})
-    dup = df[CASE_ID].duplicated(keep=False)
-    if dup.any():
-        raise DataError(f"Several images share the case id (file stem) {sorted(set(df.loc[dup, CASE_ID]))[:3]}.")
-    return df
-
-
-def tiles_from_tile_index(index: pd.DataFrame) -> pd.DataFrame:
-    """Long tiles table from a :func:`breastfusion.histology.wsi.tile_slide` index (``slide``, ``x``, ``y``,
-    ``path_<mag>x``; see :func:`~breastfusion.histology.wsi.read_tile_index`): ``case_id`` = slide,
-    ``stack_id`` = ``<x>_<y>``."""
-    path_cols = [c for c in index.columns if c.startswith("path_") and c.endswith("x")]
-    if "slide" not in index.columns or not path_cols:
-        raise DataError("Not a tile_slide index: it needs a 'slide' column and path_<mag>x columns.")
-    stack = (index["x"].astype(str) + "_" + index["y"].astype(str)) if {"x", "y"} <= set(index.columns) \
-        else index.index.astype(str)
-    parts = []
-    for c in path_cols:
-        try:
-            mag = float(c[len("path_"):-1])
-        except ValueError:
-            continue
-        part = pd.DataFrame({CASE_ID: index["slide"].astype(str).to_numpy(), STACK_ID: np.asarray(stack),
-                             MAGNIFICATION: mag, IMAGE_PATH: index[c].to_numpy()})
-        parts.append(part[part[IMAGE_PATH].notna()])
-    if not parts:
-        raise DataError("The tile index has no path_<mag>x column with a magnification.")
-    return pd.concat(parts, ignore_index=True)
-
-
-def tiles_from_input(src: str | Path, *, magnification: float | None = None) -> pd.DataFrame:
-    """A tiles table from what a user points at: an image or a folder of images (one case per image, at
-    ``magnification``, default 40x), a tiles table (CSV/Parquet, see :func:`breastfusion.data.tiles.read_tiles`)
-    or a :func:`~breastfusion.histology.wsi.tile_slide` index (``tiles.csv`` with ``slide`` and ``path_<mag>x``).
-    Tile files are not checked here: a missing one is skipped (and listed) by :func:`extract_tile_pathomics`."""
-    from breastfusion.data.tiles import read_tiles
-
-    src = Path(src)
-    if not src.exists():
-        raise DataError(f"Input not found: '{src}'.")
-    if src.is_dir() or src.suffix.lower() in IMAGE_SUFFIXES:
-        return tiles_from_images(src, magnification=40.0 if magnification is None else magnification)
-    if src.suffix.lower() == ".csv":
-        try:
-            cols = list(pd.read_csv(src, nrows=0).columns)
-        except Exception as exc:  # pandas raises many types for bad files
-            raise DataError(f"Cannot read tiles table '{src}': {exc}") from exc
-        if "slide" in cols and MAGNIFICATION not in cols and any(c.startswith("path_") for c in cols):
-            index = pd.read_csv(src, dtype={"slide": str})
-            for c in index.columns:
-                if c.startswith("path_"):
-                    index[c] = [str((src.parent / v).resolve()) if isinstance(v, str) else v for v in index[c]]
-            return tiles_from_tile_index(index)
-    return read_tiles(src, check_files=False)

@@ -7,13 +7,28 @@
   largest label is below 65536, otherwise 32-bit TIFF). Writes are atomic.
 
 Every failure raises :class:`~breastfusion.errors.DataError` naming the file.
+
+Annotated folders (:func:`load_annotated_dir`)
+----------------------------------------------
+Images are the files with suffix .tif/.tiff/.png/.jpg/.jpeg/.bmp in ``DIR/images/`` or, when that folder does
+not exist, directly in ``DIR``. For an image with stem ``S`` the first annotation found is used:
+
+1. ImageScope XML outlines: ``DIR/annotations/S.xml`` or ``S.xml.gz`` (or next to the image) → instances;
+2. an instance-label image (0 = background, 1..n; 8/16-bit PNG or 16/32-bit TIFF):
+   ``DIR/masks/S_nuclei.png``, ``S_nuclei.tif``, ``S.png``, ``S.tif``, ``S.tiff`` → instances;
+3. a binary mask: ``DIR/binary_masks/S.png``, ``S.tif``, ``S.tiff`` (non-zero = nucleus) → foreground only.
+
+This is the MoNuSeg layout (``images/``, ``annotations/``, ``binary_masks/``) and the layout written by
+``breastfusion nuclei segment`` (``<stem>_nuclei.png``) once moved into ``masks/``.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
 import xml.etree.ElementTree as ET
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +38,20 @@ from skimage.draw import polygon as draw_polygon
 from breastfusion.errors import DataError
 from breastfusion.utils import atomic_path
 
-__all__ = ["polygons_to_instances", "read_imagescope_xml", "read_instance_mask", "write_instance_mask"]
+__all__ = [
+    "AnnotatedSet",
+    "AnnotatedTile",
+    "load_annotated_dir",
+    "polygons_to_instances",
+    "read_imagescope_xml",
+    "read_instance_mask",
+    "write_instance_mask",
+]
+
+log = logging.getLogger("breastfusion.nuclei")
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -158,3 +184,123 @@ def write_instance_mask(labels: np.ndarray, path: str | Path) -> Path:
         img.save(tmp, format=fmt)
     return path
 
+
+# ------------------------------------------------------------------------------------------------ annotated folders
+@dataclass
+class AnnotatedTile:
+    """One annotated image: uint8 RGB, int32 instance labels (None for foreground-only tiles), bool mask."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray | None
+    mask: np.ndarray
+    image_path: Path
+    annotation_path: Path
+
+    @property
+    def n_nuclei(self) -> int | None:
+        return None if self.labels is None else len(np.unique(self.labels[self.labels > 0]))
+
+
+@dataclass
+class AnnotatedSet:
+    """The content of an annotated folder: instance tiles, foreground-only tiles, and what was skipped (why)."""
+
+    tiles: list[AnnotatedTile]
+    foreground_only: list[AnnotatedTile]
+    skipped: list[tuple[str, str]]
+
+    def __len__(self) -> int:
+        return len(self.tiles) + len(self.foreground_only)
+
+
+def _first_existing(cands: list[Path]) -> Path | None:
+    return next((c for c in cands if c.is_file()), None)
+
+
+def load_annotated_dir(directory: str | Path, *, strict: bool = True) -> AnnotatedSet:
+    """Read a folder of H&E images with nuclei annotations (layouts in the module docstring).
+
+    Unreadable images or annotation files are skipped and logged (reasons in ``.skipped``). With ``strict``
+    (default) an image without any annotation, or an annotation whose size differs from its image, raises
+    DataError naming the files; with ``strict=False`` those are skipped and logged too. DataError when nothing
+    usable remains.
+    """
+    from breastfusion.data.images import read_image, read_mask
+    from breastfusion.data.stain import _as_rgb_uint8
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise DataError(f"Annotated folder not found or not a folder: '{root}'.")
+    img_dir = root / "images" if (root / "images").is_dir() else root
+    images = sorted(p for p in img_dir.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+    if img_dir == root:  # label images written next to the images are not images to train on
+        images = [p for p in images if not p.stem.endswith("_nuclei")]
+    if not images:
+        raise DataError(f"No images (.tif/.tiff/.png/.jpg/.jpeg/.bmp) in '{img_dir}'.")
+    ann_dir, mask_dir, bin_dir = root / "annotations", root / "masks", root / "binary_masks"
+
+    tiles, fg_only, skipped, missing, mismatched = [], [], [], [], []
+    for img_path in images:
+        s = img_path.stem
+        xml = _first_existing([d / f"{s}{e}" for d in (ann_dir, img_dir) for e in (".xml", ".xml.gz")])
+        inst = _first_existing([mask_dir / f"{s}{e}" for e in ("_nuclei.png", "_nuclei.tif", ".png", ".tif", ".tiff")])
+        binary = _first_existing([bin_dir / f"{s}{e}" for e in (".png", ".tif", ".tiff")])
+        ann = xml or inst or binary
+        if ann is None:
+            missing.append(img_path)
+            continue
+        try:
+            rgb = _as_rgb_uint8(read_image(img_path, mode="rgb"), f"Image '{img_path}'")
+        except DataError as exc:
+            skipped.append((str(img_path), str(exc)))
+            log.warning("skipped unreadable image '%s': %s", img_path, exc)
+            continue
+        shape = rgb.shape[:2]
+        try:
+            if xml is not None:
+                labels = polygons_to_instances(read_imagescope_xml(xml), shape)
+            elif inst is not None:
+                labels = read_instance_mask(inst)
+            else:
+                labels = None
+                mask = read_mask(binary)
+        except DataError as exc:
+            skipped.append((str(ann), str(exc)))
+            log.warning("skipped '%s': unreadable annotation '%s': %s", img_path.name, ann, exc)
+            continue
+        ann_shape = (labels if labels is not None else mask).shape
+        if ann_shape != shape:
+            msg = f"annotation '{ann}' is {ann_shape[1]}x{ann_shape[0]} but image '{img_path}' is {shape[1]}x{shape[0]}"
+            mismatched.append(msg)
+            skipped.append((str(ann), msg))
+            continue
+        if labels is not None:
+            if not labels.any():
+                log.warning("'%s' has no nuclei in '%s'; it is used as an all-background tile", img_path.name, ann)
+            tiles.append(AnnotatedTile(s, rgb, labels, labels > 0, img_path, ann))
+        else:
+            fg_only.append(AnnotatedTile(s, rgb, None, mask, img_path, binary))
+
+    if missing:
+        hint = (f"expected annotations/<stem>.xml(.gz), masks/<stem>_nuclei.png or masks/<stem>.png, "
+                f"or binary_masks/<stem>.png under '{root}'")
+        names = ", ".join(f"'{p}'" for p in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        if strict:
+            raise DataError(f"{len(missing)} image(s) have no annotation: {names}; {hint}.")
+        for p in missing:
+            skipped.append((str(p), "no annotation"))
+        log.warning("skipped %d image(s) without annotation: %s", len(missing), names)
+    if mismatched:
+        if strict:
+            raise DataError("Annotation size differs from its image: " + "; ".join(mismatched[:10]) + ".")
+        log.warning("skipped %d image(s) whose annotation size differs: %s", len(mismatched), "; ".join(mismatched[:10]))
+    known = {p.stem for p in images}
+    orphans = [p for d in (ann_dir, mask_dir, bin_dir) if d.is_dir() for p in sorted(d.iterdir())
+               if p.is_file() and p.name.split(".")[0].removesuffix("_nuclei") not in known]
+    if orphans:
+        log.warning("%d annotation file(s) match no image, e.g. '%s'", len(orphans), orphans[0])
+    if not tiles:
+        why = f" ({len(fg_only)} tile(s) have only binary masks, which cannot teach instance separation)" if fg_only else ""
+        raise DataError(f"No usable image with nuclei instance annotations in '{root}'{why}.")
+    return AnnotatedSet(tiles, fg_only, skipped)

@@ -1,4 +1,4 @@
-"""Importers that turn a dataset on disk into a cases table."""
+"""The BUSI layout (Al-Dhabyani et al., Data in Brief 2020): ``<class>/<name>.png`` with ``<name>_mask.png``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from breastfusion.data.cases import MASK_SEP, read_cases, validate_cases
+from breastfusion.data.cases import MASK_SEP, validate_cases
 from breastfusion.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -65,17 +65,3 @@ def import_busi(path: str | Path) -> pd.DataFrame:
     if not rows:
         raise DataError(f"No images found under '{root}'.")
     return validate_cases(pd.DataFrame(rows), source=f"BUSI folder '{root}'")
-
-
-def import_cases(path: str | Path, **kwargs) -> pd.DataFrame:
-    """Import a dataset from a cases table file (CSV/Parquet), a BrEaST-Lesions-USG folder (or its
-    ``clinical_data.csv``) or a BUSI-style folder."""
-    from breastfusion.data.breast_lesions_usg import find_root, import_breast_lesions_usg
-
-    path = Path(path)
-    if find_root(path) is not None:
-        return import_breast_lesions_usg(path, **kwargs)
-    if path.is_dir():
-        return import_busi(path)
-    return read_cases(path, **kwargs)
-

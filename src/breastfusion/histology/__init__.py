@@ -1,1 +1,0 @@
-"""Histopathology: stain normalisation and augmentation, whole-slide reading and tiling, BreakHis import."""
