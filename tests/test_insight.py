@@ -100,7 +100,7 @@ def _calibrated_bundle(tmp_path):
 
     from breastfusion.evaluation.calibration import fit_bundle_calibration
     from breastfusion.features.tabular import TabularPreprocessor
-    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.bundles.bundle import save_bundle
     from breastfusion.models.fusion import FusionClassifier
 
     clinical = pd.DataFrame({"age": [40.0, 55.0, 63.0, 48.0], "palpable": ["yes", "no", "yes", "no"]})
@@ -134,14 +134,15 @@ def _calibrated_bundle(tmp_path):
 
 def test_explanations_quote_the_calibrated_probabilities_predict_returns(tmp_path):
     from breastfusion.evaluation.insight import explanation_section
-    from breastfusion.explain.runner import quoted_probability
-    from breastfusion.inference.bundle import load_bundle
+    from breastfusion.explain.runner import explain_selection, quoted_probability
+    from breastfusion.bundles.bundle import load_bundle
     from breastfusion.inference.predictor import Predictor
 
     bundle, cases = _calibrated_bundle(tmp_path)
     selection = pd.DataFrame({"case_id": cases["case_id"], "label": cases["label"], "predicted": "benign",
                               "probability": 0.5, "why": "least certain"})
-    sec = explanation_section(bundle, cases, selection, tmp_path / "explain", seed=0)
+    explained = explain_selection(bundle, cases, selection, tmp_path / "explain", seed=0)  # computed by the runner
+    sec = explanation_section(explained, selection)                                          # only rendered
     expected = Predictor(load_bundle(bundle), threads=1, io_workers=1).predict_cases(cases).set_index("case_id")
     assert expected["calibrated"].all()
     raw = pd.read_csv(tmp_path / "explain" / "explanations.csv", dtype={"case_id": str}).set_index("case_id")

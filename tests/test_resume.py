@@ -222,7 +222,7 @@ def test_grading_resume_between_folds_repeats_the_uninterrupted_run_and_refuses_
     from breastfusion.tasks import histology as grading
 
     monkeypatch.setenv("BREASTFUSION_OFFLINE", "1")
-    grading.run_histology(_grading_cfg(grading_cohort), tmp_path / "a", progress=False)
+    run_experiment(_grading_cfg(grading_cohort), tmp_path / "a", progress=False)
     real = grading.write_csv
 
     def die_after_fold0(df, path):
@@ -232,11 +232,11 @@ def test_grading_resume_between_folds_repeats_the_uninterrupted_run_and_refuses_
 
     monkeypatch.setattr(grading, "write_csv", die_after_fold0)
     with pytest.raises(KeyboardInterrupt):
-        grading.run_histology(_grading_cfg(grading_cohort), tmp_path / "b", progress=False)
+        run_experiment(_grading_cfg(grading_cohort), tmp_path / "b", progress=False)
     monkeypatch.setattr(grading, "write_csv", real)
     with pytest.raises(ConfigError, match="train.stage2_epochs: 1 → 2"):
-        grading.run_histology(_grading_cfg(grading_cohort, "train.stage2_epochs=2"), tmp_path / "b", resume=True,
+        run_experiment(_grading_cfg(grading_cohort, "train.stage2_epochs=2"), tmp_path / "b", resume=True,
                             progress=False)
-    grading.run_histology(_grading_cfg(grading_cohort), tmp_path / "b", resume=True, progress=False)
+    run_experiment(_grading_cfg(grading_cohort), tmp_path / "b", resume=True, progress=False)
     a, b = (pd.read_csv(tmp_path / r / "predictions" / "deep_cnn.csv", dtype={"case_id": str}) for r in ("a", "b"))
     _same_predictions(a, b)

@@ -9,8 +9,9 @@ failure is logged and the section says what went wrong.
   coverage, set sizes and ECE it shows are honest estimates; reliability diagrams before and after.
 * :func:`select_explain_cases` picks the cases a reader wants to see: per class the most confident correct
   case, the most confident errors and the most uncertain cases, by the out-of-fold predictions.
-* :func:`explanation_section` explains those cases with the final bundle (Grad-CAM, Grad-CAM++, occlusion,
-  cross-scale attention for histology, SHAP, modality deltas) through :func:`breastfusion.explain.explain_bundle`.
+* :func:`explanation_section` renders the explanations of those cases that the runner computed with the final
+  bundle (:func:`breastfusion.explain.runner.explain_selection`: Grad-CAM, Grad-CAM++, occlusion, cross-scale
+  attention for histology, SHAP, modality deltas); the report computes nothing.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def calibration_section(predictions: dict[str, pd.DataFrame], classes: list[str]
     """Cross-fold temperature scaling and conformal sets for each model in ``predictions`` (out-of-fold tables
     with a ``fold`` column). Writes ``<out_dir>/<model>_calibrated.csv``, ``coverage.json`` and one reliability
     figure per model into ``out_dir``."""
-    from breastfusion.evaluation.calibration import (
+    from breastfusion.evaluation.coverage import (
         calibrate_predictions,
         coverage_report,
         plot_reliability_before_after,
@@ -170,17 +171,6 @@ def select_explain_cases(preds: pd.DataFrame, classes: list[str], n: int) -> pd.
                          "why": [picked[i] for i in order]})
 
 
-def bundle_predictions(bundle, source: pd.DataFrame, *, cases: pd.DataFrame | None = None) -> pd.DataFrame:
-    """What ``breastfusion predict`` returns for ``source`` with ``bundle`` (a path or a loaded bundle): the
-    bundle's own predictor, so its calibrated probabilities, prediction sets and ``calibrated`` flag."""
-    from breastfusion.inference.bundle import Bundle, load_bundle
-    from breastfusion.inference.predictor import predictor_for
-
-    if not isinstance(bundle, Bundle):
-        bundle = load_bundle(bundle)
-    return predictor_for(bundle, io_workers=1).predict(source, cases=cases)
-
-
 def _quoted(scored: pd.DataFrame, cid: str) -> tuple[str, str]:
     """(table cell, caption text) of a case's bundle prediction as ``predict`` returns it."""
     if cid not in scored.index:
@@ -198,40 +188,18 @@ def _quoted(scored: pd.DataFrame, cid: str) -> tuple[str, str]:
     return cell, cap + ")"
 
 
-def explanation_section(bundle, source: pd.DataFrame, selection: pd.DataFrame, out_dir: str | Path, *,
-                        cases: pd.DataFrame | None = None, background: pd.DataFrame | None = None,
-                        max_stacks: int = 1, seed: int = 0) -> ReportSection:
-    """Explain the ``selection`` (from :func:`select_explain_cases`) with the final ``bundle``.
-
-    ``source`` is the cases table (ultrasound) or the tiles table (histology, with ``cases`` the cases table);
-    only the selected cases are read. ``background`` (a table with the bundle's input columns, one row per
-    case) is the SHAP reference. Files go to ``out_dir`` (see :mod:`breastfusion.explain.runner`).
+def explanation_section(explained, selection: pd.DataFrame, *, cases: pd.DataFrame | None = None) -> ReportSection:
+    """Render the explanations of the ``selection`` (from :func:`select_explain_cases`) that the runner computed
+    with the final bundle (:func:`breastfusion.explain.runner.explain_selection`); nothing is computed here.
 
     The bundle's prediction quoted in the table and captions is what ``predict`` returns for the case (the
     bundle's calibrated probability and prediction set, labelled calibrated or uncalibrated), so the report
-    and ``predict`` never show two numbers for one case."""
-    from breastfusion.explain import explain_bundle
-    from breastfusion.inference.bundle import Bundle, load_bundle
-
+    and ``predict`` never show two numbers for one case. ``cases``: the cases table of a histology run."""
     sec = ReportSection("explanations", "Explanations (final bundle)")
-    if selection is None or len(selection) == 0:
+    if explained is None or selection is None or len(selection) == 0:
         sec.paragraphs.append("No case was selected for explanation.")
         return sec
-    if not isinstance(bundle, Bundle):
-        bundle = load_bundle(bundle)
-    ids = selection[CASE_ID].astype(str).tolist()
-    src = source[source[CASE_ID].astype(str).isin(set(ids))].copy()
-    order = {c: i for i, c in enumerate(ids)}
-    src = src.sort_values(CASE_ID, key=lambda s: s.astype(str).map(order), kind="stable")
-    for sub in ("cases", "stacks"):  # figures of an earlier run's selection would be mistaken for this one's
-        for old in (Path(out_dir) / sub).glob("*.png"):
-            old.unlink()
-    if background is not None and background.index.name == CASE_ID:
-        background = background.reset_index()
-    res = explain_bundle(bundle, src, out_dir, methods="all", cases=cases, background=background,
-                         max_stacks=max_stacks, seed=seed)
-    scored = bundle_predictions(bundle, src, cases=cases)
-    scored = scored.assign(**{CASE_ID: scored[CASE_ID].astype(str)}).set_index(CASE_ID)
+    res, scored, out_dir = explained.result, explained.scored, explained.out_dir
     calibrated = bool(len(scored)) and "calibrated" in scored.columns and bool(scored["calibrated"].all())
     pred_col = f"bundle prediction ({'calibrated' if calibrated else 'uncalibrated'})"
     sec.paragraphs.append(

@@ -177,9 +177,9 @@ def explain_bundle(bundle, source, out_dir: str | Path, *, methods="all", top_k:
                    background=None, background_size: int = 32, max_cases: int | None = None, max_stacks: int = 4,
                    shap_method: str = "auto", n_permutations: int = 64, threads: int | None = None,
                    occlusion_patch: int | None = None, seed: int = 0, progress: bool = False) -> ExplainResult:
-    """Explain the predictions of ``bundle`` (a path or a loaded :class:`~breastfusion.inference.bundle.Bundle`)
+    """Explain the predictions of ``bundle`` (a path or a loaded :class:`~breastfusion.bundles.bundle.Bundle`)
     on ``source``; see the module docstring for inputs and outputs."""
-    from breastfusion.inference.bundle import Bundle, load_bundle
+    from breastfusion.bundles.bundle import Bundle, load_bundle
 
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
@@ -449,3 +449,54 @@ def _explain_histology(bundle, source, out_dir: Path, *, cases, max_stacks, meth
 
 #: How each network kind (breastfusion.models.registry) is explained: stacks of tiles or single images.
 _EXPLAINERS = {"fusion": _explain_ultrasound, "multiscale": _explain_histology}
+
+
+@dataclass
+class ExplainedSelection:
+    """Explanations of the cases chosen for a report, and what ``predict`` returns for them."""
+
+    result: ExplainResult
+    scored: pd.DataFrame  # the bundle's own predictions (calibrated when it is), indexed by case id
+    out_dir: Path
+
+
+def bundle_predictions(bundle, source: pd.DataFrame, *, cases: pd.DataFrame | None = None) -> pd.DataFrame:
+    """What ``breastfusion predict`` returns for ``source`` with ``bundle`` (a path or a loaded bundle): the
+    bundle's own predictor, so its calibrated probabilities, prediction sets and ``calibrated`` flag."""
+    from breastfusion.bundles.bundle import Bundle, load_bundle
+    from breastfusion.inference.predictor import predictor_for
+
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
+    return predictor_for(bundle, io_workers=1).predict(source, cases=cases)
+
+
+def explain_selection(bundle, source: pd.DataFrame, selection: pd.DataFrame, out_dir: str | Path, *,
+                      cases: pd.DataFrame | None = None, background: pd.DataFrame | None = None,
+                      max_stacks: int = 1, seed: int = 0) -> ExplainedSelection | None:
+    """Explain the ``selection`` (cases chosen from the out-of-fold predictions) with the final ``bundle``.
+
+    ``source`` is the cases table (ultrasound) or the tiles table (histology, with ``cases`` the cases table);
+    only the selected cases are read. ``background`` (a table with the bundle's input columns, one row per
+    case) is the SHAP reference. Files go to ``out_dir``. ``None`` when nothing was selected."""
+    from breastfusion.bundles.bundle import Bundle, load_bundle
+
+    if selection is None or len(selection) == 0:
+        return None
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
+    ids = selection[CASE_ID].astype(str).tolist()
+    src = source[source[CASE_ID].astype(str).isin(set(ids))].copy()
+    order = {c: i for i, c in enumerate(ids)}
+    src = src.sort_values(CASE_ID, key=lambda s: s.astype(str).map(order), kind="stable")
+    for sub in ("cases", "stacks"):  # figures of an earlier run's selection would be mistaken for this one's
+        for old in (Path(out_dir) / sub).glob("*.png"):
+            old.unlink()
+    if background is not None and background.index.name == CASE_ID:
+        background = background.reset_index()
+    res = explain_bundle(bundle, src, out_dir, methods="all", cases=cases, background=background,
+                         max_stacks=max_stacks, seed=seed)
+    scored = bundle_predictions(bundle, src, cases=cases)
+    scored = scored.assign(**{CASE_ID: scored[CASE_ID].astype(str)}).set_index(CASE_ID)
+    return ExplainedSelection(res, scored, Path(out_dir))
+

@@ -5,13 +5,14 @@ image with its mask and clinical columns; stacks of H&E tiles with pathomics), w
 it offers, how its datasets are built and its stack or image scores pooled to a case, what its bundles record and
 which report sections it adds. ``breastfusion.tasks.get(cfg.task)`` returns the task a configuration names;
 :func:`breastfusion.experiment.run_experiment` runs it. A new task is one module in this package that defines an
-object with the :class:`Task` surface, listed in ``breastfusion/tasks/__init__.py``.
+object with the :class:`Task` surface, listed in ``breastfusion/tasks/__init__.py``; the runner calls its hooks
+in the order they are declared on :class:`Task`, with one :class:`Run` that holds the experiment as it goes.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -29,9 +30,54 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Run:
+    """One experiment as it goes: what the runner (:func:`breastfusion.experiment.run_experiment`) and the task's
+    hooks read and fill in, in the order of the stages."""
+
+    cfg: Config
+    dir: Path
+    resume: bool = False
+    progress: bool = True
+    cases: pd.DataFrame | None = None
+    """The cases table (after ``data.drop_labels``; the task may add columns, e.g. ``dup_group``)."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    classes: list[str] = field(default_factory=list)
+    splits: pd.DataFrame | None = None
+    table: pd.DataFrame | None = None
+    """The tabular inputs (clinical columns + radiomics or pathomics), one row per case; ``None`` when empty."""
+    predictions: dict[str, pd.DataFrame] = field(default_factory=dict)
+    results: dict[str, dict] = field(default_factory=dict)
+    metrics: dict[str, dict] = field(default_factory=dict)
+    bundles: dict[str, Path] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    synthetic: bool = False
+    extra_metrics: dict = field(default_factory=dict)
+    """Further entries of ``metrics.json`` (e.g. the per-centre table of a histology run)."""
+    state: dict = field(default_factory=dict)
+    """The task's own intermediate results (audit summary, segmenter, stacks, tile cache, ...)."""
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the shared files (always, unless several ranks run under torchrun)."""
+        from breastfusion import distributed
+
+        return distributed.is_main()
+
+
+@dataclass(frozen=True)
+class BundlePlan:
+    """One deployable bundle a task will fit: ``variant`` (its recipe), ``name`` (the out-of-fold results its
+    calibration comes from, and its key in ``Run.bundles``) and ``folder`` (under ``bundles/``)."""
+
+    variant: str
+    name: str
+    folder: str
+
+
 @runtime_checkable
 class Task(Protocol):
-    """The seam between the runner and one kind of problem."""
+    """The seam between the runner and one kind of problem: what the runner asks, in the order it asks."""
 
     name: str
     """The configuration's ``task:`` value."""
@@ -43,6 +89,12 @@ class Task(Protocol):
     """The bundle networks (:mod:`breastfusion.models.registry`) this task trains and scores."""
     serves: bool
     """Whether ``breastfusion serve`` can score its bundles one request at a time."""
+    group_column: str
+    """The column whose groups the bootstrap resamples together (patients, or near-duplicate groups)."""
+
+    def check(self, cfg: Config) -> None:
+        """Refuse settings that would fail hours later (before anything is read)."""
+        ...
 
     def variants(self, cfg: Config) -> list[str]:
         """The deep model variants ``cfg`` cross-validates."""
@@ -52,9 +104,71 @@ class Task(Protocol):
         """The stages whose outputs ``resume`` reuses, with the settings each depends on."""
         ...
 
-    def run(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-            **inputs) -> RunResult:
-        """Audit → split → features → classical → deep CV → evaluate → bundle → explain → report."""
+    def load(self, run: Run, **inputs) -> None:
+        """Set ``run.cases`` (and the task's other tables) from ``inputs`` or ``cfg.data.source``."""
+        ...
+
+    def check_inputs(self, run: Run) -> None:
+        """Check the inputs against the configuration (column roles, the reader's score) before any training."""
+        ...
+
+    def digests(self, run: Run) -> dict[str, str]:
+        """Digests of the input tables, recorded so that a resumed run refuses other data."""
+        ...
+
+    def prepare(self, run: Run) -> None:
+        """Audit or decode the inputs, write ``cases.csv`` and set ``run.splits``."""
+        ...
+
+    def features(self, run: Run) -> None:
+        """Set ``run.table``: the tabular inputs of every model."""
+        ...
+
+    def classical(self, run: Run) -> dict[str, pd.DataFrame]:
+        """Out-of-fold prediction tables of the classical models, by name."""
+        ...
+
+    def deep_cv(self, run: Run, variant: str) -> tuple[str, pd.DataFrame | None]:
+        """The name and out-of-fold prediction table of one deep variant (``None``: skipped, with a warning)."""
+        ...
+
+    def ordinal(self, cfg: Config) -> bool:
+        """Whether the classes are ordered (ordinal metrics such as quadratic-weighted kappa)."""
+        ...
+
+    def result_notes(self, run: Run, name: str) -> dict:
+        """Extra entries of one model's result (e.g. whether it read the expert's outline; a description)."""
+        ...
+
+    def bundle_plan(self, run: Run) -> list[BundlePlan]:
+        """The deployable bundles to fit, in order; the first is the run's bundle."""
+        ...
+
+    def fit_bundle(self, run: Run, plan: BundlePlan, calibration: dict | None) -> Path:
+        """Fit one bundle on every case and write it (atomically); return its folder."""
+        ...
+
+    def explain_inputs(self, run: Run) -> dict:
+        """What explaining the first bundle reads: ``source``, ``cases``, ``background``, ``max_stacks``."""
+        ...
+
+    def sections(self, run: Run) -> tuple[list, list]:
+        """The task's own report sections: those before the bundle sections, and those after."""
+        ...
+
+    def notes(self, run: Run) -> list[str]:
+        """The report's notes (synthetic data, where outlines came from, how splits and CIs were made)."""
+        ...
+
+    def summary(self, run: Run) -> dict:
+        """The report's dataset summary."""
+        ...
+
+    def figures(self, run: Run) -> dict:
+        """Extra report figures, caption → PNG path."""
+        ...
+
+    def report_title(self, cfg: Config) -> str:
         ...
 
 
@@ -118,39 +232,3 @@ def stage_splits(cases: pd.DataFrame, groups: pd.Series | None, cfg: Config, run
                          groups=groups if cfg.cv.group_duplicates else None, strategy=cfg.cv.strategy)
     write_csv(splits, path)
     return splits
-
-
-def bundle_sections(results: dict, bundles: dict[str, Path], classes: list[str], cfg: Config, run_dir: Path, *,
-                    source: pd.DataFrame, cases: pd.DataFrame | None = None, background: pd.DataFrame | None = None,
-                    max_stacks: int = 1) -> list:
-    """The report's sections about the deployable bundle(s): cross-fold calibration and deferral of the bundled
-    recipes, then explanations of ``cfg.experiment.explain_cases`` chosen cases with the first bundle. A section
-    that fails is replaced by a short note; the run goes on."""
-    from breastfusion.evaluation.insight import (
-        calibration_section,
-        explanation_section,
-        failed_section,
-        select_explain_cases,
-    )
-
-    sections = []
-    bundled = {name: results[name]["predictions"] for name in bundles if name in results}
-    if bundled:
-        try:
-            sections.append(calibration_section(bundled, classes, run_dir / "calibration",
-                                                method=cfg.experiment.conformal_method,
-                                                alpha=cfg.experiment.conformal_alpha, seed=cfg.seed,
-                                                class_conditional=cfg.experiment.conformal_class_conditional))
-        except Exception as exc:  # noqa: BLE001 - a report section never loses the run
-            sections.append(failed_section("calibration", "Calibration and deferral", exc))
-    name, path = next(iter(bundles.items()), (None, None))
-    if cfg.experiment.explain_cases and path is not None and name in results:
-        try:
-            sel = select_explain_cases(results[name]["predictions"], classes, cfg.experiment.explain_cases)
-            sec = explanation_section(path, source, sel, run_dir / "explanations", cases=cases,
-                                      background=background, max_stacks=max_stacks, seed=cfg.seed)
-            sec.title = f"Explanations (final bundle: {name})"
-            sections.append(sec)
-        except Exception as exc:  # noqa: BLE001
-            sections.append(failed_section("explanations", "Explanations (final bundle)", exc))
-    return sections

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from breastfusion.config import Config, config_to_yaml, save_config
+from breastfusion import distributed as dist_utils
+from breastfusion.config import Config, config_to_yaml
 from breastfusion.data.cases import (
     CASE_ID,
     CENTER,
@@ -35,15 +36,7 @@ from breastfusion.data.cases import (
 from breastfusion.data.predictions import prediction_table
 from breastfusion.data.tiles import STACK_ID, read_tiles, stack_table
 from breastfusion.errors import ConfigError, DataError
-from breastfusion.tasks.base import (
-    RunResult,
-    bundle_sections,
-    drop_label_cases,
-    resolve_classes,
-    stage_splits,
-    write_csv,
-)
-from breastfusion.training import distributed as dist_utils
+from breastfusion.tasks.base import BundlePlan, Run, stage_splits, write_csv
 from breastfusion.training.stacks import (
     StackDataset,
     TileCache,
@@ -58,7 +51,6 @@ from breastfusion.training.stacks import (
 )
 from breastfusion.utils import (
     atomic_path,
-    remove_stale_temporaries,
     seed_everything,
     stable_seed,
     write_json,
@@ -285,7 +277,7 @@ def attention_figure(stack_csv: Path, cases: pd.DataFrame, out: Path, title: str
 def fit_final_grader(cases, stacks, table, classes, cfg: Config, run_dir: Path, *, resume, progress, cache,
                      synthetic: bool, metrics: dict | None, clinical_cols: list[str], pathomics_cols: list[str],
                      calibration: dict | None = None, data_meta: dict | None = None) -> Path:
-    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.bundles.bundle import save_bundle
 
     fitted = fit_grader("multiscale", cases, stacks, table, classes, cfg, run_dir / "deep" / "final_multiscale",
                         resume=resume, progress=progress, cache=cache, desc="final multiscale",
@@ -368,183 +360,6 @@ def grading_stages(cfg: Config, run_dir: Path) -> list:
 
 
 
-def run_histology(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-                  cases: pd.DataFrame | None = None, tiles: pd.DataFrame | None = None) -> RunResult:
-    """Run the histology experiment described by ``cfg`` (``task: histology``) into ``run_dir``."""
-    from breastfusion.data.roles import resolve_roles
-    from breastfusion.data.synthetic import is_synthetic
-    from breastfusion.evaluation.metrics import evaluate, to_jsonable
-    from breastfusion.evaluation.report import write_report
-    from breastfusion.run_state import check_and_record, table_digest
-    from breastfusion.tabular_inputs import tabular_table
-    from breastfusion.training.trainer import check_epochs
-
-    t_start = time.perf_counter()
-    if cfg.histology.variants:
-        check_epochs(cfg.train)  # before the pathomics and classical models, not after
-    dist_utils.init_distributed()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if dist_utils.is_main():
-        remove_stale_temporaries(run_dir)  # left by a killed process; the other ranks write nothing here
-    seed_everything(cfg.seed)
-    hc = cfg.histology
-    if cases is None:
-        if not cfg.data.source:
-            raise DataError("No cases table: set data.source to the histology cases table (CSV/Parquet).")
-        cases = read_cases(cfg.data.source, require_images=False)
-    if tiles is None:
-        if not hc.tiles:
-            raise DataError("No tiles table: set histology.tiles (columns case_id, stack_id, magnification, image_path).")
-        tiles = read_tiles(hc.tiles, cases)
-    cases, _ = drop_label_cases(cases, cfg.data.drop_labels)
-    tiles = tiles[tiles[CASE_ID].isin(set(cases[CASE_ID]))]
-    classes = resolve_classes(cases, cfg)
-    if cfg.data.roles.reader_score:  # said, not silently ignored
-        log.warning("data.roles.reader_score is set, but the comparison with a reader and the leakage guard run for "
-                    "ultrasound tasks only for now; %s is kept out of the inputs.", cfg.data.roles.reader_score)
-    if dist_utils.is_main():  # (torchrun stops the other ranks when this one refuses)
-        check_and_record(run_dir, cfg, grading_stages(cfg, run_dir),
-                         {"cases": table_digest(cases), "tiles": table_digest(tiles)}, resume=resume)
-    synthetic = is_synthetic(cases)
-    timings: dict[str, float] = {}
-    normalizer = None
-    if hc.stain_normalization != "none":
-        from breastfusion.data.stain import StainNormalizer
-
-        if not hc.stain_target:
-            raise ConfigError("histology.stain_normalization needs histology.stain_target (an H&E image).")
-        normalizer = StainNormalizer(hc.stain_normalization, target=hc.stain_target)
-    cache = TileCache(cfg.image.size, normalizer)
-
-    stacks = stack_table(tiles, hc.magnifications)
-    with dist_utils.main_first():
-        r = resume or not dist_utils.is_main()
-        t = time.perf_counter()
-        ok = cache.usable(_stack_paths(stacks, hc.magnifications))
-        if (~ok).any():
-            log.warning("%d stack(s) dropped: unreadable tiles (see the warnings above)", int((~ok).sum()))
-        stacks = stacks[ok].reset_index(drop=True)
-        no_stack = ~cases[CASE_ID].isin(set(stacks[CASE_ID]))
-        if no_stack.any():
-            log.warning("%d case(s) have no usable stack and are left out: %s", int(no_stack.sum()),
-                        ", ".join(cases.loc[no_stack, CASE_ID].head(5)))
-            cases = cases[~no_stack].reset_index(drop=True)
-        timings["decode_s"] = time.perf_counter() - t
-        if dist_utils.is_main():
-            save_config(cfg, run_dir / "config.yaml")
-            write_cases(cases, run_dir / "cases.csv")
-        splits = stage_splits(cases, None, cfg, run_dir, r)
-        t = time.perf_counter()
-        pathomics = stage_pathomics(tiles[tiles[CASE_ID].isin(set(cases[CASE_ID]))], cfg, run_dir, r, progress)
-        timings["pathomics_s"] = time.perf_counter() - t
-        deep_emb = None
-        if cfg.experiment.classical_models and hc.deep_features_for_classical:
-            t = time.perf_counter()
-            deep_emb = stage_deep_embeddings(stacks, cfg, run_dir, r, cache, progress)
-            timings["embeddings_s"] = time.perf_counter() - t
-        columns = resolve_roles(cases, cfg.data).inputs  # excluded / reader columns never become inputs
-        table = tabular_table(cases, columns, pathomics)
-        if table.shape[1] == 0:
-            table = None
-        t = time.perf_counter()
-        predictions = stage_classical(cases, table, deep_emb, splits, classes, cfg, run_dir, r)
-        timings["classical_s"] = time.perf_counter() - t
-
-    for variant in hc.variants:
-        t = time.perf_counter()
-        predictions[f"deep_{variant}"] = stage_grader_cv(variant, cases, stacks, table, splits, classes, cfg, run_dir,
-                                                         resume, progress, cache)
-        timings[f"deep_{variant}_s"] = time.perf_counter() - t
-
-    ordinal = hc.ordinal_metrics
-    results = {}
-    for name, preds in predictions.items():
-        preds = preds.merge(cases[[CASE_ID, PATIENT_ID]], on=CASE_ID, how="left")
-        results[name] = {"predictions": preds,
-                         "metrics": evaluate(preds, classes, n_boot=cfg.experiment.n_boot, seed=cfg.seed,
-                                             group_col=PATIENT_ID, ordinal=ordinal)}
-        if name.startswith("deep_"):
-            results[name]["description"] = VARIANT_DESCRIPTIONS.get(name.removeprefix("deep_"))
-    metrics = {name: to_jsonable(r["metrics"]) for name, r in results.items()}
-    centres = per_center_table(results, cases, classes, ordinal)
-
-    bundle = None
-    finished = run_dir / "bundles" / "multiscale"
-    want_bundle = bool(hc.variants and cfg.experiment.final_models)
-    if want_bundle and resume and (finished / "bundle.json").exists():  # bundles are written atomically
-        log.info("resume: reusing the finished bundle %s", finished)
-        bundle = finished
-    elif want_bundle:
-        t = time.perf_counter()
-        calibration = None
-        if "deep_multiscale" in results:
-            from breastfusion.evaluation.calibration import fit_bundle_calibration
-
-            try:
-                calibration = fit_bundle_calibration(results["deep_multiscale"]["predictions"], classes,
-                                                     method=cfg.experiment.conformal_method,
-                                                     alpha=cfg.experiment.conformal_alpha,
-                                                     class_conditional=cfg.experiment.conformal_class_conditional)
-            except DataError as exc:  # too few cases for the requested coverage
-                log.warning("multiscale bundle left uncalibrated: %s", exc)
-        bundle = fit_final_grader(cases, stacks, table, classes, cfg, run_dir, resume=resume, progress=progress,
-                                  calibration=calibration,
-                                  data_meta={"splits": f"{cfg.cv.strategy}, seed {cfg.seed}, patients kept together",
-                                             "stacks": int(len(stacks)),
-                                             "magnifications": [float(m) for m in hc.magnifications]},
-                                  cache=cache, synthetic=synthetic, metrics=metrics.get("deep_multiscale"),
-                                  clinical_cols=columns,
-                                  pathomics_cols=list(pathomics.columns) if pathomics is not None else [])
-        timings["final_multiscale_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t_start
-    if not dist_utils.is_main():
-        return RunResult(run_dir=run_dir, metrics=metrics, report=None, bundle=bundle)
-
-    figures = {}
-    for variant in hc.variants:
-        f = attention_figure(run_dir / "predictions" / f"stacks_deep_{variant}.csv", cases,
-                             run_dir / "report" / "figures" / f"attention_{variant}.png",
-                             f"deep_{variant}: out-of-fold test stacks")
-        if f is not None:
-            figures[f"Cross-scale attention and scale weights: deep_{variant}"] = f
-    t = time.perf_counter()
-    sections = bundle_sections(results, {"deep_multiscale": bundle} if bundle is not None else {}, classes, cfg,
-                               run_dir, source=tiles, cases=cases,
-                               background=table.reset_index() if table is not None else None)
-    timings["report_sections_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t_start
-    write_csv(centres, run_dir / "per_centre_metrics.csv")
-    write_json({"classes": classes, "synthetic_data": synthetic, "timings": timings, "models": metrics,
-                "per_centre": centres.to_dict(orient="records")}, run_dir / "metrics.json")
-    notes = []
-    if synthetic:
-        notes.append("Every case in this run is SYNTHETIC procedural tissue: the numbers show the software works, "
-                     "not how a model grades patients.")
-    notes.append(f"Splits: {cfg.cv.strategy}, seed {cfg.seed}; a patient never spans two folds. "
-                 + ("Each fold holds out one centre: the per-centre table is external validation. "
-                    if cfg.cv.strategy == "leave_one_center_out" else "")
-                 + "Deep models stop early on an inner patient-grouped validation split of the training folds. "
-                 "Case prediction = mean of its stacks' probabilities. CIs: cluster bootstrap over patients.")
-    if hc.feature_selection != "none" and cfg.experiment.classical_models:
-        notes.append("Classical models select features (LASSO) inside each training fold; '+deep' models add "
-                     "case-mean frozen-backbone embeddings per magnification to pathomics and clinical features.")
-    weights = {}
-    for v in hc.variants:
-        weights.update(build_weight_note(v, cfg))
-    summary = {
-        "cases": len(cases), "stacks": len(stacks), "magnifications": [f"{m:g}x" for m in hc.magnifications],
-        "classes": {c: int((cases[LABEL] == c).sum()) for c in classes},
-        "patients": int(cases[PATIENT_ID].nunique()), "centres": sorted(cases[CENTER].unique().tolist()),
-        "backbone weights": weights, "per-centre metrics": centres,
-        "timings (s)": {k: round(v, 1) for k, v in timings.items()},
-    }
-    report = write_report(run_dir / "report", title=f"breastfusion grading — {cfg.name}", model_results=results,
-                          dataset_summary=summary, config_text=config_to_yaml(cfg), notes=notes, synthetic=synthetic,
-                          extra_figures=figures, sections=sections)
-    return RunResult(run_dir=run_dir, metrics=metrics, report=report, bundle=bundle)
-
-
 def build_weight_note(variant: str, cfg: Config) -> dict[str, str]:
     from breastfusion.models.pretrained import hub_reachable
 
@@ -562,13 +377,23 @@ def build_weight_note(variant: str, cfg: Config) -> dict[str, str]:
 
 
 class HistologyTask:
-    """Nottingham grade from concentric multi-magnification H&E stacks, pathomics and clinical columns."""
+    """Nottingham grade from concentric multi-magnification H&E stacks, pathomics and clinical columns.
+
+    Stack → case pooling is the mean of the stacks' class probabilities (see the module docstring). Under torchrun
+    the main rank decodes, extracts and fits the classical models first; the other ranks then reuse its files."""
 
     name = "histology"
     description = "H&E stacks at several magnifications + pathomics + clinical columns: Nottingham grade 1 / 2 / 3"
     inputs = ("tiles (stacks of magnifications)", "pathomics (computed)", "clinical columns")
     network_kinds = ("multiscale",)
     serves = False
+    group_column = PATIENT_ID
+
+    def check(self, cfg: Config) -> None:
+        from breastfusion.training.trainer import check_epochs
+
+        if cfg.histology.variants:
+            check_epochs(cfg.train)  # before the pathomics and classical models, not after
 
     def variants(self, cfg: Config) -> list[str]:
         return list(cfg.histology.variants)
@@ -576,10 +401,169 @@ class HistologyTask:
     def stages(self, cfg: Config, run_dir: Path) -> list:
         return grading_stages(cfg, Path(run_dir))
 
-    def run(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-            cases: pd.DataFrame | None = None, tiles: pd.DataFrame | None = None) -> RunResult:
-        return run_histology(cfg, run_dir, resume=resume, progress=progress, cases=cases, tiles=tiles)
+    def load(self, run: Run, cases: pd.DataFrame | None = None, tiles: pd.DataFrame | None = None) -> None:
+        cfg, hc = run.cfg, run.cfg.histology
+        if cases is None:
+            if not cfg.data.source:
+                raise DataError("No cases table: set data.source to the histology cases table (CSV/Parquet).")
+            cases = read_cases(cfg.data.source, require_images=False)
+        if tiles is None:
+            if not hc.tiles:
+                raise DataError("No tiles table: set histology.tiles (columns case_id, stack_id, magnification, "
+                                "image_path).")
+            tiles = read_tiles(hc.tiles, cases)
+        run.cases, run.state["tiles"] = cases, tiles
+
+    def check_inputs(self, run: Run) -> None:
+        tiles = run.state["tiles"]
+        run.state["tiles"] = tiles[tiles[CASE_ID].isin(set(run.cases[CASE_ID]))]  # after data.drop_labels
+        if run.cfg.data.roles.reader_score:  # said, not silently ignored
+            log.warning("data.roles.reader_score is set, but the comparison with a reader and the leakage guard run "
+                        "for ultrasound tasks only for now; %s is kept out of the inputs.",
+                        run.cfg.data.roles.reader_score)
+
+    def digests(self, run: Run) -> dict[str, str]:
+        from breastfusion.run_state import table_digest
+
+        return {"cases": table_digest(run.cases), "tiles": table_digest(run.state["tiles"])}
+
+    def prepare(self, run: Run) -> None:
+        cfg, hc = run.cfg, run.cfg.histology
+        normalizer = None
+        if hc.stain_normalization != "none":
+            from breastfusion.data.stain import StainNormalizer
+
+            if not hc.stain_target:
+                raise ConfigError("histology.stain_normalization needs histology.stain_target (an H&E image).")
+            normalizer = StainNormalizer(hc.stain_normalization, target=hc.stain_target)
+        cache = run.state["cache"] = TileCache(cfg.image.size, normalizer)
+        stacks = stack_table(run.state["tiles"], hc.magnifications)
+        with dist_utils.main_first():
+            r = run.resume or not run.main
+            t = time.perf_counter()
+            ok = cache.usable(_stack_paths(stacks, hc.magnifications))
+            if (~ok).any():
+                log.warning("%d stack(s) dropped: unreadable tiles (see the warnings above)", int((~ok).sum()))
+            stacks = run.state["stacks"] = stacks[ok].reset_index(drop=True)
+            no_stack = ~run.cases[CASE_ID].isin(set(stacks[CASE_ID]))
+            if no_stack.any():
+                log.warning("%d case(s) have no usable stack and are left out: %s", int(no_stack.sum()),
+                            ", ".join(run.cases.loc[no_stack, CASE_ID].head(5)))
+                run.cases = run.cases[~no_stack].reset_index(drop=True)
+            run.timings["decode_s"] = time.perf_counter() - t
+            if run.main:
+                write_cases(run.cases, run.dir / "cases.csv")
+            run.splits = stage_splits(run.cases, None, cfg, run.dir, r)
+
+    def features(self, run: Run) -> None:
+        from breastfusion.data.roles import resolve_roles
+        from breastfusion.tabular_inputs import tabular_table
+
+        cfg, hc, tiles = run.cfg, run.cfg.histology, run.state["tiles"]
+        with dist_utils.main_first():
+            r = run.resume or not run.main
+            t = time.perf_counter()
+            pathomics = stage_pathomics(tiles[tiles[CASE_ID].isin(set(run.cases[CASE_ID]))], cfg, run.dir, r,
+                                        run.progress)
+            run.timings["pathomics_s"] = time.perf_counter() - t
+            deep_emb = None
+            if cfg.experiment.classical_models and hc.deep_features_for_classical:
+                t = time.perf_counter()
+                deep_emb = stage_deep_embeddings(run.state["stacks"], cfg, run.dir, r, run.state["cache"],
+                                                 run.progress)
+                run.timings["embeddings_s"] = time.perf_counter() - t
+        columns = resolve_roles(run.cases, cfg.data).inputs  # excluded / reader columns never become inputs
+        table = tabular_table(run.cases, columns, pathomics)
+        run.table = None if table.shape[1] == 0 else table
+        run.state.update(pathomics=pathomics, deep_embeddings=deep_emb, columns=columns)
+
+    def classical(self, run: Run) -> dict[str, pd.DataFrame]:
+        with dist_utils.main_first():
+            r = run.resume or not run.main
+            return stage_classical(run.cases, run.table, run.state["deep_embeddings"], run.splits, run.classes,
+                                   run.cfg, run.dir, r)
+
+    def deep_cv(self, run: Run, variant: str) -> tuple[str, pd.DataFrame | None]:
+        return f"deep_{variant}", stage_grader_cv(variant, run.cases, run.state["stacks"], run.table, run.splits,
+                                                  run.classes, run.cfg, run.dir, run.resume, run.progress,
+                                                  run.state["cache"])
+
+    def ordinal(self, cfg: Config) -> bool:
+        return cfg.histology.ordinal_metrics
+
+    def result_notes(self, run: Run, name: str) -> dict:
+        if name.startswith("deep_"):
+            return {"description": VARIANT_DESCRIPTIONS.get(name.removeprefix("deep_"))}
+        return {}
+
+    def bundle_plan(self, run: Run) -> list[BundlePlan]:
+        if run.cfg.histology.variants and run.cfg.experiment.final_models:
+            return [BundlePlan("multiscale", "deep_multiscale", "multiscale")]
+        return []
+
+    def fit_bundle(self, run: Run, plan: BundlePlan, calibration: dict | None) -> Path:
+        cfg, hc, pathomics = run.cfg, run.cfg.histology, run.state["pathomics"]
+        return fit_final_grader(run.cases, run.state["stacks"], run.table, run.classes, cfg, run.dir,
+                                resume=run.resume, progress=run.progress, calibration=calibration,
+                                data_meta={"splits": f"{cfg.cv.strategy}, seed {cfg.seed}, patients kept together",
+                                           "stacks": int(len(run.state["stacks"])),
+                                           "magnifications": [float(m) for m in hc.magnifications]},
+                                cache=run.state["cache"], synthetic=run.synthetic,
+                                metrics=run.metrics.get(plan.name), clinical_cols=run.state["columns"],
+                                pathomics_cols=list(pathomics.columns) if pathomics is not None else [])
+
+    def explain_inputs(self, run: Run) -> dict:
+        background = run.table.reset_index() if run.table is not None else None
+        return {"source": run.state["tiles"], "cases": run.cases, "background": background, "max_stacks": 1}
+
+    def sections(self, run: Run) -> tuple[list, list]:
+        centres = per_center_table(run.results, run.cases, run.classes, run.cfg.histology.ordinal_metrics)
+        write_csv(centres, run.dir / "per_centre_metrics.csv")
+        run.state["centres"] = centres
+        run.extra_metrics["per_centre"] = centres.to_dict(orient="records")
+        return [], []
+
+    def notes(self, run: Run) -> list[str]:
+        cfg, hc, notes = run.cfg, run.cfg.histology, []
+        if run.synthetic:
+            notes.append("Every case in this run is SYNTHETIC procedural tissue: the numbers show the software "
+                         "works, not how a model grades patients.")
+        notes.append(f"Splits: {cfg.cv.strategy}, seed {cfg.seed}; a patient never spans two folds. "
+                     + ("Each fold holds out one centre: the per-centre table is external validation. "
+                        if cfg.cv.strategy == "leave_one_center_out" else "")
+                     + "Deep models stop early on an inner patient-grouped validation split of the training folds. "
+                     "Case prediction = mean of its stacks' probabilities. CIs: cluster bootstrap over patients.")
+        if hc.feature_selection != "none" and cfg.experiment.classical_models:
+            notes.append("Classical models select features (LASSO) inside each training fold; '+deep' models add "
+                         "case-mean frozen-backbone embeddings per magnification to pathomics and clinical features.")
+        return notes
+
+    def summary(self, run: Run) -> dict:
+        cfg, hc, cases = run.cfg, run.cfg.histology, run.cases
+        weights = {}
+        for v in hc.variants:
+            weights.update(build_weight_note(v, cfg))
+        return {
+            "cases": len(cases), "stacks": len(run.state["stacks"]),
+            "magnifications": [f"{m:g}x" for m in hc.magnifications],
+            "classes": {c: int((cases[LABEL] == c).sum()) for c in run.classes},
+            "patients": int(cases[PATIENT_ID].nunique()), "centres": sorted(cases[CENTER].unique().tolist()),
+            "backbone weights": weights, "per-centre metrics": run.state["centres"],
+            "timings (s)": {k: round(v, 1) for k, v in run.timings.items()},
+        }
+
+    def figures(self, run: Run) -> dict:
+        figures = {}
+        for variant in run.cfg.histology.variants:
+            f = attention_figure(run.dir / "predictions" / f"stacks_deep_{variant}.csv", run.cases,
+                                 run.dir / "report" / "figures" / f"attention_{variant}.png",
+                                 f"deep_{variant}: out-of-fold test stacks")
+            if f is not None:
+                figures[f"Cross-scale attention and scale weights: deep_{variant}"] = f
+        return figures
+
+    def report_title(self, cfg: Config) -> str:
+        return f"breastfusion grading — {cfg.name}"
 
 
 HISTOLOGY = HistologyTask()
-

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from breastfusion.config import Config, config_to_yaml, save_config
+from breastfusion.config import Config
 from breastfusion.data.cases import (
     CASE_ID,
     LABEL,
@@ -30,19 +30,10 @@ from breastfusion.data.cases import (
 from breastfusion.data.cohorts import import_sources
 from breastfusion.data.predictions import prediction_table
 from breastfusion.errors import DataError
-from breastfusion.run_state import check_and_record, table_digest
-from breastfusion.tasks.base import (
-    RunResult,
-    bundle_sections,
-    drop_label_cases,
-    resolve_classes,
-    stage_splits,
-    write_csv,
-)
+from breastfusion.run_state import table_digest
+from breastfusion.tasks.base import BundlePlan, Run, stage_splits, write_csv
 from breastfusion.utils import (
     atomic_path,
-    remove_stale_temporaries,
-    seed_everything,
     stable_seed,
     write_json,
 )
@@ -309,212 +300,6 @@ def run_stages(cfg: Config, run_dir: Path) -> list:
 
 
 
-def run_ultrasound(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-                   cases: pd.DataFrame | None = None) -> RunResult:
-    """Run the ultrasound experiment described by ``cfg`` into ``run_dir`` (``cases``: the cases table, instead
-    of importing ``data.source``)."""
-    from breastfusion.data.leakage import roles_section, run_leakage_guard
-    from breastfusion.data.roles import resolve_roles
-    from breastfusion.data.synthetic import is_synthetic
-    from breastfusion.evaluation.metrics import evaluate, to_jsonable
-    from breastfusion.evaluation.report import write_report
-    from breastfusion.features.radiomics import EXPERT_MASK_NOTE
-    from breastfusion.tabular_inputs import tabular_table
-    from breastfusion.training.data import image_cache_for
-
-    t_start = time.perf_counter()
-    from breastfusion.training.trainer import check_epochs
-
-    for variant in dict.fromkeys([*cfg.experiment.deep_models, *cfg.experiment.final_models]):
-        check_epochs(cfg.train, uses_image=variant != "tabular")  # before hours of audit and classical models
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(run_dir)  # left by a killed process; no writer of ours runs here yet
-    seed_everything(cfg.seed)
-    table_rows = cases is not None or isinstance(cfg.data.source, str) and not Path(cfg.data.source).is_dir()
-    if cases is None:
-        if not cfg.data.source:
-            raise DataError("No data source: set data.source (a cases table or a BUSI-style folder).")
-        cases = import_sources(cfg.data.source)
-    cases, dropped = drop_label_cases(cases, cfg.data.drop_labels)
-    classes = resolve_classes(cases, cfg)
-    roles = resolve_roles(cases, cfg.data)  # a role naming a wrong column fails before hours of audit
-    if cfg.data.roles.reader_score:  # a reader score its order cannot place fails before any training
-        from breastfusion.evaluation.reader import check_reader_column
-
-        check_reader_column(cases, cfg.data.roles.reader_score, cfg.data.roles.reader_score_order,
-                            missing_values=cfg.data.missing_values, positive=cfg.data.roles.reader_positive,
-                            classes=classes)
-    check_and_record(run_dir, cfg, run_stages(cfg, run_dir), {"cases": table_digest(cases)}, resume=resume)
-    save_config(cfg, run_dir / "config.yaml")
-    synthetic = is_synthetic(cases)
-    timings = {}
-
-    t = time.perf_counter()
-    groups, audit_summary = stage_audit(cases, cfg, run_dir, resume, progress, table_rows=table_rows,
-                                        input_columns=roles.inputs)
-    timings["audit_s"] = time.perf_counter() - t
-    cases = cases.assign(dup_group=groups.to_numpy())
-    write_cases(cases, run_dir / "cases.csv")
-    splits = stage_splits(cases, cases.set_index(CASE_ID)["dup_group"], cfg, run_dir, resume)
-    # before any model trains: an input column that alone predicts the label stops the run (data/leakage.py)
-    leakage = run_leakage_guard(cases, roles.inputs, splits, classes, cfg.data, run_dir, seed=cfg.seed)
-
-    segmenter, seg_summary, mask_cases = None, None, cases
-    if cfg.data.masks == "predicted" and cfg.data.radiomics:
-        t = time.perf_counter()
-        mask_cases, segmenter, seg_summary = stage_segmentation(cases, splits, classes, cfg, run_dir, resume, progress)
-        timings["segmentation_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    radiomics = None if cfg.data.masks == "none" else stage_radiomics(mask_cases, cfg, run_dir, progress)
-    timings["radiomics_s"] = time.perf_counter() - t
-    expert_mask = radiomics is not None and cfg.data.masks == "expert"
-    columns = roles.inputs
-    table = tabular_table(cases, columns, radiomics)
-    if table.shape[1] == 0:
-        table = None
-
-    predictions: dict[str, pd.DataFrame] = {}
-    t = time.perf_counter()
-    classical_preds, classical_files, classical_features, classical_reading = stage_classical(
-        table, cases, splits, classes, cfg, run_dir, resume)
-    predictions.update(classical_preds)
-    timings["classical_s"] = time.perf_counter() - t
-    cache = image_cache_for(cfg)  # resized (and, with image.clean, cleaned) images, shared by every model
-    for variant in cfg.experiment.deep_models:
-        if variant in ("fusion", "tabular") and table is None:
-            log.warning("skipping the %s model: the cases have no tabular data (no clinical columns, no masks)", variant)
-            continue
-        t = time.perf_counter()
-        predictions[DEEP_NAMES[variant]] = stage_deep(variant, cases, table, splits, classes, cfg, run_dir, resume,
-                                                      progress, cache)
-        timings[f"{DEEP_NAMES[variant]}_s"] = time.perf_counter() - t
-
-    group_col = "dup_group"
-    results = {}
-    for name, preds in predictions.items():
-        preds = preds.merge(cases[[CASE_ID, PATIENT_ID, "dup_group"]], on=CASE_ID, how="left")
-        # Cluster bootstrap over near-duplicate groups: correlated copies are resampled together.
-        results[name] = {"predictions": preds,
-                         "metrics": evaluate(preds, classes, n_boot=cfg.experiment.n_boot, seed=cfg.seed,
-                                             group_col=group_col),
-                         # every model but the image-only network reads the tabular table, radiomics included
-                         "expert_mask": expert_mask and name != DEEP_NAMES["image"]}
-    metrics = {name: to_jsonable(r["metrics"]) for name, r in results.items()}
-    write_json({"classes": classes, "synthetic_data": synthetic, "timings": timings, "models": metrics},
-               run_dir / "metrics.json")
-
-    bundles: dict[str, Path] = {}
-    for variant in dict.fromkeys(v if table is not None else "image" for v in cfg.experiment.final_models):
-        from breastfusion.training.fit import fit_final_bundle
-
-        name = DEEP_NAMES[variant]
-        if resume and (run_dir / "bundles" / name / "bundle.json").exists():  # bundles are written atomically
-            log.info("resume: reusing the finished bundle %s", run_dir / "bundles" / name)
-            bundles[name] = run_dir / "bundles" / name
-            continue
-        t = time.perf_counter()
-        calibration = None
-        if name in results:
-            from breastfusion.evaluation.calibration import fit_bundle_calibration
-
-            try:
-                calibration = fit_bundle_calibration(results[name]["predictions"], classes,
-                                                     method=cfg.experiment.conformal_method,
-                                                     alpha=cfg.experiment.conformal_alpha,
-                                                     class_conditional=cfg.experiment.conformal_class_conditional)
-            except DataError as exc:  # e.g. too few cases for the requested coverage
-                log.warning("bundle %s left uncalibrated: %s", name, exc)
-        bundles[name] = fit_final_bundle(variant, cases, table, classes, cfg, run_dir, resume=resume,
-                                         progress=progress, cache=cache, synthetic=synthetic,
-                                         metrics=metrics.get(name), radiomics_used=radiomics is not None,
-                                         clinical_cols=columns,
-                                         classical={"files": classical_files, "features": classical_features,
-                                                    "reading": classical_reading,
-                                                    "metrics": {k: metrics[k] for k in classical_files}},
-                                         calibration=calibration, segmenter=segmenter,
-                                         segmentation_summary=seg_summary,
-                                         data_meta={"audit": audit_summary,
-                                                    "splits": f"{cfg.cv.strategy}, {cfg.cv.n_splits} folds, seed {cfg.seed}, "
-                                                              "patients and near-duplicate groups kept together"})
-        timings[f"final_{name}_s"] = time.perf_counter() - t
-    bundle = next(iter(bundles.values()), None)
-    t = time.perf_counter()
-    sections = bundle_sections(results, bundles, classes, cfg, run_dir, source=cases,
-                               background=table.reset_index() if table is not None else None)
-    try:
-        sections.insert(0, roles_section(cases, roles, cfg.data, leakage))
-    except Exception as exc:  # noqa: BLE001 - a report section never loses the run
-        from breastfusion.evaluation.insight import failed_section
-
-        sections.insert(0, failed_section("column-roles", "Column roles", exc))
-    if seg_summary is not None:
-        try:
-            sections.insert(0, segmentation_section(seg_summary, run_dir / "segmentation" / "cv"))
-        except Exception as exc:  # noqa: BLE001 - a report section never loses the run
-            from breastfusion.evaluation.insight import failed_section
-
-            sections.insert(0, failed_section("segmentation", "Lesion segmentation", exc))
-    if cases["center"].nunique() > 1:  # several centres: the figures per centre open the report
-        from breastfusion.evaluation.sites import cross_site_section
-
-        try:
-            sec = cross_site_section(results, cases, classes, strategy=cfg.cv.strategy,
-                                     n_boot=min(cfg.experiment.n_boot, 500), seed=cfg.seed,
-                                     expert_mask={n: r["expert_mask"] for n, r in results.items()})
-            if sec is not None:
-                write_json(sec.data, run_dir / "cross_site.json")
-                sections.insert(0, sec)
-        except Exception as exc:  # noqa: BLE001 - a report section never loses the run
-            from breastfusion.evaluation.insight import failed_section
-
-            sections.insert(0, failed_section("across-sites", "Across sites", exc))
-    if cfg.data.roles.reader_score:  # every model vs the radiologist on the same out-of-fold cases
-        from breastfusion.evaluation.reader import run_reader_comparison
-
-        sections.append(run_reader_comparison(results, cases, cfg, run_dir))
-    timings["report_sections_s"] = time.perf_counter() - t
-
-    timings["total_s"] = time.perf_counter() - t_start
-    notes = []
-    if synthetic:
-        notes.append("Every case in this run comes from the built-in SYNTHETIC phantom cohort: the numbers show the "
-                     "software works, not how a model performs on patients.")
-    if expert_mask:
-        notes.append(EXPERT_MASK_NOTE)
-    elif radiomics is not None and seg_summary is not None:
-        from breastfusion.segmentation.metrics import format_summary
-
-        notes.append("Radiomics come from PREDICTED lesion masks: out-of-fold masks of a segmenter trained on the "
-                     "expert outlines of the other folds, so no figure here needs the radiologist's outline at "
-                     "prediction; the bundle carries the segmenter. Out-of-fold segmentation quality against the "
-                     f"expert: {format_summary(seg_summary) or 'not available'}.")
-    reader_path = run_dir / "reader_comparison.json"
-    if cfg.data.roles.reader_score and reader_path.exists():  # the radiologist belongs in the summary, not only below
-        from breastfusion.evaluation.reader import summary_note
-
-        notes.append(summary_note(json.loads(reader_path.read_text())))
-    notes.append(f"Splits: {cfg.cv.strategy}, {cfg.cv.n_splits} folds, seed {cfg.seed}; a patient and a "
-                 "near-duplicate group always stay on one side. Confidence intervals: percentile bootstrap "
-                 f"({cfg.experiment.n_boot} resamples) over near-duplicate groups. Deep models stop early on an inner "
-                 "validation split of the training folds, never on the test fold.")
-    summary = {
-        "cases": len(cases), "classes": {c: int((cases[LABEL] == c).sum()) for c in classes},
-        "patients": int(cases[PATIENT_ID].nunique()), "centres": sorted(cases["center"].unique().tolist()),
-        "tabular columns": (0 if table is None else table.shape[1]), "clinical columns": len(columns),
-        "radiomics": ("not used" if radiomics is None else "from the expert's lesion masks" if expert_mask
-                      else "from predicted lesion masks (out-of-fold segmenter)"),
-        "set aside (data.drop_labels)": dropped, "audit": audit_summary,
-        "timings (s)": {k: round(v, 1) for k, v in timings.items()},
-    }
-    report = write_report(run_dir / "report", title=f"breastfusion — {cfg.name}", model_results=results,
-                          dataset_summary=summary, config_text=config_to_yaml(cfg), notes=notes, synthetic=synthetic,
-                          sections=sections)
-    write_json({"classes": classes, "synthetic_data": synthetic, "timings": timings, "models": metrics},
-               run_dir / "metrics.json")
-    return RunResult(run_dir=run_dir, metrics=metrics, report=report, bundle=bundle)
-
-
 class UltrasoundTask:
     """Breast ultrasound image + clinical columns + lesion radiomics (mask expert, predicted or none)."""
 
@@ -523,6 +308,13 @@ class UltrasoundTask:
     inputs = ("image", "mask or bbox", "clinical columns")
     network_kinds = ("fusion",)
     serves = True
+    group_column = "dup_group"  # near-duplicate groups (patients within them) are resampled together
+
+    def check(self, cfg: Config) -> None:
+        from breastfusion.training.trainer import check_epochs
+
+        for variant in dict.fromkeys([*cfg.experiment.deep_models, *cfg.experiment.final_models]):
+            check_epochs(cfg.train, uses_image=variant != "tabular")
 
     def variants(self, cfg: Config) -> list[str]:
         return list(cfg.experiment.deep_models)
@@ -530,10 +322,195 @@ class UltrasoundTask:
     def stages(self, cfg: Config, run_dir: Path) -> list:
         return run_stages(cfg, Path(run_dir))
 
-    def run(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-            cases: pd.DataFrame | None = None) -> RunResult:
-        return run_ultrasound(cfg, run_dir, resume=resume, progress=progress, cases=cases)
+    def load(self, run: Run, cases: pd.DataFrame | None = None) -> None:
+        cfg = run.cfg
+        run.state["table_rows"] = cases is not None or (isinstance(cfg.data.source, str)
+                                                        and not Path(cfg.data.source).is_dir())
+        if cases is None:
+            if not cfg.data.source:
+                raise DataError("No data source: set data.source (a cases table or a BUSI-style folder).")
+            cases = import_sources(cfg.data.source)
+        run.cases = cases
+
+    def check_inputs(self, run: Run) -> None:
+        from breastfusion.data.roles import resolve_roles
+
+        cfg = run.cfg
+        run.state["roles"] = resolve_roles(run.cases, cfg.data)  # a role naming a wrong column fails here
+        if cfg.data.roles.reader_score:  # a reader score its order cannot place fails before any training
+            from breastfusion.evaluation.reader import check_reader_column
+
+            check_reader_column(run.cases, cfg.data.roles.reader_score, cfg.data.roles.reader_score_order,
+                                missing_values=cfg.data.missing_values, positive=cfg.data.roles.reader_positive,
+                                classes=run.classes)
+
+    def digests(self, run: Run) -> dict[str, str]:
+        return {"cases": table_digest(run.cases)}
+
+    def prepare(self, run: Run) -> None:
+        from breastfusion.data.leakage import run_leakage_guard
+
+        cfg, roles = run.cfg, run.state["roles"]
+        t = time.perf_counter()
+        groups, run.state["audit"] = stage_audit(run.cases, cfg, run.dir, run.resume, run.progress,
+                                                 table_rows=run.state["table_rows"], input_columns=roles.inputs)
+        run.timings["audit_s"] = time.perf_counter() - t
+        run.cases = run.cases.assign(dup_group=groups.to_numpy())
+        write_cases(run.cases, run.dir / "cases.csv")
+        run.splits = stage_splits(run.cases, run.cases.set_index(CASE_ID)["dup_group"], cfg, run.dir, run.resume)
+        # before any model trains: an input column that alone predicts the label stops the run (data/leakage.py)
+        run.state["leakage"] = run_leakage_guard(run.cases, roles.inputs, run.splits, run.classes, cfg.data,
+                                                 run.dir, seed=cfg.seed)
+
+    def features(self, run: Run) -> None:
+        from breastfusion.tabular_inputs import tabular_table
+
+        cfg = run.cfg
+        segmenter, seg_summary, mask_cases = None, None, run.cases
+        if cfg.data.masks == "predicted" and cfg.data.radiomics:
+            t = time.perf_counter()
+            mask_cases, segmenter, seg_summary = stage_segmentation(run.cases, run.splits, run.classes, cfg, run.dir,
+                                                                    run.resume, run.progress)
+            run.timings["segmentation_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        radiomics = None if cfg.data.masks == "none" else stage_radiomics(mask_cases, cfg, run.dir, run.progress)
+        run.timings["radiomics_s"] = time.perf_counter() - t
+        run.state.update(segmenter=segmenter, segmentation=seg_summary, radiomics=radiomics,
+                         expert_mask=radiomics is not None and cfg.data.masks == "expert")
+        table = tabular_table(run.cases, run.state["roles"].inputs, radiomics)
+        run.table = None if table.shape[1] == 0 else table
+
+    def classical(self, run: Run) -> dict[str, pd.DataFrame]:
+        preds, files, feats, reading = stage_classical(run.table, run.cases, run.splits, run.classes, run.cfg,
+                                                       run.dir, run.resume)
+        run.state["classical"] = {"files": files, "features": feats, "reading": reading}
+        return preds
+
+    def deep_cv(self, run: Run, variant: str) -> tuple[str, pd.DataFrame | None]:
+        from breastfusion.training.data import image_cache_for
+
+        name = DEEP_NAMES[variant]
+        if variant in ("fusion", "tabular") and run.table is None:
+            log.warning("skipping the %s model: the cases have no tabular data (no clinical columns, no masks)",
+                        variant)
+            return name, None
+        if "cache" not in run.state:  # resized (and, with image.clean, cleaned) images, shared by every model
+            run.state["cache"] = image_cache_for(run.cfg)
+        return name, stage_deep(variant, run.cases, run.table, run.splits, run.classes, run.cfg, run.dir,
+                                run.resume, run.progress, run.state["cache"])
+
+    def ordinal(self, cfg: Config) -> bool:
+        return False
+
+    def result_notes(self, run: Run, name: str) -> dict:
+        # every model but the image-only network reads the tabular table, radiomics included
+        return {"expert_mask": run.state["expert_mask"] and name != DEEP_NAMES["image"]}
+
+    def bundle_plan(self, run: Run) -> list[BundlePlan]:
+        # a fusion or tabular bundle falls back to image-only when the cases have no tabular data
+        variants = dict.fromkeys(v if run.table is not None else "image" for v in run.cfg.experiment.final_models)
+        return [BundlePlan(v, DEEP_NAMES[v], DEEP_NAMES[v]) for v in variants]
+
+    def fit_bundle(self, run: Run, plan: BundlePlan, calibration: dict | None) -> Path:
+        from breastfusion.training.data import image_cache_for
+        from breastfusion.training.fit import fit_final_bundle
+
+        cfg, classical = run.cfg, run.state["classical"]
+        if "cache" not in run.state:
+            run.state["cache"] = image_cache_for(cfg)
+        return fit_final_bundle(plan.variant, run.cases, run.table, run.classes, cfg, run.dir, resume=run.resume,
+                                progress=run.progress, cache=run.state["cache"], synthetic=run.synthetic,
+                                metrics=run.metrics.get(plan.name), radiomics_used=run.state["radiomics"] is not None,
+                                clinical_cols=run.state["roles"].inputs,
+                                classical={**classical,
+                                           "metrics": {k: run.metrics[k] for k in classical["files"]}},
+                                calibration=calibration, segmenter=run.state["segmenter"],
+                                segmentation_summary=run.state["segmentation"],
+                                data_meta={"audit": run.state["audit"],
+                                           "splits": f"{cfg.cv.strategy}, {cfg.cv.n_splits} folds, seed {cfg.seed}, "
+                                                     "patients and near-duplicate groups kept together"})
+
+    def explain_inputs(self, run: Run) -> dict:
+        background = run.table.reset_index() if run.table is not None else None
+        return {"source": run.cases, "cases": None, "background": background, "max_stacks": 1}
+
+    def sections(self, run: Run) -> tuple[list, list]:
+        from breastfusion.evaluation.roles import roles_section
+        from breastfusion.evaluation.insight import failed_section
+
+        cfg, first, last = run.cfg, [], []
+        if run.cases["center"].nunique() > 1:  # several centres: the figures per centre open the report
+            from breastfusion.evaluation.sites import cross_site_section
+
+            try:
+                sec = cross_site_section(run.results, run.cases, run.classes, strategy=cfg.cv.strategy,
+                                         n_boot=min(cfg.experiment.n_boot, 500), seed=cfg.seed,
+                                         expert_mask={n: r["expert_mask"] for n, r in run.results.items()})
+                if sec is not None:
+                    write_json(sec.data, run.dir / "cross_site.json")
+                    first.append(sec)
+            except Exception as exc:  # noqa: BLE001 - a report section never loses the run
+                first.append(failed_section("across-sites", "Across sites", exc))
+        if run.state["segmentation"] is not None:
+            try:
+                first.append(segmentation_section(run.state["segmentation"], run.dir / "segmentation" / "cv"))
+            except Exception as exc:  # noqa: BLE001 - a report section never loses the run
+                first.append(failed_section("segmentation", "Lesion segmentation", exc))
+        try:
+            first.append(roles_section(run.cases, run.state["roles"], cfg.data, run.state["leakage"]))
+        except Exception as exc:  # noqa: BLE001 - a report section never loses the run
+            first.append(failed_section("column-roles", "Column roles", exc))
+        if cfg.data.roles.reader_score:  # every model vs the radiologist on the same out-of-fold cases
+            from breastfusion.evaluation.reader import run_reader_comparison
+
+            last.append(run_reader_comparison(run.results, run.cases, cfg, run.dir))
+        return first, last
+
+    def notes(self, run: Run) -> list[str]:
+        from breastfusion.features.radiomics import EXPERT_MASK_NOTE
+
+        cfg, notes = run.cfg, []
+        if run.synthetic:
+            notes.append("Every case in this run comes from the built-in SYNTHETIC phantom cohort: the numbers show "
+                         "the software works, not how a model performs on patients.")
+        if run.state["expert_mask"]:
+            notes.append(EXPERT_MASK_NOTE)
+        elif run.state["radiomics"] is not None and run.state["segmentation"] is not None:
+            from breastfusion.segmentation.metrics import format_summary
+
+            notes.append("Radiomics come from PREDICTED lesion masks: out-of-fold masks of a segmenter trained on "
+                         "the expert outlines of the other folds, so no figure here needs the radiologist's outline "
+                         "at prediction; the bundle carries the segmenter. Out-of-fold segmentation quality against "
+                         f"the expert: {format_summary(run.state['segmentation']) or 'not available'}.")
+        reader_path = run.dir / "reader_comparison.json"
+        if cfg.data.roles.reader_score and reader_path.exists():  # the radiologist belongs in the summary too
+            from breastfusion.evaluation.reader import summary_note
+
+            notes.append(summary_note(json.loads(reader_path.read_text())))
+        notes.append(f"Splits: {cfg.cv.strategy}, {cfg.cv.n_splits} folds, seed {cfg.seed}; a patient and a "
+                     "near-duplicate group always stay on one side. Confidence intervals: percentile bootstrap "
+                     f"({cfg.experiment.n_boot} resamples) over near-duplicate groups. Deep models stop early on an "
+                     "inner validation split of the training folds, never on the test fold.")
+        return notes
+
+    def summary(self, run: Run) -> dict:
+        cases, radiomics = run.cases, run.state["radiomics"]
+        return {
+            "cases": len(cases), "classes": {c: int((cases[LABEL] == c).sum()) for c in run.classes},
+            "patients": int(cases[PATIENT_ID].nunique()), "centres": sorted(cases["center"].unique().tolist()),
+            "tabular columns": (0 if run.table is None else run.table.shape[1]),
+            "clinical columns": len(run.state["roles"].inputs),
+            "radiomics": ("not used" if radiomics is None else "from the expert's lesion masks"
+                          if run.state["expert_mask"] else "from predicted lesion masks (out-of-fold segmenter)"),
+            "set aside (data.drop_labels)": run.dropped, "audit": run.state["audit"],
+            "timings (s)": {k: round(v, 1) for k, v in run.timings.items()},
+        }
+
+    def figures(self, run: Run) -> dict:
+        return {}
+
+    def report_title(self, cfg: Config) -> str:
+        return f"breastfusion — {cfg.name}"
 
 
 ULTRASOUND = UltrasoundTask()
-
