@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_description
 
-from breastfusion.inference.bundle import META, save_bundle
+from breastfusion.bundles.bundle import META, save_bundle
 from breastfusion.inference.onnx_export import export_onnx
 from breastfusion.models.multiscale import MultiScaleGrader
 

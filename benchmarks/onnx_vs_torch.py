@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from _machine import machine_description, peak_rss_mb
 
-from breastfusion.inference.bundle import META, WEIGHTS, load_bundle
+from breastfusion.bundles.bundle import META, WEIGHTS, load_bundle
 from breastfusion.inference.onnx_export import _tabular_rows, export_onnx
 from breastfusion.models.registry import phantom_grey
 from breastfusion.inference.predictor import Predictor
@@ -44,7 +44,7 @@ def fresh_bundle(path: Path, size: int = 224) -> Path:
     import timm
 
     from breastfusion.features.tabular import TabularPreprocessor
-    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.bundles.bundle import save_bundle
     from breastfusion.models.fusion import FusionClassifier
 
     rng = np.random.default_rng(0)

@@ -68,7 +68,7 @@ def build_small_bundle(path: Path) -> Path:
     import torch
 
     from breastfusion.features.tabular import TabularPreprocessor
-    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.bundles.bundle import save_bundle
     from breastfusion.models.fusion import FusionClassifier
 
     rng = np.random.default_rng(0)

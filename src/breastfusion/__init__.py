@@ -23,7 +23,7 @@ _LAZY = {
     "run_experiment": ("breastfusion.experiment", "run_experiment"),
     "RunResult": ("breastfusion.tasks.base", "RunResult"),
     "Predictor": ("breastfusion.inference.predictor", "Predictor"),
-    "load_bundle": ("breastfusion.inference.bundle", "load_bundle"),
+    "load_bundle": ("breastfusion.bundles.bundle", "load_bundle"),
     "explain_bundle": ("breastfusion.explain.runner", "explain_bundle"),
     "tasks": ("breastfusion.tasks", None),
 }

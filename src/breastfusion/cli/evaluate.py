@@ -10,11 +10,11 @@ from breastfusion.errors import DataError
 
 def cmd_calibrate(args) -> int:
     """Fit temperature scaling + split-conformal sets for an existing bundle from out-of-fold predictions."""
+    from breastfusion.bundles.bundle import read_bundle_meta, refresh_bundle
     from breastfusion.evaluation.calibration import (
         calibration_status,
         fit_bundle_calibration,
     )
-    from breastfusion.inference.bundle import read_bundle_meta, refresh_bundle
 
     meta = read_bundle_meta(args.bundle)
     preds = _read_oof_predictions(Path(args.predictions), list(meta["classes"]))

@@ -28,7 +28,7 @@ def cmd_train(args) -> int:
         overrides.append(f"data.source={args.data}")
     cfg = load_config(args.config, overrides)
     result = run_experiment(cfg, args.out, resume=args.resume, progress=not args.quiet)
-    from breastfusion.training import distributed
+    from breastfusion import distributed
 
     if not distributed.is_main():  # under torchrun, one rank reports
         return 0

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from breastfusion.bundles.bundle import Bundle
 from breastfusion.data.cases import CASE_ID, LABEL, read_cases
 from breastfusion.data.predictions import prediction_table, prob_columns
 from breastfusion.data.tiles import STACK_ID, mag_column, stack_table
@@ -30,7 +31,6 @@ from breastfusion.inference.base import (
     BundlePredictor,
     check_clinical_columns,
 )
-from breastfusion.inference.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ class GradingPredictor(BundlePredictor):
         if model:
             raise DataError(f"Bundle '{bundle.path}' is a histology grading bundle; it holds no classical model "
                             f"'{model}' (leave out --model).")
+        from breastfusion.devices import configure_threads, select_device
         from breastfusion.training.stacks import TileCache
-        from breastfusion.training.trainer import configure_threads, select_device
 
         self.bundle = bundle
         self.batch_size = batch_size

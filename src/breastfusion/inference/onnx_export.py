@@ -54,8 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from breastfusion.errors import BundleError, ConfigError, DataError
-from breastfusion.inference.bundle import (
+from breastfusion.bundles.bundle import (
     META,
     WEIGHTS,
     Bundle,
@@ -63,6 +62,7 @@ from breastfusion.inference.bundle import (
     read_bundle_meta,
     write_bundle_meta,
 )
+from breastfusion.errors import BundleError, ConfigError, DataError
 from breastfusion.models.registry import network_kind
 from breastfusion.utils import atomic_path
 

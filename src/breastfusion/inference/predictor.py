@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from breastfusion.bundles.bundle import Bundle, load_bundle
 from breastfusion.data.cases import (
     CASE_ID,
     IMAGE_PATH,
@@ -35,7 +36,6 @@ from breastfusion.inference.base import (
     BundlePredictor,
     check_clinical_columns,
 )
-from breastfusion.inference.bundle import Bundle, load_bundle
 from breastfusion.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class Predictor(BundlePredictor):
 
     def __init__(self, bundle: Bundle, *, model: str | None = None, batch_size: int = 32, threads: int | None = None,
                  io_workers: int = 2, backend: str = "torch"):
-        from breastfusion.training.trainer import configure_threads, select_device
+        from breastfusion.devices import configure_threads, select_device
 
         self.bundle = bundle
         self.batch_size = batch_size

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from breastfusion.data.cases import CASE_ID, IMAGE_PATH, LABEL, MASK_PATH, mask_list
+from breastfusion.devices import select_device
 from breastfusion.errors import BundleError, ConfigError, DataError
 from breastfusion.segmentation.unet import (
     CKPT_KEY,
@@ -65,7 +66,6 @@ from breastfusion.segmentation.unet import (
     check_size,
     letterbox_array,
     load_encoder_weights,
-    pick_device,
     read_meta,
     read_safetensors,
     resize_array,
@@ -335,7 +335,7 @@ def train_lesion_segmenter(cases: pd.DataFrame, cfg=None, out_path: str | Path =
             raise DataError(f"The cases table has no '{col}' column; the lesion segmenter trains on expert masks.")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    dev = pick_device(cfg.device)
+    dev = select_device(cfg.device)
 
     cases = cases.reset_index(drop=True)
     unknown = cases[MASK_PATH].isna()

@@ -538,7 +538,7 @@ def serve(bundle_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
     """Run the service with uvicorn until interrupted. ``options`` go to :func:`create_app`."""
     import uvicorn
 
-    from breastfusion.inference.bundle import read_bundle_meta
+    from breastfusion.bundles.bundle import read_bundle_meta
 
     read_bundle_meta(bundle_path)  # a clear error before uvicorn starts
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -328,7 +328,7 @@ class ServeModel:
 
     def __init__(self, bundle_path: str | Path, *, max_pixels: int = MAX_SCORED_PIXELS, threads: int | None = None):
         from breastfusion import tasks
-        from breastfusion.inference.bundle import load_bundle
+        from breastfusion.bundles.bundle import load_bundle
         from breastfusion.inference.predictor import Predictor
 
         self.bundle_path = Path(bundle_path)

@@ -206,7 +206,7 @@ def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | No
 
     ``segmenter`` (``data.masks: predicted``): the lesion segmenter file, copied into the bundle, which runs it
     for every case that comes without a mask."""
-    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.bundles.bundle import save_bundle
 
     groups = cases["dup_group"].to_numpy() if "dup_group" in cases else None
     name = {"fusion": "fusion", "image": "image_only", "tabular": "tabular_only"}[variant]
@@ -228,7 +228,7 @@ def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | No
     if radiomics_used:
         feature_meta["masks"] = cfg.data.masks  # where the outline behind the radiomics came from at training
     if segmenter is not None and radiomics_used:
-        from breastfusion.inference.integrity import SEGMENTER_FILE
+        from breastfusion.bundles.integrity import SEGMENTER_FILE
 
         extra_files[SEGMENTER_FILE] = Path(segmenter)
         quality = {k: v for k, v in (segmentation_summary or {}).items() if k in ("dice", "iou", "hd95", "n_cases")}

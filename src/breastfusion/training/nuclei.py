@@ -40,6 +40,7 @@ from scipy import ndimage as ndi
 from torch import nn
 
 from breastfusion.data.stain import HED_FROM_RGB, RGB_FROM_HED, _as_rgb_uint8
+from breastfusion.devices import select_device
 from breastfusion.errors import BundleError, ConfigError, DataError
 from breastfusion.features.nuclei.learned import (
     _CKPT_KEY,
@@ -51,7 +52,6 @@ from breastfusion.features.nuclei.learned import (
     OUTPUTS,
     NucleiUNet,
     _check_channels,
-    _pick_device,
     _positive,
     _read_safetensors,
     _resize,
@@ -294,7 +294,7 @@ def train_nuclei_model(
         raise DataError(f"Got {len(images)} image(s) but {len(instance_masks)} instance mask(s); they must pair up.")
     if not images:
         raise DataError("train_nuclei_model needs at least one image with instance labels.")
-    dev = _pick_device(device)
+    dev = select_device(device)
 
     scale = mpp / work_mpp
     rgbs, labels_list, extra = [], [], []

@@ -12,13 +12,12 @@ Any model with the small interface of :class:`~breastfusion.models.fusion.Fusion
 (``backbone_modules``, ``backbone_forward``, ``forward_from_backbone``, ``probabilities``, ``make_criterion``,
 ``backbone_parameters``/``head_parameters``/``set_backbone_trainable``): the ultrasound fusion model and the
 multiscale histology grader share this loop. Under ``torchrun`` the loop runs with DDP (see
-:mod:`breastfusion.training.distributed`).
+:mod:`breastfusion.distributed`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,27 +30,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+from breastfusion import devices
+from breastfusion import distributed as dist_utils
 from breastfusion.config import TrainConfig
 from breastfusion.errors import ConfigError
-from breastfusion.training import distributed as dist_utils
 from breastfusion.utils import atomic_path
 
 log = logging.getLogger(__name__)
-
-
-def select_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if dist_utils.world_size() > 1 else torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def configure_threads(threads: int | None) -> None:
-    """Use every core for intra-op work on CPU (PyTorch's default can be lower in containers); processes
-    started together by torchrun share the cores instead of each taking all of them (oversubscription makes
-    CPU training many times slower)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = threads or max(1, cores // dist_utils.local_world_size())
-    torch.set_num_threads(max(1, int(n)))
 
 
 def _core(model: nn.Module) -> nn.Module:
@@ -254,8 +239,8 @@ def train_model(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, *, n_class
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     distributed = dist_utils.init_distributed()
-    device = select_device()
-    configure_threads(cfg.threads)
+    device = devices.select_device()
+    devices.configure_threads(cfg.threads)
     channels_last = cfg.channels_last and model.uses_image
     model.to(device)
     if channels_last:

@@ -59,6 +59,7 @@ from skimage import segmentation
 from torch import nn
 
 from breastfusion.data.stain import _as_rgb_uint8
+from breastfusion.devices import select_device
 from breastfusion.errors import BundleError, ConfigError
 from breastfusion.features.nuclei.classical import _drop_small, _fill_small_holes
 from breastfusion.utils import atomic_path
@@ -147,15 +148,6 @@ def _check_channels(channels: Any) -> tuple[int, ...]:
     if not (2 <= len(ch) <= 6) or any(c < 1 or c > 1024 for c in ch) or any(float(c) != float(o) for c, o in zip(ch, channels)):
         raise ConfigError(f"'channels' must hold 2 to 6 integers in 1..1024 (one per U-Net level); got {channels!r}.")
     return ch
-
-
-def _pick_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' was requested but CUDA is not available; use 'cpu' or 'auto'.")
-    return dev
 
 
 def _positive(name: str, value: Any) -> float:
@@ -285,7 +277,7 @@ def load_nuclei_model(path: str | Path, *, device: str | torch.device | None = "
         raise BundleError(f"Weights in '{path}' do not match the architecture in its metadata: {str(exc)[:300]}") from exc
     if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
         raise BundleError(f"Nuclei model '{path}' holds non-finite weights.")
-    dev = _pick_device(device)
+    dev = select_device(device)
     net.to(dev, memory_format=torch.channels_last).eval()  # NHWC: ~15% faster convolutions on CPU
     return NucleiModel(net=net, meta=meta, path=path, device=dev)
 

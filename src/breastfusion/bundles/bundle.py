@@ -12,7 +12,7 @@
 
 Nothing is unpickled on load.
 ``bundle.json`` also holds checksums of itself and of the weight files, verified on load: a bundle modified
-after it was written is refused (see :mod:`breastfusion.inference.integrity`).
+after it was written is refused (see :mod:`breastfusion.bundles.integrity`).
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from breastfusion.errors import BundleError
-from breastfusion.features.tabular import TabularPreprocessor
-from breastfusion.inference.integrity import (  # noqa: F401 - INTEGRITY and write_bundle_meta are re-exported
+from breastfusion.bundles.integrity import (  # noqa: F401 - INTEGRITY and write_bundle_meta are re-exported
     INTEGRITY,
     META,
     WEIGHTS,
     verify_bundle,
     write_bundle_meta,
 )
+from breastfusion.errors import BundleError
+from breastfusion.features.tabular import TabularPreprocessor
 from breastfusion.models.registry import build_network
 from breastfusion.utils import atomic_path
 from breastfusion.version import __version__
@@ -60,7 +60,7 @@ def save_bundle(path: str | Path, model: nn.Module, *, classes: list[str], model
     """Write a bundle folder atomically (built in a temporary folder, then renamed into place), with its model
     card (``MODEL_CARD.md``). ``calibration``: temperature + conformal settings (see
     :func:`breastfusion.evaluation.calibration.fit_bundle_calibration`); ``data_meta``: audit and split summary."""
-    from breastfusion.inference.model_card import CARD, model_card
+    from breastfusion.bundles.card import CARD, model_card
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -175,7 +175,7 @@ def load_bundle(path: str | Path) -> Bundle:
 def refresh_bundle(bundle_path, *, calibration: dict | None = None) -> None:
     """Add (or replace) calibration in an existing bundle's bundle.json and regenerate its model card, atomically.
     Weights are untouched: an old bundle gains these without retraining."""
-    from breastfusion.inference.model_card import CARD, model_card
+    from breastfusion.bundles.card import CARD, model_card
 
     path = Path(bundle_path)
     meta = read_bundle_meta(path)
