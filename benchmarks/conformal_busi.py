@@ -24,8 +24,8 @@ from pathlib import Path
 import pandas as pd
 from _machine import machine_description
 
-from breastfusion.evaluation.calibration import (
-    METHODS,
+from breastfusion.evaluation.calibration import METHODS
+from breastfusion.evaluation.coverage import (
     calibrate_predictions,
     coverage_report,
     plot_reliability_before_after,

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
-from breastfusion.data.audit import audit_cases, duplicate_groups, render_markdown, write_audit
+from breastfusion.data.audit import audit_cases, duplicate_groups, write_audit
+from breastfusion.data.audit_report import render_markdown
 from breastfusion.data.splits import check_no_leakage, make_splits
 
 from conftest import write_png

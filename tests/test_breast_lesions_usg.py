@@ -220,7 +220,7 @@ def test_recipe_end_to_end_on_a_fake_folder(tmp_path):
     """train → bundle → predict on the SYNTHETIC fake folder with the recipe's data keys: the normal cases are
     set aside and counted, multi/ordinal columns are read, radiomics are in mm at training and at prediction."""
     from breastfusion.config import load_config
-    from breastfusion.inference.bundle import load_bundle
+    from breastfusion.bundles.bundle import load_bundle
     from breastfusion.inference.predictor import Predictor
     from breastfusion.experiment import run_experiment
 
@@ -254,7 +254,8 @@ def test_recipe_end_to_end_on_a_fake_folder(tmp_path):
 
 
 def test_audit_lists_multi_and_ordinal_and_flags_joined_values(fake_root, tmp_path):
-    from breastfusion.data.audit import audit_cases, render_markdown
+    from breastfusion.data.audit import audit_cases
+    from breastfusion.data.audit_report import render_markdown
 
     cases = import_cases(fake_root)
     plain = audit_cases(cases, progress=False)

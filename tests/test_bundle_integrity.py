@@ -15,7 +15,7 @@ import torch
 
 from breastfusion.errors import BundleError
 from breastfusion.features.tabular import TabularPreprocessor
-from breastfusion.inference.bundle import (
+from breastfusion.bundles.bundle import (
     META,
     WEIGHTS,
     load_bundle,
@@ -135,7 +135,7 @@ def test_calibration_classes_must_match_the_model(tmp_path):
 def test_old_bundle_without_checksum_loads_with_a_warning_but_class_swap_is_still_caught(tmp_path, caplog):
     b = _tabular_bundle(tmp_path / "old", calibration=_calibration(CLASSES))
     _edit_meta(b, lambda m: m.pop(INTEGRITY, None))
-    with caplog.at_level(logging.WARNING, logger="breastfusion.inference.bundle"):
+    with caplog.at_level(logging.WARNING, logger="breastfusion.bundles.bundle"):
         load_bundle(b)
     assert any("no integrity checksum" in r.getMessage() for r in caplog.records)
     # an old bundle cannot be checked, but its calibration still names the classes in their true order
@@ -145,7 +145,7 @@ def test_old_bundle_without_checksum_loads_with_a_warning_but_class_swap_is_stil
 
 
 def test_calibrate_reseals_and_does_not_launder_a_tampered_bundle(sealed, tmp_path):
-    from breastfusion.inference.bundle import refresh_bundle
+    from breastfusion.bundles.bundle import refresh_bundle
 
     b = _copy(sealed, tmp_path)
     cal = _calibration(CLASSES)

@@ -12,9 +12,11 @@ from breastfusion.errors import DataError
 from breastfusion.evaluation.calibration import (
     ConformalClassifier,
     TemperatureScaler,
+    min_calibration_size,
+)
+from breastfusion.evaluation.coverage import (
     calibrate_predictions,
     coverage_report,
-    min_calibration_size,
     plot_reliability_before_after,
 )
 

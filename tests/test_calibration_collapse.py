@@ -13,10 +13,9 @@ from breastfusion.evaluation.calibration import (
     T_BOUNDS,
     TemperatureScaler,
     apply_bundle_calibration,
-    calibrate_predictions,
-    coverage_report,
     fit_bundle_calibration,
 )
+from breastfusion.evaluation.coverage import calibrate_predictions, coverage_report
 
 CLASSES = ["benign", "malignant", "normal"]
 
@@ -154,7 +153,7 @@ def test_report_section_says_not_calibrated_instead_of_a_success_ece(tmp_path):
 
 
 def test_model_card_says_not_calibrated():
-    from breastfusion.inference.model_card import model_card
+    from breastfusion.bundles.card import model_card
 
     P, y = separable()
     cal = fit_bundle_calibration(table(P, y, np.arange(len(y)) % 3), CLASSES)
@@ -169,7 +168,7 @@ def test_model_card_says_not_calibrated():
 
 
 def test_model_card_lists_clinical_inputs_with_labels_and_units():
-    from breastfusion.inference.model_card import model_card
+    from breastfusion.bundles.card import model_card
 
     card = model_card({"classes": CLASSES, "features": {
         "clinical_columns": ["age", "density"],

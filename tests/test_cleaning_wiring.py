@@ -32,7 +32,7 @@ def _bundle(path: Path, clean: str) -> Path:
     import torch
 
     from breastfusion.data.cleaning import cleaning_meta
-    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.bundles.bundle import save_bundle
     from breastfusion.models.fusion import FusionClassifier
 
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ def _make_bundle(path: Path) -> Path:
     import torch
 
     from breastfusion.features.tabular import TabularPreprocessor
-    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.bundles.bundle import save_bundle
     from breastfusion.models.classical import adapt_to_size, make_classical, save_classical
     from breastfusion.models.fusion import FusionClassifier
     from breastfusion.tabular_inputs import numeric_for_classical
@@ -79,7 +79,7 @@ def _one_thread(monkeypatch):
     """The CLI would use every core; the test machine is shared."""
     import torch
 
-    monkeypatch.setattr("breastfusion.training.trainer.configure_threads", lambda threads: torch.set_num_threads(1))
+    monkeypatch.setattr("breastfusion.devices.configure_threads", lambda threads: torch.set_num_threads(1))
 
 
 def _cases(images, tmp_path, **rename) -> Path:
@@ -305,7 +305,7 @@ def _grading_bundle(path: Path) -> Path:
     import torch
 
     from breastfusion.features.tabular import TabularPreprocessor
-    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.bundles.bundle import save_bundle
     from breastfusion.models.multiscale import MultiScaleGrader
 
     rng = np.random.default_rng(0)

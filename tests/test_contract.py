@@ -16,7 +16,7 @@ import breastfusion as bf
 from breastfusion.config import load_config
 from breastfusion.data.predictions import prob_columns
 from breastfusion.inference.base import BundlePredictor
-from breastfusion.inference.bundle import load_bundle
+from breastfusion.bundles.bundle import load_bundle
 from breastfusion.models.registry import network_kinds
 from breastfusion.tasks.base import Task
 

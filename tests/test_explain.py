@@ -322,7 +322,7 @@ def test_multiscale_maps_per_magnification(tmp_path):
 # ------------------------------------------------------------------------------------------------------ CLI
 
 def _ultrasound_bundle(tmp_path):
-    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.bundles.bundle import save_bundle
 
     pre = _pre()
     model = _fusion()
@@ -373,7 +373,7 @@ def test_cli_explain_ultrasound_bundle_writes_files(tmp_path, capsys):
 
 def test_cli_explain_histology_bundle(tmp_path):
     from breastfusion.cli import main
-    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.bundles.bundle import save_bundle
 
     pre = TabularPreprocessor().fit(CLINICAL[["age", "birads"]])
     model = _grader(n_tabular=pre.n_features_out_)

@@ -32,7 +32,7 @@ def cohort(tmp_path_factory):
 
 def test_grading_leave_one_centre_out_end_to_end(cohort, tmp_path, monkeypatch):
     from breastfusion.experiment import run_experiment
-    from breastfusion.inference.bundle import load_bundle
+    from breastfusion.bundles.bundle import load_bundle
 
     monkeypatch.setenv("BREASTFUSION_OFFLINE", "1")
     cfg = load_config(None, TINY + [f"data.source={cohort / 'cases.csv'}", f"histology.tiles={cohort / 'tiles.csv'}",
@@ -89,7 +89,7 @@ DDP_SCRIPT = textwrap.dedent("""
     from torch.utils.data import TensorDataset
     from breastfusion.config import TrainConfig
     from breastfusion.models.multiscale import MultiScaleGrader
-    from breastfusion.training import distributed as d
+    from breastfusion import distributed as d
     from breastfusion.training.trainer import train_model
 
     class DS(torch.utils.data.Dataset):
@@ -137,7 +137,7 @@ def test_grading_bundle_scores_new_cases_and_skips_bad_ones(cohort, tmp_path, mo
     a magnification: the good cases are scored, the bad case is listed with a reason, stacks get attention."""
     from breastfusion.cli import main
     from breastfusion.experiment import run_experiment
-    from breastfusion.inference.bundle import load_bundle
+    from breastfusion.bundles.bundle import load_bundle
 
     monkeypatch.setenv("BREASTFUSION_OFFLINE", "1")
     cfg = load_config(None, TINY + [f"data.source={cohort / 'cases.csv'}", f"histology.tiles={cohort / 'tiles.csv'}",

@@ -27,7 +27,7 @@ def image_bundle(tmp_path_factory):
     """A SYNTHETIC image-only bundle with random weights (test_efficientnet at 48 px)."""
     import timm
 
-    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.bundles.bundle import save_bundle
     from breastfusion.models.fusion import FusionClassifier
 
     torch.manual_seed(0)

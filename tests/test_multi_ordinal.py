@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from breastfusion.data.column_types import infer_column_type, natural_levels
 from breastfusion.errors import DataError
-from breastfusion.features.column_types import infer_column_type, natural_levels
 from breastfusion.features.tabular import TabularPreprocessor
 from breastfusion.tabular_inputs import numeric_for_classical, numeric_like
 
@@ -132,7 +132,7 @@ def _serve_bundle(path, *, mm: bool):
     import torch
 
     from breastfusion.features.radiomics import RADIOMICS_VERSION, radiomics_columns
-    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.bundles.bundle import save_bundle
     from breastfusion.models.fusion import FusionClassifier
 
     rng = np.random.default_rng(0)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from breastfusion.errors import BundleError, DataError
 from breastfusion.features.tabular import TabularPreprocessor
-from breastfusion.inference.bundle import META, save_bundle, write_bundle_meta
+from breastfusion.bundles.bundle import META, save_bundle, write_bundle_meta
 from breastfusion.inference.onnx_export import ONNX_FILE, export_onnx, sha256_file
 from breastfusion.inference.predictor import Predictor
 from breastfusion.models.fusion import FusionClassifier
@@ -170,7 +170,7 @@ def test_cli_export_and_predict_with_onnx_backend(exported, cases_csv, tmp_path,
     from breastfusion.cli import main
 
     # the CLI would use every core; keep this test on one thread (the machine is shared)
-    monkeypatch.setattr("breastfusion.training.trainer.configure_threads", lambda threads: torch.set_num_threads(1))
+    monkeypatch.setattr("breastfusion.devices.configure_threads", lambda threads: torch.set_num_threads(1))
     bundle = _copy(exported, tmp_path)
     (bundle / ONNX_FILE).unlink()
     assert main(["predict", str(bundle), str(cases_csv), "--out", str(tmp_path / "x.csv"), "--backend", "onnx",

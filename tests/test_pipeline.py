@@ -10,7 +10,7 @@ from breastfusion.cli import main
 from breastfusion.config import load_config
 from breastfusion.data.synthetic import make_synthetic_cohort
 from breastfusion.errors import BundleError, DataError
-from breastfusion.inference.bundle import load_bundle
+from breastfusion.bundles.bundle import load_bundle
 from breastfusion.inference.predictor import Predictor
 from breastfusion.experiment import run_experiment
 

@@ -35,7 +35,7 @@ def _radiomics_bundle(path: Path, *, segmenter: Path | None = None) -> Path:
 
     from breastfusion.features.radiomics import RADIOMICS_VERSION, extract_case, radiomics_columns
     from breastfusion.features.tabular import TabularPreprocessor
-    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.bundles.bundle import save_bundle
     from breastfusion.models.fusion import FusionClassifier
 
     rows = []
@@ -52,7 +52,7 @@ def _radiomics_bundle(path: Path, *, segmenter: Path | None = None) -> Path:
                 "radiomics": {"version": RADIOMICS_VERSION, "columns": radiomics_columns(), "units": "px"}}
     extra = {}
     if segmenter is not None:
-        from breastfusion.inference.integrity import SEGMENTER_FILE
+        from breastfusion.bundles.integrity import SEGMENTER_FILE
 
         extra[SEGMENTER_FILE] = segmenter
         features["segmenter"] = {"file": SEGMENTER_FILE, "require_lesion": True, "out_of_fold_quality": {}}
@@ -118,7 +118,7 @@ def predicted_run(tmp_path_factory):
 def test_training_reads_out_of_fold_masks_and_the_bundle_carries_its_segmenter(predicted_run):
     import json
 
-    from breastfusion.inference.bundle import load_bundle
+    from breastfusion.bundles.bundle import load_bundle
 
     root, result = predicted_run
     rd = result.run_dir

@@ -21,7 +21,7 @@ def _bundle(path: Path) -> Path:
     import torch
 
     from breastfusion.features.tabular import TabularPreprocessor
-    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.bundles.bundle import save_bundle
     from breastfusion.models.classical import adapt_to_size, make_classical, save_classical
     from breastfusion.models.fusion import FusionClassifier
     from breastfusion.tabular_inputs import numeric_for_classical

@@ -42,7 +42,7 @@ def make_bundle(path: Path, *, calibration: dict | None = None, radiomics: bool 
     import torch
 
     from breastfusion.features.tabular import TabularPreprocessor
-    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.bundles.bundle import save_bundle
     from breastfusion.models.fusion import FusionClassifier
 
     rng = np.random.default_rng(0)
@@ -70,7 +70,7 @@ def make_bundle(path: Path, *, calibration: dict | None = None, radiomics: bool 
                                            **({"column_info": column_info} if column_info is not None else {})},
                 config_yaml="", synthetic=True)
     if calibration is not None:  # added afterwards and re-sealed, as `breastfusion calibrate` does
-        from breastfusion.inference.bundle import write_bundle_meta
+        from breastfusion.bundles.bundle import write_bundle_meta
 
         meta = json.loads((path / "bundle.json").read_text())
         meta["calibration"] = calibration
@@ -375,7 +375,7 @@ def test_final_bundle_metadata_carries_column_info(tmp_path, monkeypatch):
     """fit_final_bundle saves data.column_info (resolved for every clinical column) in the bundle's metadata."""
     from types import SimpleNamespace
 
-    import breastfusion.inference.bundle as bundle_mod
+    import breastfusion.bundles.bundle as bundle_mod
     import breastfusion.training.fit as fit_mod
     from breastfusion.config import Config
 

@@ -66,7 +66,7 @@ def radiomics_bundle(path: Path, *, segmenter: Path | None = None, radiomics: bo
         radiomics_columns,
     )
     from breastfusion.features.tabular import TabularPreprocessor
-    from breastfusion.inference.bundle import save_bundle
+    from breastfusion.bundles.bundle import save_bundle
     from breastfusion.models.fusion import FusionClassifier
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,7 @@ def radiomics_bundle(path: Path, *, segmenter: Path | None = None, radiomics: bo
     model = FusionClassifier(len(CLASSES), variant="fusion", backbone=backbone, n_tabular=pre.n_features_out_, **dims)
     extra = {}
     if segmenter is not None:
-        from breastfusion.inference.integrity import SEGMENTER_FILE
+        from breastfusion.bundles.integrity import SEGMENTER_FILE
 
         extra[SEGMENTER_FILE] = segmenter
         features["segmenter"] = {"file": SEGMENTER_FILE, "require_lesion": True, "out_of_fold_quality": {}}

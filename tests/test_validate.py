@@ -26,7 +26,7 @@ def _one_thread(monkeypatch):
     """Scoring would use every core; the test machine is shared."""
     import torch
 
-    monkeypatch.setattr("breastfusion.training.trainer.configure_threads", lambda threads: torch.set_num_threads(1))
+    monkeypatch.setattr("breastfusion.devices.configure_threads", lambda threads: torch.set_num_threads(1))
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_validate_scores_maps_labels_and_compares_with_the_training_record(train
 
 def test_validate_without_a_training_record_says_so_and_still_describes_the_cohort(trained, tmp_path):
     from breastfusion.evaluation.external import validate_bundle
-    from breastfusion.inference.bundle import read_bundle_meta, write_bundle_meta
+    from breastfusion.bundles.bundle import read_bundle_meta, write_bundle_meta
 
     old = tmp_path / "old_bundle"
     shutil.copytree(trained["bundle"], old)
@@ -214,7 +214,7 @@ def test_validate_flags_training_images_in_the_cohort(trained, tmp_path):
 
 def test_adapt_writes_a_sealed_bundle_fitted_on_the_adaptation_part_only(trained, tmp_path):
     from breastfusion.evaluation.external import validate_bundle
-    from breastfusion.inference.bundle import load_bundle
+    from breastfusion.bundles.bundle import load_bundle
 
     res = validate_bundle(trained["bundle"], trained["site"], tmp_path / "a", drop_labels=["normal"],
                           adapt_fraction=0.5, n_boot=0, seed=3)

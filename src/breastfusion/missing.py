@@ -5,7 +5,7 @@ compared stripped and case-insensitively, it is one of the *missing tokens* (``d
 :data:`DEFAULT_MISSING_VALUES`); a token that reads as a number (``-999``) also matches that number. Use
 ``is_missing(v)`` for a clinical cell under the default tokens, ``is_missing(v, tokens)`` under a config's, and
 ``is_missing(v, ABSENT)`` where text is a value in its own right (a path, a mask cell where ``''`` means "no
-lesion"). How tokens decide a column's type: :mod:`breastfusion.features.column_types`.
+lesion"). How tokens decide a column's type: :mod:`breastfusion.data.column_types`.
 
 Kept free of pandas so that the configuration can name the defaults cheaply.
 """

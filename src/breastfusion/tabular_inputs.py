@@ -8,17 +8,17 @@ import numpy as np
 import pandas as pd
 
 from breastfusion.data.cases import CASE_ID, feature_columns
-from breastfusion.errors import DataError
-from breastfusion.features.column_types import (
+from breastfusion.data.column_types import (
     DEFAULT_SEPARATOR,
     category_key,
     infer_column_type,
     ordinal_rank,
+    parse_numbers,
     report_ambiguous,
     split_multi,
     yes_no,
 )
-from breastfusion.features.tabular import parse_numbers
+from breastfusion.errors import DataError
 from breastfusion.missing import is_missing, missing_tokens
 
 
@@ -111,7 +111,7 @@ def numeric_like(table: pd.DataFrame, features: list[str], *, source: str = "inp
 
     ``col=cat`` columns are one-hot indicators (NaN when the cell is missing); other columns are numbers (a
     missing token, default
-    :data:`~breastfusion.features.column_types.DEFAULT_MISSING_VALUES`, is NaN). A value that is not a number, or a category
+    :data:`~breastfusion.data.column_types.DEFAULT_MISSING_VALUES`, is NaN). A value that is not a number, or a category
     never seen in training, raises :class:`DataError` naming row and column. ``text_as_missing``: per column, the
     text that training read as missing in a mostly-numeric column (as the fitted preprocessor records it).
     ``multi``: the multi-valued columns (cells split on ``separator``; a value never seen in training is an

@@ -1,47 +1,14 @@
-"""Dataset audit: unreadable files, mask problems, exact and near-duplicate images, label conflicts.
+"""Dataset audit: unreadable files, mask problems, exact and near-duplicate images, label conflicts, class
+balance, clinical column types and missing values, screen and burnt-in marks.
 
-Near-duplicates
----------------
-Public ultrasound sets (BUSI in particular) hold the same frame several times: re-saved with other
-caliper marks or text, slightly cropped, shifted or rescaled, sometimes under another label. Whole-file
-hashes miss these. Two images are near-duplicates here when one can be *aligned* onto the other by a
-scale and a shift so that their fine texture (speckle, tissue edges) correlates. After a content mask
-is made for each image, the check runs in two stages so that it stays fast (624 BUSI images: about
-half a minute on one core):
+:func:`audit_cases` reads every image once, never stops on one bad file, and returns an :class:`AuditResult`;
+:func:`write_audit` writes it as ``audit.json`` (for programs) and ``audit.md`` (for people). The checks on files,
+images, masks and marks, the class balance and the column summary are here; the rest lives beside it:
 
-0. **Content mask.** Scanner exports show the scan inside a black frame: a curvilinear probe's sector
-   (fan), or a rectangle, with depth ticks, rulers and text on the frame. Every export of one scanner
-   has the *same* frame, and its sharp edges correlate strongly between unrelated images. So each image
-   gets a content mask (the scan: not flat black, thin ticks and text opened away, holes filled, see
-   :func:`_content_mask`); low-resolution comparisons use the image with the frame filled in by a smooth
-   continuation of the scan, and texture is band-passed by normalised convolution inside the mask and
-   compared only where both images show content, 3 px (at 160 px) away from the mask edge. Images
-   without a frame (most of BUSI) are all content and are handled as before.
-1. **Candidates.** Each image gives 81 small (12x12) normalised thumbnails: the whole image and
-   sub-windows with 0, 6 or 12 % trimmed from each side. Every image's whole-image thumbnail is
-   correlated with every other image's sub-window thumbnails (one matrix product). A pair is a
-   candidate if that best correlation is high, or if it is among an image's few best matches.
-   Thumbnails are resized to a fixed size, so a rescaled copy matches; sub-windows make crops match.
-2. **Verification.** For each candidate pair, scale hypotheses (1, the size ratios, the ones implied by
-   the matching sub-windows) are tried at 64 px: the smaller image is resized and its best shift over
-   the larger one is found by masked normalised cross-correlation over all shifts (overlap >= 40 %).
-   At 160 px, on band-pass (difference of Gaussians) images, the alignment is refined: a 3x3 grid of
-   patches is matched by phase correlation and a scale + shift is fitted to their displacements (the
-   patches of one frame move together; those of unrelated images scatter and the fit is dropped).
-   The *texture score* is the median correlation over a 4x4 grid of blocks of the aligned overlap
-   (blocks less than half content in either image are left out; fewer than 4 blocks left: score 0).
-   Calipers, text and rulers spoil only a few blocks; the dark background and smooth anatomy that
-   unrelated images share carry little band-pass energy. On BUSI unrelated candidate pairs score
-   below ~0.27, copies of one frame 0.8-1, neighbouring frames of one cine sweep 0.2-0.6.
-
-A pair is a near-duplicate when its texture score is >= ``near_dup_threshold`` (default 0.35) and the
-aligned images overlap over >= 60 % of the smaller one. Pairs are joined into groups with union-find;
-exact copies (identical decoded pixels) are joined too, strongest pairs first, and each group records
-the weakest link it needed (``min_link``). A group whose labels differ but that hangs on a link below
-0.6, or one with more than 8 images (a chain of unrelated images?), is listed as *suspicious*: true
-copies of one frame score 0.8-1 (every BUSI label conflict scores >= 0.9). The rejected pairs that
-scored highest are kept in the report (``borderline_pairs``) for a person to look at. Memory and time
-of the candidate stage grow with the square of the number of images (fine for thousands, not 10^5).
+* exact and near-duplicate images and their groups (which a split must keep on one side):
+  :mod:`breastfusion.data.duplicates`;
+* the Markdown report: :mod:`breastfusion.data.audit_report`;
+* how each clinical column is typed (the same reading as training): :mod:`breastfusion.data.column_types`.
 
 Screen and burnt-in marks
 -------------------------
@@ -54,9 +21,7 @@ network can learn) and the seconds per image. Colour files are decoded a second 
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import os
 import time
 from collections import Counter
@@ -67,6 +32,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from breastfusion.data.audit_report import render_markdown
 from breastfusion.data.cases import (
     CASE_ID,
     IMAGE_PATH,
@@ -75,511 +41,30 @@ from breastfusion.data.cases import (
     feature_columns,
     mask_list,
 )
+from breastfusion.data.column_types import infer_column_type, report_ambiguous
+from breastfusion.data.duplicates import (
+    MIN_OVERLAP,
+    NEAR_DUP_THRESHOLD,
+    Signature,
+    exact_groups,
+    find_duplicates,
+    group_duplicates,
+    pixel_hash,
+    progress_bar,
+    signature,
+)
 from breastfusion.data.images import image_size, read_image, read_mask
 from breastfusion.errors import DataError
-from breastfusion.features.column_types import infer_column_type, report_ambiguous
 from breastfusion.missing import ABSENT, is_missing
-from breastfusion.utils import UnionFind, write_json, write_text
+from breastfusion.utils import write_json, write_text
 
 log = logging.getLogger(__name__)
 
 NO_LESION_CLASSES = ("normal",)
-NEAR_DUP_THRESHOLD = 0.35
-MIN_OVERLAP = 0.6
-
-_COARSE = 64      # longer side of the coarse alignment image
-_MID = 160        # longer side of the texture-verification image
-_BASE = 96        # square base image the sub-window thumbnails are cut from
-_THUMB = 12       # thumbnail side
-_TRIMS = (0.0, 0.06, 0.12)
-_CAND_MIN = 0.93  # candidate if the best window correlation reaches this ...
-_CAND_TOPK = 3    # ... or if it is among an image's best _CAND_TOPK matches and reaches _CAND_FLOOR
-_CAND_FLOOR = 0.85
-_COARSE_REJECT = 0.70  # skip the texture stage below this intensity NCC at 64 px
-_BG_LEVEL = 8     # background (frame) pixels: 3x3 neighbourhood at or below this 8-bit level
-_EDGE = 3         # mid pixels trimmed from the edge of the content mask before texture is compared
-_BLOCK_MIN = 0.5  # a texture block counts only if this share of it is content in both images
-_MIN_BLOCKS = 4   # fewer usable blocks than this: no texture score (0)
-_STRONG_LINK = 0.6  # a group with several labels held together by a weaker link is flagged as suspicious
-_LARGE_GROUP = 8    # ... as is a group with more images than this (chained unrelated images?)
 _MARK_KINDS = ("fov_cropped", "colour_marks", "grey_marks", "inner_marks", "with_marks")
 _MARK_EXAMPLES = 10
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
-
-# ----------------------------------------------------------------------------------------------------
-# Image signatures
-# ----------------------------------------------------------------------------------------------------
-
-def _windows() -> np.ndarray:
-    """Sub-windows (x0, x1, y0, y1) as fractions; row 0 is the whole image."""
-    rows = [(l, 1 - r, t, 1 - b) for l in _TRIMS for r in _TRIMS for t in _TRIMS for b in _TRIMS]
-    return np.array(rows, dtype=np.float64)
-
-
-_WIN = _windows()
-
-
-def _resize(a: np.ndarray, h: int, w: int, resample=Image.BOX) -> np.ndarray:
-    return np.asarray(Image.fromarray(a).resize((int(w), int(h)), resample), dtype=np.float32)
-
-
-def _fit(a: np.ndarray, longer: int) -> tuple[np.ndarray, float]:
-    h, w = a.shape
-    f = longer / max(h, w)
-    return _resize(a, max(8, round(h * f)), max(8, round(w * f))), f
-
-
-def _znorm(v: np.ndarray) -> np.ndarray:
-    v = v - v.mean(axis=-1, keepdims=True)
-    n = np.linalg.norm(v, axis=-1, keepdims=True)
-    return v / np.maximum(n, 1e-6)
-
-
-def _window_thumbs(base: np.ndarray) -> np.ndarray:
-    """(n_windows, THUMB*THUMB) z-normalised block means of every sub-window of a square base image."""
-    n = base.shape[0]
-    integ = np.zeros((n + 1, n + 1))
-    integ[1:, 1:] = base.astype(np.float64).cumsum(0).cumsum(1)
-    t = np.linspace(0.0, 1.0, _THUMB + 1)
-    xs = np.rint((_WIN[:, 0:1] + (_WIN[:, 1:2] - _WIN[:, 0:1]) * t) * n).astype(int)
-    ys = np.rint((_WIN[:, 2:3] + (_WIN[:, 3:4] - _WIN[:, 2:3]) * t) * n).astype(int)
-    y0, y1 = ys[:, :-1, None], ys[:, 1:, None]
-    x0, x1 = xs[:, None, :-1], xs[:, None, 1:]
-    sums = integ[y1, x1] - integ[y0, x1] - integ[y1, x0] + integ[y0, x0]
-    area = np.maximum((y1 - y0) * (x1 - x0), 1)
-    return _znorm((sums / area).reshape(len(_WIN), -1)).astype(np.float32)
-
-
-def _dog(a: np.ndarray) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
-
-    a = a.astype(np.float32, copy=False)
-    return gaussian_filter(a, 0.8, truncate=3.0) - gaussian_filter(a, 3.0, truncate=2.5)
-
-
-def _content_mask(u8: np.ndarray) -> np.ndarray:
-    """Pixels that show the scan (tissue), as opposed to the flat black background around a sector
-    (curvilinear probe) or a rectangular field of view, and the thin ticks, rulers and text drawn on it.
-
-    Background: pixels whose 3x3 neighbourhood stays at or below ``_BG_LEVEL``. The rest is opened with
-    a 5x5 square (removes lines and text strokes thinner than 5 px, also where they touch the scan),
-    components smaller than a tenth of the largest (logos, labels) are dropped and holes (dark cysts
-    inside the scan) are filled. An image without such background is all content."""
-    from scipy import ndimage as ndi
-
-    fg = ndi.maximum_filter(u8, 3) > _BG_LEVEL
-    if fg.all():
-        return fg
-    fg = ndi.binary_opening(fg, structure=np.ones((5, 5), bool))
-    lab, n = ndi.label(fg)
-    if n == 0:
-        return np.ones(u8.shape, bool)
-    sizes = np.bincount(lab.ravel())[1:]
-    keep = np.concatenate([[False], sizes >= 0.1 * sizes.max()])
-    fg = ndi.binary_fill_holes(keep[lab])
-    if fg.mean() < 0.05:  # (nearly) all dark: no frame to find
-        return np.ones(u8.shape, bool)
-    return fg
-
-
-def _erode(m: np.ndarray, r: int = 0) -> np.ndarray:
-    """``m`` eroded by ``r`` (default ``_EDGE``) pixels away from its own edges; the image border does not erode."""
-    from scipy import ndimage as ndi
-
-    r = r or _EDGE
-    if m.all():
-        return m
-    return ndi.binary_erosion(m, structure=np.ones((2 * r + 1, 2 * r + 1), bool), border_value=1)
-
-
-def _masked_dog(a: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """Band-pass (difference of Gaussians) of ``a`` computed from the pixels in ``m`` only (normalised
-    convolution), zero outside ``m``: the edge of the scan against the black frame gives no response."""
-    if m.all():
-        return _dog(a)
-    from scipy.ndimage import gaussian_filter
-
-    a = a.astype(np.float32, copy=False)
-    mf = m.astype(np.float32)
-    am = a * mf
-    out = np.zeros_like(a)
-    for sigma, trunc, sign in ((0.8, 3.0, 1.0), (3.0, 2.5, -1.0)):
-        w = gaussian_filter(mf, sigma, truncate=trunc)
-        out += sign * gaussian_filter(am, sigma, truncate=trunc) / np.maximum(w, 1e-3)
-    out[~m] = 0.0
-    return out
-
-
-def _fill_background(a: np.ndarray, m: np.ndarray, sigma: float = 6.0) -> np.ndarray:
-    """``a`` with the pixels outside ``m`` replaced by a smooth continuation of the content nearby, so
-    that the outline of the field of view (the same for every image of one scanner) does not dominate
-    low-resolution comparisons."""
-    if m.all():
-        return a
-    from scipy.ndimage import gaussian_filter
-
-    a = a.astype(np.float32)
-    mf = m.astype(np.float32)
-    fill = float(a[m].mean()) if m.any() else float(a.mean())
-    for s in (sigma, 4 * sigma):
-        w = gaussian_filter(mf, s)
-        est = gaussian_filter(a * mf, s) / np.maximum(w, 1e-6)
-        ok = w > 0.05
-        fill = np.where(ok, est, fill)
-    return np.where(m, a, fill)
-
-
-@dataclass
-class _Signature:
-    shape: tuple[int, int]
-    coarse: np.ndarray      # background-filled image at _COARSE px
-    fc: float
-    mid_u8: np.ndarray      # image at _MID px
-    mid_fill: np.ndarray    # background-filled image at _MID px (uint8)
-    mid_mask: np.ndarray    # content mask at _MID px
-    mid_dog: np.ndarray     # masked band-pass at _MID px
-    mid_valid: np.ndarray   # content mask eroded by _EDGE: where texture is compared
-    fm: float
-    thumbs: np.ndarray
-
-
-def _signature(gray: np.ndarray) -> _Signature:
-    u8 = np.clip(np.rint(gray * 255.0), 0, 255).astype(np.uint8)
-    mid, fm = _fit(u8, _MID)
-    mid_u8 = np.clip(np.rint(mid), 0, 255).astype(np.uint8)
-    mask = _content_mask(mid_u8)
-    fill_u8 = np.clip(np.rint(_fill_background(mid_u8, mask)), 0, 255).astype(np.uint8)
-    coarse, _ = _fit(fill_u8, _COARSE)
-    fc = fm * coarse.shape[1] / mid_u8.shape[1]
-    base = _resize(fill_u8, _BASE, _BASE)
-    return _Signature(u8.shape, coarse, fc, mid_u8, fill_u8, mask, _masked_dog(mid, mask), _erode(mask), fm,
-                      _window_thumbs(base))
-
-
-def _pixel_hash(gray: np.ndarray) -> str:
-    u8 = np.clip(np.rint(gray * 255.0), 0, 255).astype(np.uint8)
-    h = hashlib.sha1(f"{u8.shape}".encode())
-    h.update(np.ascontiguousarray(u8).tobytes())
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Alignment and verification
-# ----------------------------------------------------------------------------------------------------
-
-def _box_sums(x: np.ndarray, hb: int, wb: int) -> np.ndarray:
-    """Sums of x (..., H, W) under an hb x wb window whose top-left is at every shift
-    (-(hb-1) .. H-1, -(wb-1) .. W-1); the result has shape (..., H+hb-1, W+wb-1)."""
-    *lead, h, w = x.shape
-    c = np.zeros((*lead, h + 2 * hb, w))
-    np.cumsum(x, axis=-2, out=c[..., hb + 1:hb + h + 1, :])
-    c[..., hb + h + 1:, :] = c[..., hb + h:hb + h + 1, :]
-    rows = c[..., hb + 1:, :] - c[..., 1:-hb, :]
-    c = np.zeros((*lead, h + hb - 1, w + 2 * wb))
-    np.cumsum(rows, axis=-1, out=c[..., :, wb + 1:wb + w + 1])
-    c[..., :, wb + w + 1:] = c[..., :, wb + w:wb + w + 1]
-    return c[..., :, wb + 1:] - c[..., :, 1:-wb]
-
-
-def _masked_ncc(a: np.ndarray, b: np.ndarray, min_frac: float) -> tuple[float, int, int]:
-    """Best normalised cross-correlation of ``b`` placed over ``a`` at any integer shift whose overlap
-    covers >= ``min_frac`` of the smaller image. Returns (ncc, dy, dx), (dy, dx) = b's top-left in a."""
-    from scipy import fft as sfft
-
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    ha, wa = a.shape
-    hb, wb = b.shape
-    fs = (sfft.next_fast_len(ha + hb - 1, real=True), sfft.next_fast_len(wa + wb - 1, real=True))
-    s_ab = sfft.irfft2(sfft.rfft2(a, fs) * sfft.rfft2(b[::-1, ::-1], fs), fs)[: ha + hb - 1, : wa + wb - 1]
-    dy = np.arange(-(hb - 1), ha)
-    dx = np.arange(-(wb - 1), wa)
-    oy = np.minimum(dy + hb, ha) - np.maximum(dy, 0)
-    ox = np.minimum(dx + wb, wa) - np.maximum(dx, 0)
-    n = np.maximum(oy[:, None] * ox[None, :], 1).astype(np.float64)
-    s_a, s_a2 = _box_sums(np.stack([a, a * a]), hb, wb)
-    s_b, s_b2 = _box_sums(np.stack([b, b * b]), ha, wa)[:, ::-1, ::-1]
-    v_a = np.maximum(s_a2 - s_a * s_a / n, 0.0)
-    v_b = np.maximum(s_b2 - s_b * s_b / n, 0.0)
-    ok = (n >= min_frac * min(a.size, b.size)) & (v_a > 1e-6 * n) & (v_b > 1e-6 * n)
-    ncc = np.where(ok, (s_ab - s_a * s_b / n) / np.maximum(np.sqrt(v_a * v_b), 1e-12), -1.0)
-    k = int(np.argmax(ncc))
-    py, px = np.unravel_index(k, ncc.shape)
-    return float(ncc[py, px]), int(dy[py]), int(dx[px])
-
-
-def _place(sig: _Signature, k: float, fill: bool = False) -> np.ndarray:
-    """The image of ``sig`` (background-filled if ``fill``) resampled by ``k`` (target pixels per native pixel)."""
-    h, w = sig.shape
-    src = sig.mid_fill if fill else sig.mid_u8
-    return _resize(src, max(6, round(h * k)), max(6, round(w * k)), Image.BILINEAR)
-
-
-def _place_dog(sig: _Signature, k: float) -> tuple[np.ndarray, np.ndarray]:
-    """Masked band-pass of ``sig`` resampled by ``k``, and where its texture may be compared."""
-    img = _place(sig, k)
-    if sig.mid_mask.all():
-        return _dog(img), np.ones(img.shape, bool)
-    h, w = img.shape
-    m = _resize(sig.mid_mask.astype(np.uint8) * 255, h, w, Image.BILINEAR) >= 128
-    return _masked_dog(img, m), _erode(m)
-
-
-def _overlap(a_shape, b_shape, y: int, x: int):
-    h, w = a_shape
-    hb, wb = b_shape
-    return max(0, y), max(0, x), min(h, y + hb), min(w, x + wb)
-
-
-def _block_scores(da: np.ndarray, db: np.ndarray, valid: np.ndarray | None = None, grid: int = 4) -> np.ndarray:
-    """NCC of each block of a grid over two aligned band-pass images, over the pixels where both show
-    content (``valid``). Blocks with too little content, or without texture, are left out."""
-    h, w = da.shape
-    ys = np.linspace(0, h, grid + 1).astype(int)
-    xs = np.linspace(0, w, grid + 1).astype(int)
-    vals, energy = [], []
-    for i in range(grid):
-        for j in range(grid):
-            a = da[ys[i]:ys[i + 1], xs[j]:xs[j + 1]]
-            b = db[ys[i]:ys[i + 1], xs[j]:xs[j + 1]]
-            if a.size < 16:
-                continue
-            if valid is not None:
-                v = valid[ys[i]:ys[i + 1], xs[j]:xs[j + 1]]
-                nv = int(v.sum())
-                if nv < max(16, _BLOCK_MIN * v.size):
-                    continue
-                if nv < v.size:
-                    a, b = a[v], b[v]
-            a = a - a.mean()
-            b = b - b.mean()
-            ea, eb = float(np.vdot(a, a)), float(np.vdot(b, b))
-            energy.append(min(ea, eb) / a.size)
-            vals.append(float(np.vdot(a, b)) / math.sqrt(ea * eb) if ea > 0 and eb > 0 else 0.0)
-    if not vals:
-        return np.zeros(0)
-    energy = np.asarray(energy)
-    return np.asarray(vals)[energy >= 0.1 * np.median(energy)]
-
-
-_HANN: dict = {}
-
-
-def _hann(h: int, w: int) -> np.ndarray:
-    win = _HANN.get((h, w))
-    if win is None:
-        win = _HANN[(h, w)] = np.outer(np.hanning(h), np.hanning(w))
-    return win
-
-
-def _phase_shift(pa: np.ndarray, pb: np.ndarray) -> tuple[float, float, float]:
-    """Shift d (dy, dx) with pa(x) ~ pb(x - d) by windowed phase correlation, and the peak height."""
-    from scipy import fft as sfft
-
-    h, w = pa.shape
-    win = _hann(h, w)
-    fa = sfft.rfft2((pa - pa.mean()) * win)
-    fb = sfft.rfft2((pb - pb.mean()) * win)
-    cross = fa * np.conj(fb)
-    r = sfft.irfft2(cross / np.maximum(np.abs(cross), 1e-9), s=(h, w))
-    k = int(np.argmax(r))
-    py, px = np.unravel_index(k, r.shape)
-    dy = py - h if py > h // 2 else py
-    dx = px - w if px > w // 2 else px
-    return float(dy), float(dx), float(r[py, px])
-
-
-_FIT_RMS_MAX = 1.0  # mid pixels
-_PEAK_MIN = 0.12  # phase-correlation peak of a patch that really matches (noise peaks stay below ~0.09)
-
-
-def _fit_scale(da: np.ndarray, db: np.ndarray, ty: int, tx: int, grid: int = 3):
-    """Scale correction e and translation from patch displacements (b placed at ty, tx in a).
-
-    Returns (e, ty, tx, n_patches_used) or None when the patches do not move together."""
-    y0, x0, y1, x1 = _overlap(da.shape, db.shape, ty, tx)
-    if y1 - y0 < 16 * grid or x1 - x0 < 16 * grid:
-        return None
-    ys = np.linspace(y0, y1, grid + 1).astype(int)
-    xs = np.linspace(x0, x1, grid + 1).astype(int)
-    cs, ds = [], []
-    for i in range(grid):
-        for j in range(grid):
-            pa = da[ys[i]:ys[i + 1], xs[j]:xs[j + 1]]
-            pb = db[ys[i] - ty:ys[i + 1] - ty, xs[j] - tx:xs[j + 1] - tx]
-            dy, dx, peak = _phase_shift(pa, pb)
-            if peak >= _PEAK_MIN:
-                cs.append(((ys[i] + ys[i + 1]) / 2.0, (xs[j] + xs[j + 1]) / 2.0))
-                ds.append((dy, dx))
-    c = np.asarray(cs)
-    d = np.asarray(ds)
-    # Displacement model: d_y = e*c_y + k_y, d_x = e*c_x + k_x (b needs rescaling by 1+e). Patches of one
-    # frame move together (residual well under a pixel); unrelated images scatter. One bad patch may go.
-    for _ in range(3):
-        if len(c) < 4:
-            return None
-        m = np.zeros((2 * len(c), 3))
-        m[0::2, 0], m[0::2, 1] = c[:, 0], 1.0
-        m[1::2, 0], m[1::2, 2] = c[:, 1], 1.0
-        sol, *_ = np.linalg.lstsq(m, d.ravel(), rcond=None)
-        res = np.hypot(*(m @ sol - d.ravel()).reshape(-1, 2).T)
-        if float(np.sqrt(np.mean(res ** 2))) <= _FIT_RMS_MAX:
-            break
-        worst = int(np.argmax(res))
-        c, d = np.delete(c, worst, axis=0), np.delete(d, worst, axis=0)
-    else:
-        return None
-    e, ky, kx = (float(v) for v in sol)
-    if not -0.2 < e < 0.2:
-        return None
-    return e, ty * (1 + e) + ky, tx * (1 + e) + kx, len(c)
-
-
-def _local_best(da: np.ndarray, db: np.ndarray, ty: int, tx: int, rad: int = 1):
-    """The shift within +-rad of (ty, tx) with the highest NCC of the overlap."""
-    best = (-2.0, ty, tx)
-    for oy in range(-rad, rad + 1):
-        for ox in range(-rad, rad + 1):
-            y, x = ty + oy, tx + ox
-            y0, x0, y1, x1 = _overlap(da.shape, db.shape, y, x)
-            if y1 - y0 < 8 or x1 - x0 < 8:
-                continue
-            a = da[y0:y1, x0:x1]
-            b = db[y0 - y:y1 - y, x0 - x:x1 - x]
-            a = a - a.mean()
-            b = b - b.mean()
-            den = math.sqrt(float(np.vdot(a, a)) * float(np.vdot(b, b)))
-            c = float(np.vdot(a, b)) / den if den > 0 else 0.0
-            if c > best[0]:
-                best = (c, y, x)
-    return best
-
-
-def _verify(a: _Signature, b: _Signature, hyps: list[float]) -> dict:
-    """Align b onto a (scale = a pixels per b pixel) and score the texture agreement."""
-    best = None
-    for s in hyps:
-        v, dy, dx = _masked_ncc(a.coarse, _place(b, s * a.fc, fill=True), min_frac=0.4)
-        if best is None or v > best[0]:
-            best = (v, s, dy, dx)
-    coarse, s, dy, dx = best
-    out = {"coarse": round(coarse, 4), "scale": round(s, 4), "texture": float("nan"), "overlap": 0.0}
-    if coarse < _COARSE_REJECT:
-        return out
-    ratio = a.fm / a.fc
-    ty, tx = round(dy * ratio), round(dx * ratio)
-    db, vb = _place_dog(b, s * a.fm)
-    c, ty, tx = _local_best(a.mid_dog, db, ty, tx, 1)
-    if c < 0.9:  # not an identical frame at this scale: fit scale and shift from patch displacements
-        for _ in range(3):
-            fit = _fit_scale(a.mid_dog, db, ty, tx)
-            if fit is None:
-                break
-            e, fy, fx, _n = fit
-            s *= 1 + e
-            ty, tx = round(fy), round(fx)
-            if abs(e) > 0.002:
-                db, vb = _place_dog(b, s * a.fm)
-            if abs(e) < 0.01:
-                break
-        c, ty, tx = _local_best(a.mid_dog, db, ty, tx, 1)
-    y0, x0, y1, x1 = _overlap(a.mid_dog.shape, db.shape, ty, tx)
-    if y1 - y0 < 8 or x1 - x0 < 8:
-        return out
-    overlap = (y1 - y0) * (x1 - x0) / min(a.mid_dog.size, db.size)
-    valid = a.mid_valid[y0:y1, x0:x1] & vb[y0 - ty:y1 - ty, x0 - tx:x1 - tx]
-    blocks = _block_scores(a.mid_dog[y0:y1, x0:x1], db[y0 - ty:y1 - ty, x0 - tx:x1 - tx],
-                           None if valid.all() else valid)
-    texture = float(np.median(blocks)) if len(blocks) >= _MIN_BLOCKS else 0.0
-    out.update(scale=round(s, 4), texture=round(texture, 4), overlap=round(overlap, 4), ncc=round(c, 4),
-               content=round(float(valid.mean()), 4), blocks=int(len(blocks)),
-               q75=round(float(np.quantile(blocks, 0.75)) if len(blocks) else 0.0, 4))
-    return out
-
-
-def _hypotheses(a: _Signature, b: _Signature, win_ab: int, win_ba: int) -> list[float]:
-    """Candidate scales (a pixels per b pixel): 1, the size ratios, and those implied by matching windows."""
-    (ha, wa), (hb, wb) = a.shape, b.shape
-    hyps = [1.0, wa / wb, ha / hb]
-    x0, x1, y0, y1 = _WIN[win_ab]  # b whole ~ window of a
-    hyps.append(math.sqrt((x1 - x0) * wa / wb * (y1 - y0) * ha / hb))
-    x0, x1, y0, y1 = _WIN[win_ba]  # a whole ~ window of b
-    hyps.append(1.0 / math.sqrt((x1 - x0) * wb / wa * (y1 - y0) * hb / ha))
-    out: list[float] = []
-    for s in sorted(h for h in hyps if 0.25 < h < 4.0):
-        if not out or s / out[-1] > 1.03:
-            out.append(s)
-    return out
-
-
-def _candidates(sigs: list[_Signature | None]):
-    """Candidate pairs (i, j, window_ij, window_ji, score) from sub-window thumbnail correlation."""
-    idx = [i for i, s in enumerate(sigs) if s is not None]
-    if len(idx) < 2:
-        return []
-    thumbs = np.stack([sigs[i].thumbs for i in idx])  # n x n_win x d
-    full = thumbs[:, 0]
-    n = len(idx)
-    best = np.empty((n, n), dtype=np.float32)
-    arg = np.empty((n, n), dtype=np.int16)
-    for i in range(n):
-        r = thumbs[i] @ full.T  # window w of i vs whole j
-        arg[i] = r.argmax(axis=0)
-        best[i] = r.max(axis=0)
-    sym = np.maximum(best, best.T)
-    np.fill_diagonal(sym, -1.0)
-    keep = sym >= _CAND_MIN
-    k = min(_CAND_TOPK, n - 1)
-    top = np.argpartition(-sym, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((n, 0), int)
-    rows = np.repeat(np.arange(n), top.shape[1])
-    cols = top.ravel()
-    floor = sym[rows, cols] >= _CAND_FLOOR
-    keep[rows[floor], cols[floor]] = True
-    keep = keep | keep.T
-    ii, jj = np.nonzero(np.triu(keep, 1))
-    return [(idx[i], idx[j], int(arg[i, j]), int(arg[j, i]), float(sym[i, j])) for i, j in zip(ii, jj)]
-
-
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False)
-
-
-def _find_duplicates(sigs, hashes, *, threshold: float, progress: bool):
-    """Exact groups (lists of indices) and verified near-duplicate pairs (dicts with i, j and scores)."""
-    by_hash: dict[str, list[int]] = {}
-    for i, h in enumerate(hashes):
-        if h is not None:
-            by_hash.setdefault(h, []).append(i)
-    exact = [g for g in by_hash.values() if len(g) > 1]
-    # One representative per exact group takes part in near-duplicate search.
-    rep_sigs = list(sigs)
-    for g in exact:
-        for m in g[1:]:
-            rep_sigs[m] = None
-    cands = _candidates(rep_sigs)
-    pairs = []
-    for i, j, w_ij, w_ji, cand in _progress(cands, len(cands), "near-duplicate check", progress):
-        a, b = sigs[i], sigs[j]
-        if a.shape[0] * a.shape[1] < b.shape[0] * b.shape[1]:  # align the smaller onto the larger
-            i, j, w_ij, w_ji = j, i, w_ji, w_ij
-            a, b = b, a
-        r = _verify(a, b, _hypotheses(a, b, w_ij, w_ji))
-        r.update(i=i, j=j, candidate=round(cand, 4))
-        r["near"] = bool(r["texture"] >= threshold and r["overlap"] >= MIN_OVERLAP)
-        pairs.append(r)
-    return exact, pairs, len(cands)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Public API
-# ----------------------------------------------------------------------------------------------------
 
 @dataclass
 class AuditResult:
@@ -595,7 +80,7 @@ class AuditResult:
     pairs: list = field(default_factory=list)             # verified near-duplicate pairs with scores
     borderline: list = field(default_factory=list)        # rejected pairs closest to the threshold
     label_conflicts: list = field(default_factory=list)   # dup groups holding several labels
-    suspicious: list = field(default_factory=list)        # dup groups to check by eye (see _STRONG_LINK)
+    suspicious: list = field(default_factory=list)        # dup groups to check by eye (see duplicates.STRONG_LINK)
     missing_values: dict = field(default_factory=dict)    # clinical column -> {missing, fraction}
     column_types: dict = field(default_factory=dict)      # clinical column -> ColumnType.to_dict()
     image_stats: dict = field(default_factory=dict)
@@ -742,14 +227,14 @@ def audit_cases(
     res = AuditResult(root=root, n_cases=len(df), class_counts={})
     res.paths = {c: _rel(p, root) for c, p in zip(ids, df[IMAGE_PATH])}
 
-    sigs: list[_Signature | None] = [None] * len(df)
+    sigs: list[Signature | None] = [None] * len(df)
     hashes: list[str | None] = [None] * len(df)
     modes: Counter = Counter()
     sizes = []
     mask_col = df[MASK_PATH].tolist() if MASK_PATH in df.columns else [float("nan")] * len(df)
     mark_rows: list[dict] = []
     mark_seconds = 0.0
-    for k in _progress(range(len(df)), len(df), "reading images", progress):
+    for k in progress_bar(range(len(df)), len(df), "reading images", progress):
         cid, path = ids[k], df.at[k, IMAGE_PATH]
         if is_missing(path, ABSENT):
             res.unreadable.append({"case_id": cid, "path": "", "error": "no image path"})
@@ -766,9 +251,9 @@ def audit_cases(
             mark_rows.append(_mark_row(cid, labels[k], path, gray, file_mode, res.paths[cid]))
             mark_seconds += time.perf_counter() - tm
         sizes.append(gray.shape)
-        hashes[k] = _pixel_hash(gray)
+        hashes[k] = pixel_hash(gray)
         if check_duplicates:
-            sigs[k] = _signature(gray)
+            sigs[k] = signature(gray)
         _check_masks(res, cid, mask_col[k], gray.shape, labels[k], no_lesion, root)
     t_read = time.perf_counter() - t0
     if check_marks:
@@ -777,77 +262,13 @@ def audit_cases(
     # Duplicates -----------------------------------------------------------------------------------
     exact, pairs, n_cand = ([], [], 0)
     if check_duplicates:
-        exact, pairs, n_cand = _find_duplicates(sigs, hashes, threshold=near_dup_threshold, progress=progress)
+        exact, pairs, n_cand = find_duplicates(sigs, hashes, threshold=near_dup_threshold, progress=progress)
     else:
-        by_hash: dict[str, list[int]] = {}
-        for i, h in enumerate(hashes):
-            if h is not None:
-                by_hash.setdefault(h, []).append(i)
-        exact = [g for g in by_hash.values() if len(g) > 1]
-    # Groups: exact copies first, then verified pairs from the strongest down (Kruskal), so that the
-    # weakest link a group needed (its "min_link") is known: a chain of weak links is worth a look.
-    uf = UnionFind(len(df))
-    link: dict[int, float] = {}  # root -> weakest link used inside its group
-    for g in exact:
-        for m in g[1:]:
-            uf.union(g[0], m)
-    near = [p for p in pairs if p["near"]]
-    for p in sorted(near, key=lambda p: -p["texture"]):
-        ra, rb = uf.find(p["i"]), uf.find(p["j"])
-        if ra == rb:
-            continue
-        w = min(link.pop(ra, 1.0), link.pop(rb, 1.0), float(p["texture"]))
-        uf.union(ra, rb)
-        link[uf.find(ra)] = w
-    members: dict[int, list[int]] = {}
-    for i in range(len(df)):
-        members.setdefault(uf.find(i), []).append(i)
-    exact_sets = [set(g) for g in exact]
-    n_dup = 0
-    for root_i in sorted(members, key=lambda r: members[r][0]):
-        m = members[root_i]
-        if len(m) == 1:
-            res.dup_group[ids[m[0]]] = f"solo:{ids[m[0]]}"
-            continue
-        n_dup += 1
-        gid = f"dup{n_dup:04d}"
-        for i in m:
-            res.dup_group[ids[i]] = gid
-        glabels = [labels[i] for i in m]
-        entry = {
-            "group": gid,
-            "case_ids": [ids[i] for i in m],
-            "paths": [res.paths[ids[i]] for i in m],
-            "labels": glabels,
-            "exact": any(set(m) <= s for s in exact_sets),
-            "min_link": round(link.get(root_i, 1.0), 4),
-        }
-        distinct = sorted({lab for lab in glabels if lab is not None})
-        why = []
-        if len(m) > _LARGE_GROUP:
-            why.append(f"{len(m)} images in one group")
-        if len(distinct) > 1 and entry["min_link"] < _STRONG_LINK:
-            why.append(f"labels differ and the weakest link scores only {entry['min_link']:.2f}")
-        entry["suspicious"] = "; ".join(why)
-        res.dup_groups.append(entry)
-        if len(distinct) > 1:
-            res.label_conflicts.append({**entry, "distinct_labels": distinct})
-        if why:
-            res.suspicious.append(entry)
-    res.dup_group = {c: res.dup_group[c] for c in ids}
-    res.exact_groups = [[ids[i] for i in g] for g in exact]
-
-    def _pair_row(p):
-        a, b = ids[p["i"]], ids[p["j"]]
-        row = {"a": res.paths[a], "b": res.paths[b], "case_a": a, "case_b": b,
-               "label_a": labels[p["i"]], "label_b": labels[p["j"]]}
-        row.update({k: v for k, v in p.items() if k not in ("i", "j", "near")})
-        return row
-
-    res.pairs = [_pair_row(p) for p in near]
-    rejected = [p for p in pairs if not p["near"] and not math.isnan(p["texture"])]
-    rejected.sort(key=lambda p: -p["texture"])
-    res.borderline = [_pair_row(p) for p in rejected[:20]]
+        exact = exact_groups(hashes)
+    dup = group_duplicates(ids, labels, res.paths, exact, pairs)
+    res.dup_group, res.dup_groups, res.exact_groups = dup.dup_group, dup.dup_groups, dup.exact_groups
+    res.label_conflicts, res.suspicious = dup.label_conflicts, dup.suspicious
+    res.pairs, res.borderline = dup.pairs, dup.borderline
 
     # Tables ---------------------------------------------------------------------------------------
     known = [lab for lab in labels if lab is not None]
@@ -857,30 +278,9 @@ def audit_cases(
     }
     if len(known) < len(labels):
         res.class_counts["<missing>"] = {"n": len(labels) - len(known), "fraction": None}
-    # Column types: the same reading as training (features.column_types), reported so that no type is decided
-    # silently. A declared type the values contradict is recorded here (the audit goes on) and refused in training.
-    declared = dict(column_types or {})
-    for col in feature_columns(df):
-        s = pd.Series(df[col].to_numpy(), index=pd.Index(ids, name=CASE_ID), name=col)
-        try:
-            ct = infer_column_type(s, str(col), missing_values, declared=declared.get(col), source="cases table",
-                                   separator=separator, levels=(ordinal_levels or {}).get(col))
-        except DataError as exc:
-            res.column_types[str(col)] = {"kind": declared.get(col), "declared": True, "error": str(exc),
-                                          "flags": ["declared_type_contradicted"], "missing": None,
-                                          "missing_tokens_seen": {}, "note": str(exc)}
-            log.warning("%s", exc)
-            miss = int(df[col].isna().sum())
-        else:
-            quiet = input_columns is not None and str(col) not in set(map(str, input_columns))
-            report_ambiguous(ct, level=logging.INFO if quiet else None)
-            res.column_types[str(col)] = ct.to_dict()
-            if ct.kind == "multi":
-                res.column_types[str(col)]["separator"] = separator
-            miss = ct.n_missing
-        res.missing_values[str(col)] = {"missing": miss, "fraction": round(miss / len(df), 4)}
-    for col in sorted(set(declared) - set(map(str, feature_columns(df)))):
-        log.warning("data.column_types names column '%s', which the cases table lacks.", col)
+    res.column_types, res.missing_values = _column_summary(
+        df, ids, missing_values=missing_values, column_types=column_types, separator=separator,
+        ordinal_levels=ordinal_levels, input_columns=input_columns)
     if sizes:
         hs = np.array([s[0] for s in sizes])
         ws = np.array([s[1] for s in sizes])
@@ -997,6 +397,39 @@ def _check_masks(res: AuditResult, cid: str, mask_value, shape, label, no_lesion
                                           f"({100.0 * area / mask.size:.2f} % of the image)"})
 
 
+def _column_summary(df: pd.DataFrame, ids: list[str], *, missing_values, column_types, separator: str,
+                    ordinal_levels, input_columns) -> tuple[dict, dict]:
+    """(column -> type as :meth:`ColumnType.to_dict`, column -> {missing, fraction}) for every clinical column of
+    ``df`` (its rows are the cases ``ids``); the arguments are those of :func:`audit_cases`."""
+    types: dict = {}
+    missing: dict = {}
+    # Column types: the same reading as training (data.column_types), reported so that no type is decided
+    # silently. A declared type the values contradict is recorded here (the audit goes on) and refused in training.
+    declared = dict(column_types or {})
+    for col in feature_columns(df):
+        s = pd.Series(df[col].to_numpy(), index=pd.Index(ids, name=CASE_ID), name=col)
+        try:
+            ct = infer_column_type(s, str(col), missing_values, declared=declared.get(col), source="cases table",
+                                   separator=separator, levels=(ordinal_levels or {}).get(col))
+        except DataError as exc:
+            types[str(col)] = {"kind": declared.get(col), "declared": True, "error": str(exc),
+                                          "flags": ["declared_type_contradicted"], "missing": None,
+                                          "missing_tokens_seen": {}, "note": str(exc)}
+            log.warning("%s", exc)
+            miss = int(df[col].isna().sum())
+        else:
+            quiet = input_columns is not None and str(col) not in set(map(str, input_columns))
+            report_ambiguous(ct, level=logging.INFO if quiet else None)
+            types[str(col)] = ct.to_dict()
+            if ct.kind == "multi":
+                types[str(col)]["separator"] = separator
+            miss = ct.n_missing
+        missing[str(col)] = {"missing": miss, "fraction": round(miss / len(df), 4)}
+    for col in sorted(set(declared) - set(map(str, feature_columns(df)))):
+        log.warning("data.column_types names column '%s', which the cases table lacks.", col)
+    return types, missing
+
+
 def duplicate_groups(
     cases: pd.DataFrame,
     *,
@@ -1016,149 +449,6 @@ def duplicate_groups(
     if len(missing):
         raise DataError(f"The audit does not cover case '{missing.iloc[0]}'; audit this cases table again.")
     return pd.Series([audit.dup_group[c] for c in ids], index=pd.Index(ids, name=CASE_ID), name="dup_group")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------------------------------
-
-def _md_table(header: list[str], rows: list[list]) -> list[str]:
-    def cell(v):
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return out
-
-
-def _marks_markdown(m: dict) -> list[str]:
-    n = m["n_checked"]
-    names = {"fov_cropped": "margins or scanner panels cropped away (field of view smaller than the image)",
-             "colour_marks": "coloured overlays (Doppler or region boxes, coloured calipers or text)",
-             "grey_marks": "grey burnt-in marks (calipers, dotted lines, text, icons, frame lines)",
-             "inner_marks": "marks on the scan itself (not corner icons or lines along the image's edge)",
-             "with_marks": "any mark"}
-    lines = ["", "## Screen and burnt-in marks", "",
-             f"Found by `breastfusion.data.cleaning` (version {m['cleaning_version']}) in {n} images, "
-             f"{m['seconds_per_image']:.3f} s per image. `image.clean: fov_marks` crops to the field of view and "
-             "paints the marks over, in training and in scoring.", ""]
-    lines += _md_table(["finding", "images", "share", "examples"],
-                       [[names[k], m[k]["n"], f"{m[k]['fraction']:.1%}", ", ".join(m[k]["examples"][:5])]
-                        for k in names])
-    if m["fov_cropped"]["n"]:
-        lines += ["", f"Cropped images lose {m['fov_cropped']['mean_area_cut']:.1%} of their area on average."]
-    if m.get("fov_refused"):
-        lines += ["", "Field of view not believed (under 40 % of the image; the whole image is used): "
-                  + ", ".join(m["fov_refused"][:10])]
-    by = m.get("by_class") or {}
-    if len(by) > 1:
-        lines += ["", "Per class (a class that carries marks far more often than another gives the network a "
-                  "shortcut: clean the images, `image.clean: fov_marks`):", ""]
-        lines += _md_table(["class", "images", "marks on the scan", "any mark", "cropped"],
-                           [[c, v["n"], f"{v['inner_marks']:.1%}", f"{v['with_marks']:.1%}",
-                             f"{v['fov_cropped']:.1%}"] for c, v in by.items()])
-    return lines
-
-
-def render_markdown(result: AuditResult) -> str:
-    r = result
-    d = r.to_dict()["summary"]
-    lines = [
-        "# Dataset audit",
-        "",
-        f"Root: `{r.root}` — {r.n_cases} cases — audit took {r.seconds:.1f} s.",
-        "",
-        "## Summary",
-        "",
-        f"- unreadable images: **{d['unreadable']}**",
-        f"- mask issues: **{sum(d['mask_issues'].values())}** {d['mask_issues'] or ''}",
-        f"- exact duplicate groups (identical pixels): **{d['exact_duplicate_groups']}**",
-        f"- duplicate groups (exact or near): **{d['duplicate_groups']}**, holding "
-        f"**{d['images_in_duplicate_groups']}** images",
-        f"- groups with conflicting labels: **{d['label_conflict_groups']}**",
-        f"- suspicious groups (check by eye: labels differ over a weak link, or a very large group): "
-        f"**{d['suspicious_groups']}**",
-        f"- clinical columns whose type was decided by rule (check them below): **{d['ambiguous_columns']}**",
-        *([f"- images with burnt-in marks on the scan (calipers, text): **{d['images_inner_marks']}**; with any "
-           f"mark: **{d['images_with_marks']}**; field of view cropped: **{d['images_fov_cropped']}**"]
-          if r.marks else []),
-        "",
-        "## Class balance",
-        "",
-    ]
-    lines += _md_table(["class", "n", "fraction"], [[c, v["n"], v["fraction"]] for c, v in r.class_counts.items()])
-    ns = [v["n"] for c, v in r.class_counts.items() if c != "<missing>"]
-    if len(ns) > 1:
-        lines += ["", f"Largest / smallest class: {max(ns) / max(min(ns), 1):.2f}."]
-    lines += ["", "## Images", ""]
-    st = r.image_stats
-    if st:
-        lines += [
-            f"- read: {st['n_read']} of {r.n_cases}; file modes: "
-            + ", ".join(f"{m}: {n}" for m, n in st["modes"].items()),
-            f"- height {st['height']['min']}–{st['height']['max']} px (median {st['height']['median']:.0f}), "
-            f"width {st['width']['min']}–{st['width']['max']} px (median {st['width']['median']:.0f}); "
-            f"{st['distinct_sizes']} distinct sizes",
-        ]
-    if r.marks:
-        lines += _marks_markdown(r.marks)
-    lines += ["", "## Missing values in clinical columns", ""]
-    if r.missing_values:
-        lines += _md_table(["column", "missing", "fraction"],
-                           [[c, v["missing"], v["fraction"]] for c, v in r.missing_values.items()])
-    else:
-        lines += ["No clinical columns."]
-    lines += ["", "## Clinical column types", ""]
-    if r.column_types:
-        lines += ["How each clinical column is read (see `breastfusion.features.column_types`). A flagged column "
-                  "was decided by rule: check it, and declare its type in `data.column_types` if the rule is "
-                  "wrong.", ""]
-        lines += _md_table(["column", "type", "missing", "missing markers seen", "flag", "note"], [
-            [c, (v.get("kind") or "?") + (" (declared)" if v.get("declared") else "")
-             + (f" split at '{v['separator']}'" if v.get("separator") else "")
-             + (" levels " + " < ".join(map(str, v["levels"])) if v.get("levels") else ""), v.get("missing"),
-             ", ".join(f"'{k}' x{n}" for k, n in (v.get("missing_tokens_seen") or {}).items()),
-             ", ".join(v.get("flags") or []),
-             v.get("note", "") + ("" if not v.get("examples") else " e.g. " + ", ".join(
-                 f"'{e['value']}' ({e['row']})" for e in v["examples"][:3]))]
-            for c, v in r.column_types.items()])
-    else:
-        lines += ["No clinical columns."]
-    lines += ["", "## Unreadable images", ""]
-    lines += _md_table(["case", "path", "error"], [[u["case_id"], u["path"], u["error"]] for u in r.unreadable]) \
-        if r.unreadable else ["None."]
-    lines += ["", "## Mask issues", ""]
-    lines += _md_table(["case", "kind", "path", "detail"],
-                       [[m["case_id"], m["kind"], m["path"], m["detail"]] for m in r.mask_issues]) \
-        if r.mask_issues else ["None."]
-    lines += ["", "## Label conflicts (one image or near-copy filed under several labels)", ""]
-    if r.label_conflicts:
-        for g in r.label_conflicts:
-            lines.append(f"- **{g['group']}**: " + "; ".join(
-                f"`{p}` ({lab})" for p, lab in zip(g["paths"], g["labels"]))
-                + (f" — **suspicious**: {g['suspicious']}" if g.get("suspicious") else ""))
-    else:
-        lines.append("None.")
-    if r.suspicious:
-        lines += ["", "## Suspicious groups (check by eye before trusting them)", ""]
-        for g in r.suspicious:
-            lines.append(f"- **{g['group']}** ({g['suspicious']}): " + ", ".join(f"`{p}`" for p in g["paths"]))
-    lines += ["", "## Duplicate groups", "",
-              f"Method: exact pixel hash, and near-duplicates (texture score >= {r.params.get('near_dup_threshold')} "
-              f"after alignment, overlap >= {r.params.get('min_overlap')}). "
-              f"{r.params.get('candidate_pairs', 0)} candidate pairs were verified. "
-              "A split must keep each group on one side.", ""]
-    if r.dup_groups:
-        for g in r.dup_groups:
-            tag = " (exact copies)" if g["exact"] else f" (weakest link {g['min_link']:.2f})"
-            lines.append(f"- {g['group']}{tag}: " + ", ".join(f"`{p}`" for p in g["paths"]))
-    else:
-        lines.append("None.")
-    if r.borderline:
-        lines += ["", "## Closest rejected pairs (for review)", ""]
-        lines += _md_table(["a", "b", "texture", "overlap", "scale"],
-                           [[p["a"], p["b"], p["texture"], p["overlap"], p["scale"]] for p in r.borderline[:10]])
-    return "\n".join(lines) + "\n"
 
 
 def write_audit(result: AuditResult, out_dir: str | Path) -> tuple[Path, Path]:

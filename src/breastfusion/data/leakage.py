@@ -20,7 +20,7 @@ score is the column's univariate AUC for the label; with more than two classes, 
 
 A column whose AUC reaches ``data.roles.leakage_auc`` in the median fold is flagged. Flagged and not declared in
 ``data.roles.intended``: :class:`DataError` before any model trains. Declared: a logged warning; the run goes on.
-Cells are read as the models read them (:mod:`breastfusion.features.column_types`: missing tokens, declared
+Cells are read as the models read them (:mod:`breastfusion.data.column_types`: missing tokens, declared
 types; ``multi`` split at ``data.multi_value_separator``; ``ordinal`` ranked by ``data.ordinal_levels``, else in
 natural order: numbers first by value, then text, so ``4a`` < ``4b`` < ``5``).
 """
@@ -39,9 +39,15 @@ from scipy.stats import rankdata
 
 from breastfusion.config import DataConfig
 from breastfusion.data.cases import CASE_ID, LABEL
+from breastfusion.data.column_types import (
+    category_key,
+    infer_column_type,
+    ordinal_rank,
+    parse_numbers,
+    split_multi,
+    yes_no,
+)
 from breastfusion.errors import DataError
-from breastfusion.features.column_types import category_key, infer_column_type, ordinal_rank, split_multi, yes_no
-from breastfusion.features.tabular import parse_numbers
 from breastfusion.missing import is_missing, missing_tokens
 from breastfusion.utils import atomic_path, stable_seed, write_json
 
@@ -113,7 +119,7 @@ def _r(x) -> float | None:
 def read_column(s: pd.Series, name: str, data: DataConfig, *, row_ids=None,
                 source: str = "cases table") -> ColumnReading:
     """Read one clinical column as the models read it (see the module docstring): the same typing rule,
-    missing tokens, multi-value splitting and ordinal levels (:mod:`breastfusion.features.column_types`)."""
+    missing tokens, multi-value splitting and ordinal levels (:mod:`breastfusion.data.column_types`)."""
     tok = missing_tokens(data.missing_values)
     ids = list(s.index) if row_ids is None else list(row_ids)
     ct = infer_column_type(s, name, tok, declared=data.column_types.get(name), row_ids=ids, source=source,
@@ -301,51 +307,3 @@ def run_leakage_guard(cases: pd.DataFrame, columns: list[str], splits: pd.DataFr
              [c.name for c in result.flagged] or "none")
     enforce(result, where=str(Path(run_dir) / "leakage.csv"))
     return result
-
-
-# ------------------------------------------------------------------------------------------------ report
-
-
-def roles_section(cases: pd.DataFrame, role_map, data: DataConfig, result: LeakageResult | None):
-    """The report section "Column roles": every feature column with its role, type and missing count, and the
-    guard's AUC for each input column (a flagged one marked)."""
-    from breastfusion.evaluation.insight import ReportSection
-
-    sec = ReportSection("column-roles", "Column roles")
-    sec.paragraphs.append(
-        f"{len(role_map.inputs)} of {len(role_map.roles)} clinical-sheet columns are model inputs. Roles come from "
-        "data.roles and data.tabular_columns: the radiologist's reading (BI-RADS lexicon) is an input only when "
-        "listed in data.tabular_columns; the reader score is never an input (it is what the models are compared "
-        "with); excluded columns (how the truth was established, the histology, the conclusion) never are.")
-    if role_map.reader_inputs:
-        sec.paragraphs.append("The models read the radiologist's reading as input ("
-                              + ", ".join(role_map.reader_inputs) + "): they are not independent of the radiologist, "
-                              "so a comparison with the radiologist measures what they add to the reading, not a "
-                              "second opinion.")
-    if result is not None:
-        sec.paragraphs.append(
-            f"Leakage guard: each input column's AUC alone for the label (macro one-vs-rest), measured inside the "
-            f"training folds only, median over {result.n_folds} folds; a column at or above {result.threshold} is "
-            "flagged and stops the run unless declared in data.roles.intended. Lesion radiomics are not scored.")
-        intended = [c.name for c in result.flagged if c.intended]
-        if intended:
-            sec.paragraphs.append("FLAGGED but declared intended (the run went on): " + ", ".join(
-                f"{n} (AUC {result.columns[n].auc:.3f})" for n in intended) + ".")
-    rows = []
-    ids = cases[CASE_ID].astype(str).tolist() if CASE_ID in cases.columns else None
-    for c, role in role_map.roles.items():
-        try:
-            r = read_column(cases[c].reset_index(drop=True), c, data, row_ids=ids)
-            kind, missing = r.kind, r.n_missing
-        except DataError as exc:
-            kind, missing = f"unreadable ({exc})"[:120], None
-        lk = result.columns.get(c) if result is not None else None
-        guard = ""
-        if lk is not None and lk.flagged:
-            guard = "FLAGGED (intended)" if lk.intended else "FLAGGED"
-        rows.append({"Column": c, "Role": role,
-                     "Type": kind, "Missing": missing,
-                     "Guard AUC": "—" if lk is None or not np.isfinite(lk.auc) else f"{lk.auc:.3f}",
-                     "Guard": guard})
-    sec.table = pd.DataFrame(rows)
-    return sec

@@ -360,8 +360,8 @@ def _site_figures(Pr: np.ndarray, y: np.ndarray, sets: np.ndarray | None, yb: np
 def write_adapted_bundle(bundle_path: Path, dest: Path, calibration: dict, adaptation: dict) -> Path:
     """A copy of the bundle with the re-fitted calibration, sealed (``write_bundle_meta``), its model card saying
     it was adapted, on what, and the held-out figures. Built beside ``dest`` and renamed into place."""
-    from breastfusion.inference.bundle import read_bundle_meta, write_bundle_meta
-    from breastfusion.inference.model_card import CARD, model_card
+    from breastfusion.bundles.bundle import read_bundle_meta, write_bundle_meta
+    from breastfusion.bundles.card import CARD, model_card
 
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -473,6 +473,7 @@ def validate_bundle(bundle_path: str | Path, cohort: str | Path, out_dir: str | 
     ``masks``: "use" scores with the cohort's own lesion masks where it has them (a figure that needs the
     expert's outline); "ignore" drops them, so each case is scored from its image alone (the bundle's segmenter
     outlines the lesion, or the radiomics are unknown): what a site without outlines gets."""
+    from breastfusion.bundles.bundle import load_bundle
     from breastfusion.data.fingerprint import (
         compare_images,
         compare_tabular,
@@ -485,7 +486,6 @@ def validate_bundle(bundle_path: str | Path, cohort: str | Path, out_dir: str | 
         TemperatureScaler,
         fit_bundle_calibration,
     )
-    from breastfusion.inference.bundle import load_bundle
     from breastfusion.inference.predictor import predictor_class
 
     bundle_path, out_dir = Path(bundle_path), Path(out_dir)

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from breastfusion.data.cases import CASE_ID, LABEL, PATIENT_ID
+from breastfusion.data.column_types import category_key
 from breastfusion.errors import ConfigError, DataError
 from breastfusion.evaluation.metrics import (
     _resample_weights,
@@ -34,7 +35,6 @@ from breastfusion.evaluation.metrics import (
     format_ci,
     to_jsonable,
 )
-from breastfusion.features.column_types import category_key
 from breastfusion.missing import is_missing, missing_tokens
 from breastfusion.utils import UnionFind, write_json
 

@@ -325,7 +325,7 @@ def pixel_spacings_mm(cases: pd.DataFrame, column: str | None, unit: str = "mm")
     is named or the table lacks it entirely (logged). Cases with a missing or unusable pixel size, while others
     have one, are refused with a DataError naming them: a table whose shape features mix mm and pixels is
     silently wrong."""
-    from breastfusion.features.column_types import as_number, is_missing
+    from breastfusion.data.column_types import as_number, is_missing
 
     if not column:
         return None
@@ -370,7 +370,7 @@ def units_meta(cases: pd.DataFrame, column: str | None, unit: str = "mm") -> dic
 
 def case_spacing_mm(value, column: str, unit: str) -> float:
     """One case's pixel size in mm for a bundle whose shape features are in mm; DataError when missing or bad."""
-    from breastfusion.features.column_types import as_number, is_missing
+    from breastfusion.data.column_types import as_number, is_missing
 
     x = None if is_missing(value) else as_number(value)
     if x is None or not math.isfinite(x) or x <= 0:

@@ -4,7 +4,7 @@ Fitted on the training part only. Numeric columns: median imputation + standardi
 indicator; booleans: 0/1 + indicator; categoricals: one-hot over the categories seen in training +
 indicator; multi-valued columns (declared ``multi``): one 0/1 indicator per value seen in training +
 indicator; ordinal columns (declared ``ordinal``): the rank among the levels, then as numeric. Which type a column has, and which text means "missing", is decided in
-:mod:`breastfusion.features.column_types` (declared types win; ambiguous columns are logged). The fitted
+:mod:`breastfusion.data.column_types` (declared types win; ambiguous columns are logged). The fitted
 state is plain JSON (stored in bundles; nothing pickled) and carries the kinds and the missing tokens, so
 prediction reads a cell the way training did.
 """
@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from breastfusion.errors import DataError
-from breastfusion.features.column_types import (
+from breastfusion.data.column_types import (
     DEFAULT_SEPARATOR,
     FALSE_WORDS,
     TRUE_WORDS,
@@ -27,22 +26,21 @@ from breastfusion.features.column_types import (
     default_row_ids,
     infer_column_type,
     ordinal_rank,
+    parse_numbers,
     report_ambiguous,
     split_multi,
-    yes_no,
 )
+from breastfusion.errors import DataError
 from breastfusion.missing import (
     DEFAULT_MISSING_VALUES,
     LEGACY_MISSING_VALUES,
     MissingTokens,
     is_missing,
-    missing_tokens,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MISSING_VALUES", "ColumnType", "TabularPreprocessor", "infer_column_type", "is_missing",
-           "parse_numbers"]
+__all__ = ["DEFAULT_MISSING_VALUES", "ColumnType", "TabularPreprocessor", "infer_column_type", "is_missing"]
 
 # Kept for callers that import the old names (serve/engine.py): the default missing tokens apply.
 _TRUE, _FALSE = set(TRUE_WORDS), set(FALSE_WORDS)
@@ -52,38 +50,12 @@ def _row(i: int, row_ids) -> str:
     return f"case '{row_ids[i]}'" if row_ids is not None else f"row {i}"
 
 
-def parse_numbers(s: pd.Series, col: str, kind: str, tokens: "MissingTokens | list[str] | None" = None, *,
-                  text_as_missing=(), source: str = "table", row_ids=None) -> np.ndarray:
-    """A numeric or yes/no column as floats (NaN where missing). ``text_as_missing``: text that training read
-    as missing in this column (see the column_types rule 4). Anything else that is not a number (a yes/no
-    value) raises DataError naming the row and column."""
-    tok = missing_tokens(tokens)
-    extra = {str(t).strip().lower() for t in text_as_missing}
-    out = np.full(len(s), np.nan, dtype=np.float64)
-    for i, v in enumerate(s.tolist()):
-        if is_missing(v, tok) or (extra and isinstance(v, str) and v.strip().lower() in extra):
-            continue
-        if kind == "bool":
-            x = yes_no(v)
-            if x is None:
-                raise DataError(f"{source}, {_row(i, row_ids)}, column '{col}': '{v}' is not a yes/no value.")
-            out[i] = x
-            continue
-        try:
-            out[i] = float(v)
-        except (TypeError, ValueError, OverflowError):
-            raise DataError(f"{source}, {_row(i, row_ids)}, column '{col}': '{v}' is not a number.") from None
-        if np.isinf(out[i]):
-            raise DataError(f"{source}, {_row(i, row_ids)}, column '{col}': infinite value.")
-    return out
-
-
 @dataclass
 class TabularPreprocessor:
     """Fit on a training table; ``transform`` returns float32 (n, n_features_out_).
 
     ``missing_values``: text read as missing (stripped, case-insensitive; default
-    :data:`~breastfusion.features.column_types.DEFAULT_MISSING_VALUES`). ``column_types``: declared kinds
+    :data:`~breastfusion.data.column_types.DEFAULT_MISSING_VALUES`). ``column_types``: declared kinds
     (``numeric`` / ``bool`` / ``categorical`` / ``multi`` / ``ordinal``) of some columns; the rest are inferred.
     ``multi_separator`` joins the values of a ``multi`` cell; ``ordinal_levels``: declared levels per ordinal
     column (lowest first; without them the levels seen are put in natural order and reported).

@@ -5,7 +5,7 @@ The release folder holds ``clinical_data.csv`` (one row per patient, one image p
 for a few cases, ``caseNNN_otherK.png`` (another structure in the field: never the lesion, never read here).
 
 The cases table keeps every sheet column as written, read as text (``dtype=str, keep_default_na=False``): a
-cell ``not available`` stays visible to the column typing (:mod:`breastfusion.features.column_types`) instead
+cell ``not available`` stays visible to the column typing (:mod:`breastfusion.data.column_types`) instead
 of becoming a NaN nobody declared. ``Classification`` becomes ``label`` (and is not kept a second time: a copy
 of the label among the clinical columns would be an input that is the answer). Which columns are inputs, a
 reader's block or excluded is the config's job (``configs/breast_lesions_usg.yaml``).

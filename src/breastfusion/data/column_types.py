@@ -56,6 +56,7 @@ import pandas as pd
 
 from breastfusion.errors import DataError
 from breastfusion.missing import (
+    MissingTokens,
     is_missing,
     missing_tokens,
 )
@@ -307,6 +308,32 @@ def yes_no(v) -> float | None:
 
 def _yes_no(v) -> bool:
     return yes_no(v) is not None
+
+
+def parse_numbers(s: pd.Series, col: str, kind: str, tokens: "MissingTokens | list[str] | None" = None, *,
+                  text_as_missing=(), source: str = "table", row_ids=None) -> np.ndarray:
+    """A numeric or yes/no column as floats (NaN where missing). ``text_as_missing``: text that training read
+    as missing in this column (see rule 4 in the module docstring). Anything else that is not a number (a yes/no
+    value) raises DataError naming the row and column."""
+    tok = missing_tokens(tokens)
+    extra = {str(t).strip().lower() for t in text_as_missing}
+    out = np.full(len(s), np.nan, dtype=np.float64)
+    for i, v in enumerate(s.tolist()):
+        if is_missing(v, tok) or (extra and isinstance(v, str) and v.strip().lower() in extra):
+            continue
+        if kind == "bool":
+            x = yes_no(v)
+            if x is None:
+                raise DataError(f"{source}, {_row(i, row_ids)}, column '{col}': '{v}' is not a yes/no value.")
+            out[i] = x
+            continue
+        try:
+            out[i] = float(v)
+        except (TypeError, ValueError, OverflowError):
+            raise DataError(f"{source}, {_row(i, row_ids)}, column '{col}': '{v}' is not a number.") from None
+        if np.isinf(out[i]):
+            raise DataError(f"{source}, {_row(i, row_ids)}, column '{col}': infinite value.")
+    return out
 
 
 _REPORTED: set[str] = set()
