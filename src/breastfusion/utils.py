@@ -167,3 +167,9 @@ def model_file_meta(raw: dict, path: Path, *, meta_key: str, ckpt_key: str, what
     if not isinstance(meta, dict):
         raise BundleError(f"{what} '{path}' has metadata that is not a JSON object.")
     return meta
+
+
+def state_tensors(net) -> dict:
+    """A network's state as detached, contiguous CPU copies (what a safetensors file stores)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+

@@ -67,12 +67,11 @@ from breastfusion.segmentation.unet import (
     letterbox_array,
     load_encoder_weights,
     read_meta,
-    read_safetensors,
     resize_array,
     save_model,
-    state_tensors,
 )
-from breastfusion.utils import atomic_path
+from breastfusion.training.checkpoints import load_checkpoint, save_checkpoint
+from breastfusion.utils import state_tensors
 
 __all__ = ["read_case_arrays", "train_lesion_segmenter"]
 
@@ -236,46 +235,6 @@ def _fingerprint(settings: dict, ids: list[str], items: list[_Item]) -> str:
     return h.hexdigest()[:32]
 
 
-def _save_checkpoint(path: Path, net, opt, best: dict | None, info: dict) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v for k, v in state_tensors(net).items()}
-    for idx, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{idx}.{k}"] = torch.as_tensor(v).detach().cpu().reshape(-1).contiguous().clone()
-    for k, v in (best or {}).items():
-        tensors[f"best.{k}"] = v
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={CKPT_KEY: json.dumps(info)})
-
-
-def _load_checkpoint(path: Path, net, opt, fingerprint: str) -> tuple[dict, dict | None] | None:
-    """Restore weights, optimiser moments and the best weights so far; None (logged) when unusable."""
-    try:
-        tensors, raw = read_safetensors(path, "Checkpoint")
-        info = json.loads(raw[CKPT_KEY])
-    except (BundleError, KeyError, json.JSONDecodeError) as exc:
-        log.warning("ignoring unreadable checkpoint '%s' (%s); training starts from scratch", path, exc)
-        return None
-    if info.get("fingerprint") != fingerprint:
-        log.warning("checkpoint '%s' was made with other data or settings; training starts from scratch", path)
-        return None
-    dev = next(net.parameters()).device
-    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
-    sd = opt.state_dict()
-    params = [p for g in opt.param_groups for p in g["params"]]
-    state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            p = params[int(idx)]
-            state.setdefault(int(idx), {})[name] = v.reshape(()) if name == "step" else v.reshape(p.shape).to(dev)
-    sd["state"] = state
-    opt.load_state_dict(sd)
-    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
-    return info, best
-
-
 # ------------------------------------------------------------------------------------------------ split
 def _stratum(cases: pd.DataFrame, masks_nonempty: np.ndarray) -> np.ndarray:
     if LABEL in cases.columns and cases[LABEL].notna().all() and cases[LABEL].nunique() >= 1:
@@ -405,9 +364,10 @@ def train_lesion_segmenter(cases: pd.DataFrame, cfg=None, out_path: str | Path =
     best: dict | None = None
     best_step, best_dice = None, -1.0
     if resume and ckpt_path.exists():
-        restored = _load_checkpoint(ckpt_path, net, opt, fingerprint)
+        restored = load_checkpoint(ckpt_path, net, opt, fingerprint, key=CKPT_KEY)
         if restored is not None:
-            info, best = restored
+            info, extra = restored
+            best = extra.get("best")
             start, elapsed = int(info["step"]), float(info.get("elapsed_s", 0.0))
             history, val_history = list(info.get("history", [])), list(info.get("val_history", []))
             best_step, best_dice = info.get("best_step"), float(info.get("best_val_dice", -1.0))
@@ -416,7 +376,7 @@ def train_lesion_segmenter(cases: pd.DataFrame, cfg=None, out_path: str | Path =
         ckpt_path.unlink()
 
     def checkpoint(step: int) -> None:
-        _save_checkpoint(ckpt_path, net, opt, best, {
+        save_checkpoint(ckpt_path, net, opt, key=CKPT_KEY, extra={"best": best}, info={
             "format": FORMAT + ".checkpoint", "fingerprint": fingerprint, "step": step, "steps": steps,
             "elapsed_s": elapsed, "history": history[-500:], "val_history": val_history,
             "best_step": best_step, "best_val_dice": best_dice})

@@ -376,10 +376,6 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ model file
-def state_tensors(net: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
-
-
 def save_model(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> Path:
     from safetensors.torch import save_file
 

@@ -37,11 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from torch import nn
 
 from breastfusion.data.stain import HED_FROM_RGB, RGB_FROM_HED, _as_rgb_uint8
 from breastfusion.devices import select_device
-from breastfusion.errors import BundleError, ConfigError, DataError
+from breastfusion.errors import ConfigError, DataError
 from breastfusion.features.nuclei.learned import (
     _CKPT_KEY,
     DEFAULT_CHANNELS,
@@ -53,14 +52,12 @@ from breastfusion.features.nuclei.learned import (
     NucleiUNet,
     _check_channels,
     _positive,
-    _read_safetensors,
     _resize,
     _save_model,
-    _state_tensors,
     _work_shape,
     log,
 )
-from breastfusion.utils import atomic_path
+from breastfusion.training.checkpoints import load_checkpoint, save_checkpoint
 
 __all__ = ["instance_targets", "train_nuclei_model"]
 
@@ -174,43 +171,6 @@ def _fingerprint(settings: dict, arrays: list[np.ndarray]) -> str:
         h.update(str((a.shape, a.dtype.str)).encode())
         h.update(a.tobytes())
     return h.hexdigest()[:32]
-
-
-def _save_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, info: dict) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v for k, v in _state_tensors(net).items()}
-    for idx, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{idx}.{k}"] = torch.as_tensor(v).detach().cpu().reshape(-1).contiguous().clone()
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={_CKPT_KEY: json.dumps(info)})
-
-
-def _load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, fingerprint: str) -> dict | None:
-    """Restore weights and optimiser moments; None (and a log line) when the checkpoint is unusable."""
-    try:
-        tensors, raw = _read_safetensors(path, "Checkpoint")
-        info = json.loads(raw[_CKPT_KEY])
-    except (BundleError, KeyError, json.JSONDecodeError) as exc:
-        log.warning("ignoring unreadable checkpoint '%s' (%s); training starts from scratch", path, exc)
-        return None
-    if info.get("fingerprint") != fingerprint:
-        log.warning("checkpoint '%s' was made with other data or settings; training starts from scratch", path)
-        return None
-    dev = next(net.parameters()).device
-    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
-    sd = opt.state_dict()
-    template = {i: p for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
-    state = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            p = template[int(idx)]
-            state.setdefault(int(idx), {})[name] = v.reshape(()) if name == "step" else v.reshape(p.shape).to(dev)
-    sd["state"] = state
-    opt.load_state_dict(sd)
-    return info
 
 
 def _as_label_image(mask: Any, shape: tuple[int, int], what: str) -> np.ndarray:
@@ -342,7 +302,8 @@ def train_nuclei_model(
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     start, elapsed, history = 0, 0.0, []
     if resume and ckpt_path.exists():
-        info = _load_checkpoint(ckpt_path, net, opt, fingerprint)
+        restored = load_checkpoint(ckpt_path, net, opt, fingerprint, key=_CKPT_KEY)
+        info = restored[0] if restored is not None else None
         if info is not None:
             start, elapsed, history = int(info["step"]), float(info.get("elapsed_s", 0.0)), list(info.get("history", []))
             log.info("resuming nuclei training from step %d/%d ('%s')", start, steps, ckpt_path)
@@ -350,9 +311,9 @@ def train_nuclei_model(
         ckpt_path.unlink()
 
     def checkpoint(step: int) -> None:
-        _save_checkpoint(ckpt_path, net, opt, {"format": FORMAT + ".checkpoint", "fingerprint": fingerprint,
-                                                "step": step, "steps": steps, "elapsed_s": elapsed,
-                                                "history": history[-200:]})
+        save_checkpoint(ckpt_path, net, opt, key=_CKPT_KEY,
+                        info={"format": FORMAT + ".checkpoint", "fingerprint": fingerprint, "step": step,
+                              "steps": steps, "elapsed_s": elapsed, "history": history[-200:]})
 
     bar = None
     if progress:

@@ -62,7 +62,7 @@ from breastfusion.data.stain import _as_rgb_uint8
 from breastfusion.devices import select_device
 from breastfusion.errors import BundleError, ConfigError
 from breastfusion.features.nuclei.classical import _drop_small, _fill_small_holes
-from breastfusion.utils import atomic_path
+from breastfusion.utils import atomic_path, state_tensors
 
 __all__ = [
     "DEFAULT_POSTPROCESS",
@@ -197,15 +197,11 @@ class NucleiModel:
         return segment_nuclei_learned(rgb, self, mpp=self.mpp if mpp is None else mpp, **kwargs)
 
 
-def _state_tensors(net: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
-
-
 def _save_model(net: NucleiUNet, meta: dict, path: Path) -> Path:
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file(_state_tensors(net), str(tmp), metadata={_META_KEY: json.dumps(meta)})
+        save_file(state_tensors(net), str(tmp), metadata={_META_KEY: json.dumps(meta)})
     return path
 
 
