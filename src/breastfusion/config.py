@@ -68,6 +68,10 @@ class DataConfig(_Strict):
     labels: list[str] | None = Field(None, description="Class names in order; default: sorted labels found.")
     no_lesion_labels: list[str] = Field(default_factory=lambda: ["normal"])
     tabular_columns: list[str] | None = Field(None, description="Clinical columns to use; default: all.")
+    importer: str = Field("auto", description="How data.source is read: 'auto' (a cases table file, a "
+                                             "BrEaST-Lesions-USG folder or another folder read as BUSI), or a named "
+                                             "importer of breastfusion.data.importers: busi, breast_lesions_usg, "
+                                             "breakhis, cases.")
     radiomics: bool = Field(True, description="Extract lesion radiomics from masks as a tabular modality.")
     masks: Literal["expert", "predicted", "none"] = Field(
         "expert",

@@ -35,6 +35,11 @@ FORMAT = 1
 IGNORED = ("data.source", "histology.tiles", "train.threads", "histology.workers", "histology.scheduler",
            "segmentation.threads", "segmentation.checkpoint_every")
 
+# Keys added to the configuration after runs were recorded, with the value that does what those runs did. A
+# recorded stage without the key matches a config holding that value (a run from before the key resumes); any
+# other value is a change. A key whose default does something new (train.scanner_augment) is not listed here.
+ADDED_LATER = {"data.importer": "auto", "data.masks": "expert", "image.clean": "none"}
+
 
 @dataclass
 class Stage:
@@ -104,10 +109,13 @@ def _ignored(key: str) -> bool:
 
 def _changes(old: dict, new: dict) -> list[str]:
     """``key: old → new`` for each setting that differs; keys that never count (IGNORED, e.g. thread counts) are
-    skipped on both sides, so a run recorded before such a key was ignored still resumes."""
+    skipped on both sides, so a run recorded before such a key was ignored still resumes; a key added later
+    (ADDED_LATER) at the value that does what the old run did is no change."""
     out = []
     for k in sorted(k for k in set(old) | set(new) if not _ignored(k)):
         a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+        if k not in old and k in ADDED_LATER and b == ADDED_LATER[k]:
+            continue
         if a != b:
             out.append(f"{k}: {_short(a)} → {_short(b)}")
     return out

@@ -22,12 +22,15 @@ def cmd_audit(args) -> int:
     source = args.source or (cfg.data.source if cfg is not None else None)
     if not source:
         raise DataError("audit: give the data (a cases table or a dataset folder), or a --config with data.source.")
+    importer = args.importer or (cfg.data.importer if cfg is not None else "auto")
     if isinstance(source, dict):  # a multi-centre mapping from the config
         from breastfusion.data.cohorts import import_sources
 
-        cases = import_sources(source)
+        cases = import_sources(source, importer=importer)
+    elif Path(source).is_file() and importer in ("auto", "cases"):
+        cases = import_cases(source, importer=importer, require_labels=False)
     else:
-        cases = import_cases(source, require_labels=False) if Path(source).is_file() else import_cases(source)
+        cases = import_cases(source, importer=importer)
     if cfg is None:
         result = audit_cases(cases)
     else:
@@ -92,6 +95,9 @@ def _add_audit(sub) -> None:
     p.add_argument("source", nargs="?", help="cases table (CSV/Parquet) or dataset folder (BUSI, BrEaST-Lesions-USG); "
                                              "default: the config's data.source")
     p.add_argument("--out", required=True, help="folder for audit.md and audit.json")
+    p.add_argument("--importer", default=None,
+                   help="how to read the data: auto (default: a table, a BrEaST-Lesions-USG folder, else BUSI) or "
+                        "one of busi, breast_lesions_usg, breakhis, cases (as data.importer)")
     _common_config_args(p)
     p.set_defaults(func=cmd_audit)
 

@@ -14,7 +14,13 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from breastfusion.evaluation.metrics import _prepare, _weighted_auc, format_ci, metric_value
+from breastfusion.data.cases import CASE_ID, LABEL
+from breastfusion.evaluation.metrics import (
+    _prepare,
+    _weighted_auc,
+    format_ci,
+    metric_value,
+)
 from breastfusion.utils import atomic_path
 
 DPI = 130
@@ -245,3 +251,43 @@ def plot_reliability_diagram(
     axh.set_ylabel("cases\n(top-label)")
     axh.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def attention_figure(stack_csv: Path, cases: pd.DataFrame, out: Path, title: str) -> Path | None:
+    """Heat map of the mean cross-scale attention and bar chart of mean scale weights per class."""
+    if not stack_csv.exists():
+        return None
+    sp = pd.read_csv(stack_csv, dtype={CASE_ID: str})
+    mags = [c.removeprefix("scale_weight_") for c in sp.columns if c.startswith("scale_weight_")]
+    if not mags:
+        return None
+    label = sp[CASE_ID].map(cases.set_index(CASE_ID)[LABEL])
+    fig = Figure(figsize=(9, 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    M = np.array([[sp[f"attn_{a}_to_{b}"].mean() for b in mags] for a in mags])
+    im = axes[0].imshow(M, cmap="viridis", vmin=0)
+    axes[0].set_xticks(range(len(mags)), mags)
+    axes[0].set_yticks(range(len(mags)), mags)
+    axes[0].set_xlabel("attended scale (keys)")
+    axes[0].set_ylabel("querying scale")
+    axes[0].set_title("mean cross-scale attention")
+    for i in range(len(mags)):
+        for j in range(len(mags)):
+            axes[0].text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, ax=axes[0], fraction=0.046)
+    classes = sorted(label.dropna().unique())
+    width = 0.8 / max(1, len(classes))
+    for k, c in enumerate(classes):
+        vals = [sp.loc[label == c, f"scale_weight_{m}"].mean() for m in mags]
+        axes[1].bar(np.arange(len(mags)) + k * width, vals, width, label=str(c))
+    axes[1].set_xticks(np.arange(len(mags)) + width * (len(classes) - 1) / 2, mags)
+    axes[1].set_ylabel("mean scale weight")
+    axes[1].set_title("scale pooling weights by true class")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return out

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 
-from breastfusion.data.cases import CASE_ID, CENTER
+from breastfusion.data.cases import CASE_ID, CENTER, LABEL
 
 SITES_ID = "across-sites"
 
@@ -105,3 +104,31 @@ def cross_site_section(results: dict[str, dict], cases: pd.DataFrame, classes: l
                          paras, pd.DataFrame(rows), first=True,
                          data={"per_site": table.to_dict(orient="records"), "chosen": best, "means": means,
                                "loco": loco})
+
+
+def per_center_table(results: dict, cases: pd.DataFrame, classes: list[str], ordinal: bool) -> pd.DataFrame:
+    """Point metrics of every model on each centre's cases (the external-validation view under LOCO; used by
+    the histology task's per-centre table)."""
+    from breastfusion.evaluation.metrics import compute_metrics
+
+    center_of = cases.set_index(CASE_ID)[CENTER]
+    rows = []
+    for name, r in results.items():
+        p = r["predictions"]
+        for c in sorted(center_of.unique()):
+            sub = p[p[CASE_ID].map(center_of) == c]
+            if len(sub) == 0:
+                continue
+            m = compute_metrics(sub, classes, ordinal=ordinal)
+            # a centre often holds one class only: accuracy stays meaningful there, macro-F1 and AUC do not
+            row = {"model": name, "centre": c, "n": len(sub), "classes_present": int(sub[LABEL].nunique()),
+                   "accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1"),
+                   "balanced_accuracy": m.get("balanced_accuracy"), "macro_auc": m.get("macro_auc")}
+            if ordinal:
+                row["qwk"] = m.get("quadratic_weighted_kappa")
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in df.columns:
+        if df[col].dtype == float:
+            df[col] = df[col].round(3)
+    return df

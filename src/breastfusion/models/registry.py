@@ -26,8 +26,10 @@ class NetworkKind:
     """What the rest of the toolkit needs to know about one kind of bundle network."""
 
     name: str
-    build: Callable[[dict], nn.Module]
-    """The network described by bundle metadata, with random weights."""
+    build: Callable[..., nn.Module]
+    """``build(meta, modules=None)``: the network that bundle metadata (or the same dict made from the config at
+    training) describes. ``modules``: backbone module(s) the trainer already made with pretrained weights; without
+    them the backbones are built with random weights (a bundle's weights are loaded afterwards)."""
     describe: Callable[[dict], list[str]]
     """Model-card lines (Markdown bullets) for ``meta["model"]``."""
     onnx_inputs: Callable[[dict], list[dict]]
@@ -69,9 +71,10 @@ def network_kinds() -> list[str]:
     return sorted(_KINDS)
 
 
-def build_network(meta: dict) -> nn.Module:
-    """Rebuild the network described by bundle metadata (weights are loaded separately)."""
-    return network_kind(meta).build(meta)
+def build_network(meta: dict, modules=None) -> nn.Module:
+    """The network described by ``meta`` (``{"classes": [...], "model": {...}}``, as a bundle stores it): rebuilt
+    from a bundle (weights loaded separately), or built for training around the pretrained ``modules``."""
+    return network_kind(meta).build(meta, modules)
 
 
 def phantom_grey(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -89,7 +92,7 @@ def phantom_grey(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
 # --------------------------------------------------------------------- fusion: ultrasound image + tabular
 
 
-def _build_fusion(meta: dict) -> nn.Module:
+def _build_fusion(meta: dict, modules: nn.Module | None = None) -> nn.Module:
     import timm
 
     from breastfusion.models.fusion import FusionClassifier
@@ -97,7 +100,8 @@ def _build_fusion(meta: dict) -> nn.Module:
     m = meta["model"]
     backbone = None
     if m["variant"] in ("fusion", "image"):
-        backbone = timm.create_model(m["backbone"], pretrained=False, num_classes=0)
+        backbone = modules if modules is not None else timm.create_model(m["backbone"], pretrained=False,
+                                                                         num_classes=0)
     return FusionClassifier(
         len(meta["classes"]), variant=m["variant"], backbone=backbone, n_tabular=m["n_tabular"],
         image_dim=m["image_dim"], tabular_dim=m["tabular_dim"], tabular_hidden=m["tabular_hidden"],
@@ -147,14 +151,16 @@ FUSION = register_network(NetworkKind("fusion", _build_fusion, _describe_fusion,
 # ------------------------------------------------------------- multiscale: H&E stacks, cross-scale attention
 
 
-def _build_multiscale(meta: dict) -> nn.Module:
+def _build_multiscale(meta: dict, modules: dict[str, nn.Module] | None = None) -> nn.Module:
     import timm
 
     from breastfusion.models.multiscale import MultiScaleGrader
 
     m = meta["model"]
-    modules = {k: timm.create_model(name, pretrained=False, num_classes=0, **m.get("backbone_kwargs", {}).get(k, {}))
-               for k, name in m["backbones"].items()}
+    if modules is None:
+        modules = {k: timm.create_model(name, pretrained=False, num_classes=0,
+                                        **m.get("backbone_kwargs", {}).get(k, {}))
+                   for k, name in m["backbones"].items()}
     return MultiScaleGrader(len(meta["classes"]), backbones=modules, n_scales=len(m["magnifications"]),
                             n_tabular=m["n_tabular"], dim=m["attention_dim"], heads=m["attention_heads"],
                             grid=m["token_grid"], objective=m["objective"], dropout=m["dropout"],

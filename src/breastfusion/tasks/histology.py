@@ -36,14 +36,16 @@ from breastfusion.data.cases import (
 from breastfusion.data.predictions import prediction_table
 from breastfusion.data.tiles import STACK_ID, read_tiles, stack_table
 from breastfusion.errors import ConfigError, DataError
+from breastfusion.evaluation.plots import attention_figure
+from breastfusion.evaluation.sites import per_center_table
 from breastfusion.tasks.base import BundlePlan, Run, stage_splits, write_csv
 from breastfusion.training.stacks import (
     StackDataset,
     TileCache,
-    _backbone_kwargs,
     _stack_paths,
     build_backbones,
     fit_grader,
+    grader_meta,
     make_grader,
     pool_cases,
     score_stacks,
@@ -103,7 +105,7 @@ def stage_deep_embeddings(stacks: pd.DataFrame, cfg: Config, run_dir: Path, resu
     backbones, mags, _ = variant_spec("multiscale", cfg)
     seed_everything(stable_seed(cfg.seed, "frozen_embeddings"))  # random weights (no hub) repeat on resume
     modules, norms, _ = build_backbones(backbones, cfg, cache.size)
-    model = make_grader(2, modules, norms, len(mags), 0, cfg)
+    model = make_grader([0, 1], backbones, modules, norms, mags, 0, cfg, cache.size)
     ds = StackDataset(_stack_paths(stacks, mags), None, None, cache=cache)
     feats = backbone_features(model, ds, batch_size=cfg.train.batch_size, device=torch.device("cpu"),
                               channels_last=False, progress=progress, desc="frozen embeddings").cpu().numpy()
@@ -203,77 +205,6 @@ def stage_grader_cv(variant: str, cases, stacks, table, splits, classes, cfg: Co
     return preds
 
 
-def per_center_table(results: dict, cases: pd.DataFrame, classes: list[str], ordinal: bool) -> pd.DataFrame:
-    """Point metrics of every model on each centre's cases (the external-validation view under LOCO)."""
-    from breastfusion.evaluation.metrics import compute_metrics
-
-    center_of = cases.set_index(CASE_ID)[CENTER]
-    rows = []
-    for name, r in results.items():
-        p = r["predictions"]
-        for c in sorted(center_of.unique()):
-            sub = p[p[CASE_ID].map(center_of) == c]
-            if len(sub) == 0:
-                continue
-            m = compute_metrics(sub, classes, ordinal=ordinal)
-            # a centre often holds one class only: accuracy stays meaningful there, macro-F1 and AUC do not
-            row = {"model": name, "centre": c, "n": len(sub), "classes_present": int(sub[LABEL].nunique()),
-                   "accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1"),
-                   "balanced_accuracy": m.get("balanced_accuracy"), "macro_auc": m.get("macro_auc")}
-            if ordinal:
-                row["qwk"] = m.get("quadratic_weighted_kappa")
-            rows.append(row)
-    df = pd.DataFrame(rows)
-    for col in df.columns:
-        if df[col].dtype == float:
-            df[col] = df[col].round(3)
-    return df
-
-
-def attention_figure(stack_csv: Path, cases: pd.DataFrame, out: Path, title: str) -> Path | None:
-    """Heat map of the mean cross-scale attention and bar chart of mean scale weights per class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not stack_csv.exists():
-        return None
-    sp = pd.read_csv(stack_csv, dtype={CASE_ID: str})
-    mags = [c.removeprefix("scale_weight_") for c in sp.columns if c.startswith("scale_weight_")]
-    if not mags:
-        return None
-    label = sp[CASE_ID].map(cases.set_index(CASE_ID)[LABEL])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    M = np.array([[sp[f"attn_{a}_to_{b}"].mean() for b in mags] for a in mags])
-    im = axes[0].imshow(M, cmap="viridis", vmin=0)
-    axes[0].set_xticks(range(len(mags)), mags)
-    axes[0].set_yticks(range(len(mags)), mags)
-    axes[0].set_xlabel("attended scale (keys)")
-    axes[0].set_ylabel("querying scale")
-    axes[0].set_title("mean cross-scale attention")
-    for i in range(len(mags)):
-        for j in range(len(mags)):
-            axes[0].text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
-    fig.colorbar(im, ax=axes[0], fraction=0.046)
-    classes = sorted(label.dropna().unique())
-    width = 0.8 / max(1, len(classes))
-    for k, c in enumerate(classes):
-        vals = [sp.loc[label == c, f"scale_weight_{m}"].mean() for m in mags]
-        axes[1].bar(np.arange(len(mags)) + k * width, vals, width, label=str(c))
-    axes[1].set_xticks(np.arange(len(mags)) + width * (len(classes) - 1) / 2, mags)
-    axes[1].set_ylabel("mean scale weight")
-    axes[1].set_title("scale pooling weights by true class")
-    axes[1].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return out
-
-
 def fit_final_grader(cases, stacks, table, classes, cfg: Config, run_dir: Path, *, resume, progress, cache,
                      synthetic: bool, metrics: dict | None, clinical_cols: list[str], pathomics_cols: list[str],
                      calibration: dict | None = None, data_meta: dict | None = None) -> Path:
@@ -283,16 +214,11 @@ def fit_final_grader(cases, stacks, table, classes, cfg: Config, run_dir: Path, 
                         resume=resume, progress=progress, cache=cache, desc="final multiscale",
                         seed=stable_seed(cfg.seed, "multiscale", "final"))
     hc = cfg.histology
-    model_meta = {"kind": "multiscale", "backbones": fitted.backbones,
-                  "backbone_kwargs": {k: _backbone_kwargs(n, cache.size) for k, n in fitted.backbones.items()},
-                  "magnifications": fitted.magnifications, "token_grid": hc.token_grid, "attention_dim": hc.attention_dim,
-                  "attention_heads": hc.attention_heads, "objective": hc.objective,
-                  "n_tabular": fitted.tabular.n_features_out_ if fitted.tabular is not None else 0,
-                  "tabular_dim": cfg.model.tabular_dim, "tabular_hidden": cfg.model.tabular_hidden,
-                  "fusion_hidden": cfg.model.fusion_hidden, "dropout": cfg.model.dropout,
-                  "norms": {k: [list(map(float, fitted.model.get_buffer(f"mean_{k}").flatten())),
-                                list(map(float, fitted.model.get_buffer(f"std_{k}").flatten()))]
-                            for k in fitted.backbones}}
+    model_meta = grader_meta(cfg, fitted.backbones, fitted.magnifications,
+                             fitted.tabular.n_features_out_ if fitted.tabular is not None else 0,
+                             {k: (fitted.model.get_buffer(f"mean_{k}").flatten(),
+                                  fitted.model.get_buffer(f"std_{k}").flatten()) for k in fitted.backbones},
+                             cache.size)
     normalizer = getattr(cache, "normalizer", None)
     image_meta = {"size": cache.size, "range": "0-1 RGB", "pooling": hc.pooling,
                   "stain_normalization": normalizer.to_dict() if normalizer is not None else None}

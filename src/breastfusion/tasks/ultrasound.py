@@ -329,7 +329,7 @@ class UltrasoundTask:
         if cases is None:
             if not cfg.data.source:
                 raise DataError("No data source: set data.source (a cases table or a BUSI-style folder).")
-            cases = import_sources(cfg.data.source)
+            cases = import_sources(cfg.data.source, importer=cfg.data.importer)
         run.cases = cases
 
     def check_inputs(self, run: Run) -> None:

@@ -24,7 +24,13 @@ from breastfusion.data.fingerprint import (
 from breastfusion.data.images import image_size, resize_u8
 from breastfusion.features.tabular import TabularPreprocessor
 from breastfusion.models.fusion import FusionClassifier
-from breastfusion.training.data import CasesDataset, ImageCache, augment_for, load_resized
+from breastfusion.models.registry import build_network
+from breastfusion.training.data import (
+    CasesDataset,
+    ImageCache,
+    augment_for,
+    load_resized,
+)
 from breastfusion.training.trainer import TrainResult, predict_proba, train_model
 from breastfusion.utils import seed_everything, stable_seed
 
@@ -110,10 +116,7 @@ def fit_deep_model(variant: str, cases: pd.DataFrame, table: pd.DataFrame | None
         source = f"{ws.kind}: {ws.detail}"
         data_cfg = backbone_data_config(backbone)
     n_tab = pre.n_features_out_ if pre is not None else 0
-    model = FusionClassifier(len(classes), variant=variant, backbone=backbone, n_tabular=n_tab,
-                             image_dim=cfg.model.image_dim, tabular_dim=cfg.model.tabular_dim,
-                             tabular_hidden=cfg.model.tabular_hidden, fusion_hidden=cfg.model.fusion_hidden,
-                             dropout=cfg.model.dropout)
+    model = build_network({"classes": list(classes), "model": model_meta(variant, cfg, n_tab)}, modules=backbone)
     uses_image = variant != "tabular"
     common = dict(size=cfg.image.size, mean=data_cfg["mean"], std=data_cfg["std"], cache=cache, clean=cfg.image.clean)
     train_ds = CasesDataset(tr_cases[IMAGE_PATH].tolist() if uses_image else None, _tab_matrix(pre, table, tr_cases),
@@ -219,7 +222,11 @@ def fit_final_bundle(variant: str, cases: pd.DataFrame, table: pd.DataFrame | No
     feature_meta = {"clinical_columns": clinical_cols, "radiomics": None,
                     "column_info": resolve_column_info(list(clinical_cols or []), cfg.data.column_info)}
     if radiomics_used:
-        from breastfusion.features.radiomics import RADIOMICS_VERSION, radiomics_columns, units_meta
+        from breastfusion.features.radiomics import (
+            RADIOMICS_VERSION,
+            radiomics_columns,
+            units_meta,
+        )
 
         # the unit of shape features, and where prediction reads each case's pixel size (mm bundles)
         feature_meta["radiomics"] = {"version": RADIOMICS_VERSION, "columns": radiomics_columns(),

@@ -179,14 +179,28 @@ def _backbone_kwargs(name: str, size: int) -> dict:
     return {"img_size": size} if base.startswith(("vit_", "deit_", "deit3_", "eva", "beit")) else {}
 
 
-def make_grader(n_classes: int, modules: dict, norms: dict, n_scales: int, n_tabular: int, cfg: Config):
-    from breastfusion.models.multiscale import MultiScaleGrader
-
+def grader_meta(cfg: Config, backbones: dict[str, str], magnifications: list[float], n_tabular: int, norms: dict,
+                size: int) -> dict:
+    """The multiscale network's settings, as a bundle stores them (``meta["model"]``): the one spelling that
+    builds the network at training (:func:`make_grader`) and rebuilds it from a bundle
+    (:mod:`breastfusion.models.registry`)."""
     hc, m = cfg.histology, cfg.model
-    return MultiScaleGrader(n_classes, backbones=modules, n_scales=n_scales, n_tabular=n_tabular,
-                            dim=hc.attention_dim, heads=hc.attention_heads, grid=hc.token_grid, objective=hc.objective,
-                            dropout=m.dropout, tabular_hidden=m.tabular_hidden, tabular_dim=m.tabular_dim,
-                            fusion_hidden=m.fusion_hidden, norms=norms)
+    return {"kind": "multiscale", "backbones": backbones,
+            "backbone_kwargs": {k: _backbone_kwargs(n, size) for k, n in backbones.items()},
+            "magnifications": magnifications, "token_grid": hc.token_grid, "attention_dim": hc.attention_dim,
+            "attention_heads": hc.attention_heads, "objective": hc.objective, "n_tabular": n_tabular,
+            "tabular_dim": m.tabular_dim, "tabular_hidden": m.tabular_hidden, "fusion_hidden": m.fusion_hidden,
+            "dropout": m.dropout, "norms": {k: [list(map(float, mean)), list(map(float, std))]
+                                            for k, (mean, std) in norms.items()}}
+
+
+def make_grader(classes: list, backbones: dict[str, str], modules: dict, norms: dict, magnifications: list[float],
+                n_tabular: int, cfg: Config, size: int):
+    """The multiscale grader around the pretrained backbone ``modules``, built from :func:`grader_meta`."""
+    from breastfusion.models.registry import build_network
+
+    meta = grader_meta(cfg, backbones, magnifications, n_tabular, norms, size)
+    return build_network({"classes": list(classes), "model": meta}, modules=modules)
 
 
 @dataclass
@@ -246,7 +260,7 @@ def fit_grader(variant: str, cases: pd.DataFrame, stacks: pd.DataFrame, table: p
     size = cache.size
     seed_everything(seed)  # randomly initialised weights come from the global generators
     modules, norms, sources = build_backbones(backbones, cfg, size)
-    model = make_grader(len(classes), modules, norms, len(mags), pre.n_features_out_ if pre else 0, cfg)
+    model = make_grader(classes, backbones, modules, norms, mags, pre.n_features_out_ if pre else 0, cfg, size)
     missing = pre.transform(pd.DataFrame(index=[0]))[0] if pre is not None else None
     train_ds = StackDataset(_stack_paths(st_tr, mags), _tab_rows(pre, table, st_tr[CASE_ID]), y_tr, cache=cache,
                             augment=StackAugment(seed, 0.05 if cfg.histology.stain_augment else 0.0)

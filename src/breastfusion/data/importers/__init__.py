@@ -57,9 +57,13 @@ def get_importer(name: str) -> Callable[..., pd.DataFrame]:
         raise ConfigError(f"Unknown importer {name!r}; known: {', '.join(sorted(IMPORTERS))}.") from None
 
 
-def import_cases(path: str | Path, **kwargs) -> pd.DataFrame:
-    """Import a dataset from a cases table file (CSV/Parquet), a BrEaST-Lesions-USG folder (or its
-    ``clinical_data.csv``) or a BUSI-style folder."""
+def import_cases(path: str | Path, importer: str = "auto", **kwargs) -> pd.DataFrame:
+    """Import a dataset with the named ``importer`` (``data.importer``; see :data:`IMPORTERS`), or with ``"auto"``
+    from a cases table file (CSV/Parquet), a BrEaST-Lesions-USG folder (or its ``clinical_data.csv``) or a
+    BUSI-style folder."""
+    if importer != "auto":
+        read = get_importer(importer)
+        return read(path, **kwargs) if kwargs else read(path)
     path = Path(path)
     if find_root(path) is not None:
         return import_breast_lesions_usg(path, **kwargs)
