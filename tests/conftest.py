@@ -41,3 +41,33 @@ def write_png(path: Path, arr: np.ndarray, mode: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr, mode=mode).save(path)
     return path
+
+
+def save_tiny_fusion_bundle(path: Path, table, features: dict, classes: list[str], *,
+                            segmenter: Path | None = None) -> Path:
+    """A SYNTHETIC fusion bundle (random ``test_efficientnet`` backbone, tiny heads) whose tabular preprocessor is
+    fitted on ``table``; ``features`` is its feature metadata. ``segmenter``: a lesion segmenter file sealed in the
+    bundle (the metadata then says masks are predicted)."""
+    import timm
+    import torch
+
+    from breastfusion.bundles.bundle import save_bundle
+    from breastfusion.bundles.integrity import SEGMENTER_FILE
+    from breastfusion.features.tabular import TabularPreprocessor
+    from breastfusion.models.fusion import FusionClassifier
+
+    pre = TabularPreprocessor().fit(table)
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
+    dims = {"image_dim": 16, "tabular_dim": 8, "tabular_hidden": 16, "fusion_hidden": 16, "dropout": 0.1}
+    model = FusionClassifier(len(classes), variant="fusion", backbone=backbone, n_tabular=pre.n_features_out_, **dims)
+    extra = {}
+    if segmenter is not None:
+        extra[SEGMENTER_FILE] = segmenter
+        features["segmenter"] = {"file": SEGMENTER_FILE, "require_lesion": True, "out_of_fold_quality": {}}
+    return save_bundle(
+        path, model, classes=classes,
+        model_meta={"variant": "fusion", "backbone": "test_efficientnet", "n_tabular": pre.n_features_out_, **dims},
+        image_meta={"size": 48, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
+                    "color": "gray_to_rgb"},
+        tabular=pre, feature_meta=features, config_yaml="", synthetic=True, extra_files=extra)

@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import save_tiny_fusion_bundle
+
 CLASSES = ["benign", "malignant"]
 
 
@@ -30,38 +32,15 @@ def _disk_image(path: Path, size=64, r=12, seed=0) -> tuple[Path, Path]:
 
 
 def _radiomics_bundle(path: Path, *, segmenter: Path | None = None) -> Path:
-    import timm
-    import torch
-
     from breastfusion.features.radiomics import RADIOMICS_VERSION, extract_case, radiomics_columns
-    from breastfusion.features.tabular import TabularPreprocessor
-    from breastfusion.bundles.bundle import save_bundle
-    from breastfusion.models.fusion import FusionClassifier
 
     rows = []
     for i in range(6):
         img, mask = _disk_image(path.parent / f"train{i}.png", r=8 + 2 * i, seed=i)
         rows.append(extract_case(img, str(mask)))
-    table = pd.DataFrame(rows)
-    pre = TabularPreprocessor().fit(table)
-    torch.manual_seed(0)
-    backbone = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
-    dims = dict(image_dim=16, tabular_dim=8, tabular_hidden=16, fusion_hidden=16, dropout=0.1)
-    model = FusionClassifier(len(CLASSES), variant="fusion", backbone=backbone, n_tabular=pre.n_features_out_, **dims)
     features = {"clinical_columns": [], "masks": "expert" if segmenter is None else "predicted",
                 "radiomics": {"version": RADIOMICS_VERSION, "columns": radiomics_columns(), "units": "px"}}
-    extra = {}
-    if segmenter is not None:
-        from breastfusion.bundles.integrity import SEGMENTER_FILE
-
-        extra[SEGMENTER_FILE] = segmenter
-        features["segmenter"] = {"file": SEGMENTER_FILE, "require_lesion": True, "out_of_fold_quality": {}}
-    return save_bundle(
-        path, model, classes=CLASSES,
-        model_meta={"variant": "fusion", "backbone": "test_efficientnet", "n_tabular": pre.n_features_out_, **dims},
-        image_meta={"size": 48, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
-                    "color": "gray_to_rgb"},
-        tabular=pre, feature_meta=features, config_yaml="", synthetic=True, extra_files=extra)
+    return save_tiny_fusion_bundle(path, pd.DataFrame(rows), features, CLASSES, segmenter=segmenter)
 
 
 @pytest.fixture(scope="module")

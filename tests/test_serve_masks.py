@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 pytest.importorskip("fastapi", reason="fastapi is not installed: pip install -e . (a dependency of breastfusion serve)")
-from conftest import write_png
+from conftest import save_tiny_fusion_bundle, write_png
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -57,17 +57,7 @@ def radiomics_bundle(path: Path, *, segmenter: Path | None = None, radiomics: bo
     """A SYNTHETIC fusion bundle whose tabular branch reads the lesion radiomics (fitted on six disk images), with
     the bundle segmenter ``segmenter`` (as `data.masks: predicted` saves it) when given. ``radiomics=False``: the
     same bundle reading one clinical field instead (no radiomics)."""
-    import timm
-    import torch
-
-    from breastfusion.features.radiomics import (
-        RADIOMICS_VERSION,
-        extract_case,
-        radiomics_columns,
-    )
-    from breastfusion.features.tabular import TabularPreprocessor
-    from breastfusion.bundles.bundle import save_bundle
-    from breastfusion.models.fusion import FusionClassifier
+    from breastfusion.features.radiomics import RADIOMICS_VERSION, extract_case, radiomics_columns
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if radiomics:
@@ -83,23 +73,7 @@ def radiomics_bundle(path: Path, *, segmenter: Path | None = None, radiomics: bo
     else:
         table = pd.DataFrame({"age": np.linspace(30, 80, 12)})
         features = {"clinical_columns": ["age"], "radiomics": None}
-    pre = TabularPreprocessor().fit(table)
-    torch.manual_seed(0)
-    backbone = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
-    dims = {"image_dim": 16, "tabular_dim": 8, "tabular_hidden": 16, "fusion_hidden": 16, "dropout": 0.1}
-    model = FusionClassifier(len(CLASSES), variant="fusion", backbone=backbone, n_tabular=pre.n_features_out_, **dims)
-    extra = {}
-    if segmenter is not None:
-        from breastfusion.bundles.integrity import SEGMENTER_FILE
-
-        extra[SEGMENTER_FILE] = segmenter
-        features["segmenter"] = {"file": SEGMENTER_FILE, "require_lesion": True, "out_of_fold_quality": {}}
-    return save_bundle(
-        path, model, classes=CLASSES,
-        model_meta={"variant": "fusion", "backbone": "test_efficientnet", "n_tabular": pre.n_features_out_, **dims},
-        image_meta={"size": 48, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
-                    "color": "gray_to_rgb"},
-        tabular=pre, feature_meta=features, config_yaml="", synthetic=True, extra_files=extra)
+    return save_tiny_fusion_bundle(path, table, features, CLASSES, segmenter=segmenter)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ stays light.
 """
 
 from breastfusion.errors import BreastfusionError, BundleError, ConfigError, DataError
+from breastfusion.utils import lazy_exports
 from breastfusion.version import __version__
 
 _LAZY = {
@@ -29,20 +30,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'breastfusion' has no attribute '{name}'")
-    import importlib
-
-    module, attr = _LAZY[name]
-    value = importlib.import_module(module)
-    value = value if attr is None else getattr(value, attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 __all__ = ["__version__", "BreastfusionError", "BundleError", "ConfigError", "DataError", *_LAZY]

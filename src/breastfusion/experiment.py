@@ -74,10 +74,10 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
     if run.main:
         write_json(_metrics_json(run), run.dir / "metrics.json")
     _fit_bundles(run, task)
+    bundle = next(iter(run.bundles.values()), None)  # the first planned bundle is the run's
     run.timings["total_s"] = time.perf_counter() - t_start
     if not run.main:
-        return RunResult(run_dir=run.dir, metrics=run.metrics, report=None, bundle=next(iter(run.bundles.values()),
-                                                                                         None))
+        return RunResult(run_dir=run.dir, metrics=run.metrics, report=None, bundle=bundle)
 
     t = time.perf_counter()
     sections = _bundle_sections(run, task)
@@ -87,13 +87,11 @@ def run_experiment(cfg: Config, run_dir: str | Path, *, resume: bool = False, pr
     run.timings["total_s"] = time.perf_counter() - t_start
     from breastfusion.evaluation.report import write_report
 
-    notes = task.notes(run)
     report = write_report(run.dir / "report", title=task.report_title(cfg), model_results=run.results,
-                          dataset_summary=task.summary(run), config_text=config_to_yaml(cfg), notes=notes,
+                          dataset_summary=task.summary(run), config_text=config_to_yaml(cfg), notes=task.notes(run),
                           synthetic=run.synthetic, sections=sections, extra_figures=task.figures(run) or None)
     write_json(_metrics_json(run), run.dir / "metrics.json")
-    return RunResult(run_dir=run.dir, metrics=run.metrics, report=report, bundle=next(iter(run.bundles.values()),
-                                                                                      None))
+    return RunResult(run_dir=run.dir, metrics=run.metrics, report=report, bundle=bundle)
 
 
 def _evaluate(run: Run, task) -> None:

@@ -173,3 +173,26 @@ def state_tensors(net) -> dict:
     """A network's state as detached, contiguous CPU copies (what a safetensors file stores)."""
     return {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
 
+
+def lazy_exports(package: str, exports: dict):
+    """``__getattr__`` and ``__dir__`` for a package that hands on names from its modules, imported on first use
+    (so importing the package stays light). ``exports``: name → submodule of ``package`` holding that name, or
+    name → ``(module, attribute)`` with a full module name (attribute ``None``: the module itself)."""
+    import importlib
+    import sys
+
+    def __getattr__(name: str):
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        where = exports[name]
+        module, attr = (f"{package}.{where}", name) if isinstance(where, str) else where
+        value = importlib.import_module(module)
+        value = value if attr is None else getattr(value, attr)
+        sys.modules[package].__dict__[name] = value  # later lookups skip this function
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(sys.modules[package].__dict__) | set(exports))
+
+    return __getattr__, __dir__
+

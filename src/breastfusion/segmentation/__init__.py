@@ -10,7 +10,7 @@ Names are imported on first use, so ``breastfusion.segmentation.metrics`` loads 
 
 from __future__ import annotations
 
-import importlib
+from breastfusion.utils import lazy_exports
 
 _EXPORTS = {
     "LesionSegmenter": "unet",
@@ -27,11 +27,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
