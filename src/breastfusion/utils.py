@@ -196,3 +196,18 @@ def lazy_exports(package: str, exports: dict):
 
     return __getattr__, __dir__
 
+
+def load_checked_weights(net, tensors: dict, path: Path, what: str) -> None:
+    """Load a model file's ``tensors`` into ``net`` (every tensor, no other) and refuse non-finite weights;
+    BundleError naming the file otherwise."""
+    import torch
+
+    from breastfusion.errors import BundleError
+
+    try:
+        net.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"Weights in '{path}' do not match the architecture in its metadata: {str(exc)[:300]}") from exc
+    if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+        raise BundleError(f"{what} '{path}' holds non-finite weights.")
+

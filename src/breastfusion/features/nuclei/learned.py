@@ -62,7 +62,7 @@ from breastfusion.data.stain import _as_rgb_uint8
 from breastfusion.devices import select_device
 from breastfusion.errors import BundleError, ConfigError
 from breastfusion.features.nuclei.classical import _drop_small, _fill_small_holes
-from breastfusion.utils import atomic_path, state_tensors
+from breastfusion.utils import atomic_path, load_checked_weights, state_tensors
 
 __all__ = [
     "DEFAULT_POSTPROCESS",
@@ -267,12 +267,7 @@ def load_nuclei_model(path: str | Path, *, device: str | torch.device | None = "
     meta = model_file_meta(raw, path, meta_key=_META_KEY, ckpt_key=_CKPT_KEY, what="Nuclei model")
     meta = _validate_meta(meta, path)
     net = NucleiUNet(meta["architecture"]["channels"])
-    try:
-        net.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise BundleError(f"Weights in '{path}' do not match the architecture in its metadata: {str(exc)[:300]}") from exc
-    if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
-        raise BundleError(f"Nuclei model '{path}' holds non-finite weights.")
+    load_checked_weights(net, tensors, path, "Nuclei model")
     dev = select_device(device)
     net.to(dev, memory_format=torch.channels_last).eval()  # NHWC: ~15% faster convolutions on CPU
     return NucleiModel(net=net, meta=meta, path=path, device=dev)
